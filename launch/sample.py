@@ -1,0 +1,54 @@
+"""Generate text: `python launch/sample.py run_dir=outputs/baby prompt="to be" max_new_tokens=200`."""
+import sys
+from dataclasses import dataclass
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class SampleArgs:
+    run_dir: str = "outputs/baby"  # a run dir, its checkpoints dir, or one checkpoint dir
+    prompt: str = "\n"
+    max_new_tokens: int = 500
+    temperature: float = 0.8       # 0 = greedy
+    top_k: int = 0                 # 0 = no top-k filter
+    seed: int = 0
+    num_samples: int = 1
+
+
+def parse(argv: list[str]) -> SampleArgs:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SampleArgs), OmegaConf.from_dotlist(argv))
+    except OmegaConfBaseException as e:
+        sys.exit(f"sample.py: {e.msg} (key: {e.full_key})")
+    return OmegaConf.to_object(merged)
+
+
+def main(argv: list[str]) -> None:
+    import torch
+
+    from data.tokenizer import CharTokenizer
+    from trainer.checkpoint import load_for_inference
+
+    args = parse(argv)
+    try:
+        model, client = load_for_inference(args.run_dir)
+    except FileNotFoundError as e:
+        sys.exit(f"sample.py: run_dir: {e}")
+    tok = CharTokenizer.from_vocab(client["vocab"], client["lowercase"])
+    try:
+        prompt_ids = list(tok.encode(tok.normalize(args.prompt))) or list(tok.encode("\n"))
+    except ValueError as e:
+        sys.exit(f"sample.py: prompt: {e}")
+    gen = torch.Generator().manual_seed(args.seed)
+    for i in range(args.num_samples):
+        out = model.generate(torch.tensor([prompt_ids]), args.max_new_tokens, args.temperature,
+                             args.top_k or None, generator=gen)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(tok.decode(out[0].tolist()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

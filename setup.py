@@ -1,0 +1,23 @@
+from setuptools import setup
+
+setup(
+    name="shakespeare-transformer",
+    version="0.1.0",
+    description="A character-level GPT trainer: einsum GPT, DeepSpeed ZeRO, zstd shards, Hydra configs",
+    python_requires=">=3.10",
+    packages=["model", "data", "trainer", "launch"],
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.16",
+        "hydra-core>=1.3",
+        "einops>=0.7",
+        "zstandard>=0.22",
+        "anyascii>=0.3",
+        "numpy>=1.24",
+        "tensorboard>=2.14",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.2"],
+    },
+)

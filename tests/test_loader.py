@@ -1,0 +1,97 @@
+import random
+
+import pytest
+import torch
+
+from data.loader import RankLoader, WindowOrder
+from data.shards import ShardError, write_shards
+from data.sources import Document
+from data.tokenizer import CharTokenizer
+
+T = 16
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    rng = random.Random(0)
+    docs = [Document(f"d{i}", "".join(rng.choice("abcdefghij \n") for _ in range(rng.randint(200, 3000))))
+            for i in range(30)]
+    out = tmp_path_factory.mktemp("loader")
+    write_shards(docs, out, CharTokenizer(), val_fraction=0.1, frame_tokens=300, shard_frames=5)
+    return out
+
+
+def _windows(loader: RankLoader, n_batches: int) -> list[bytes]:
+    """The windows (x plus the last target) of the next n batches, in order."""
+    it = iter(loader)
+    out = []
+    for _ in range(n_batches):
+        x, y = next(it)
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        out += [bytes(torch.cat([row_x, row_y[-1:]]).to(torch.uint8).tolist()) for row_x, row_y in zip(x, y)]
+    return out
+
+
+def test_order_is_a_permutation_per_epoch_and_changes_with_epoch(data_dir):
+    loader = RankLoader(data_dir, "train", T, 4)
+    order = loader.order
+    n = order.windows_per_epoch
+    epoch0 = [order.window(k) for k in range(n)]
+    epoch1 = [order.window(k) for k in range(n, 2 * n)]
+    assert len(set(epoch0)) == n == len(set(epoch1))
+    assert epoch0 != epoch1
+    rebuilt = WindowOrder([f.tokens for f in loader.reader.frames], T, seed=0)
+    assert [rebuilt.window(k) for k in range(0, 3 * n, 7)] == [order.window(k) for k in range(0, 3 * n, 7)]
+    other_seed = WindowOrder([f.tokens for f in loader.reader.frames], T, seed=1)
+    assert [other_seed.window(k) for k in range(50)] != epoch0[:50]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_rank_shares_are_disjoint_and_their_union_is_the_one_rank_order(data_dir, world, workers):
+    micro, steps = 3, 7
+    reference = RankLoader(data_dir, "train", T, micro, seed=5)
+    single = [reference.order.window(k) for k in range(micro * world * steps)]
+    shares = []
+    for rank in range(world):
+        loader = RankLoader(data_dir, "train", T, micro, rank, world, seed=5, num_workers=workers)
+        ds = loader.dataset()
+        shares.append([loader.order.window(k) for b in range(steps) for k in ds.sample_indices(b)])
+        # the batches the DataLoader workers actually yield are those windows
+        got = _windows(loader, steps)
+        frames = [loader.reader.read_frame(f)[s:s + T + 1].tobytes() for f, s in shares[-1]]
+        assert got == frames
+    flat = [w for share in shares for w in share]
+    assert len(set(flat)) == len(flat)
+    assert sorted(flat) == sorted(single)
+
+
+def test_state_dict_resumes_at_the_exact_next_window(data_dir):
+    whole = RankLoader(data_dir, "train", T, 4, seed=3, num_workers=2)
+    expected = _windows(whole, 12)
+    first = RankLoader(data_dir, "train", T, 4, seed=3, num_workers=2)
+    head = _windows(first, 5)
+    state = first.state_dict()
+    assert state == {"seed": 3, "consumed": 20}
+    resumed = RankLoader(data_dir, "train", T, 4, seed=3, num_workers=1)
+    resumed.load_state_dict(state)
+    assert head + _windows(resumed, 7) == expected
+
+
+def test_a_batch_crossing_the_epoch_boundary_finishes_one_epoch_and_starts_the_next(data_dir):
+    loader = RankLoader(data_dir, "train", T, 8, seed=2)
+    n, order = loader.windows_per_epoch, loader.order
+    loader.load_state_dict({"seed": 2, "consumed": n - 12})
+    seen = _windows(loader, 3)
+    expected = [loader.reader.read_frame(f)[s:s + T + 1].tobytes()
+                for f, s in (order.window(k) for k in range(n - 12, n + 12))]
+    assert seen == expected
+    tail_of_epoch0 = {order.window(k) for k in range(n - 12, n)}
+    head_of_epoch1 = {order.window(k) for k in range(n, n + 12)}
+    assert len(tail_of_epoch0) == 12 and len(head_of_epoch1) == 12
+    assert loader.epoch == pytest.approx((n + 12) / n)
+
+
+def test_too_large_block_size_is_a_clear_error(data_dir):
+    with pytest.raises(ShardError, match="model.block_size"):
+        RankLoader(data_dir, "val", 299, 4)

@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+
+
+def _model(**kw):
+    cfg = dict(vocab_size=70, n_layer=2, n_head=4, d_model=32, block_size=16)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 2, 1])
+def test_causality_changing_token_t_changes_no_earlier_logits(n_kv_head):
+    model = _model(n_kv_head=n_kv_head)
+    idx = torch.randint(0, 70, (2, 16))
+    base = model(idx)
+    for t in (0, 5, 15):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % 70
+        out = model(changed)
+        assert torch.equal(out[:, :t], base[:, :t])
+        assert not torch.allclose(out[:, t], base[:, t])
+
+
+def test_wrong_input_shapes_fail_with_a_clear_message():
+    model = _model()
+    with pytest.raises(ValueError, match=r"shape \(batch, time\), got shape \(16,\)"):
+        model(torch.zeros(16, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds model.block_size=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="targets shape"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_loss_at_init_is_near_ln_vocab():
+    model = _model(vocab_size=70)
+    idx = torch.randint(0, 70, (8, 16))
+    _, loss = model(idx, torch.randint(0, 70, (8, 16)))
+    assert abs(loss.item() - math.log(70)) < 0.1
+
+
+def test_weights_are_tied_and_residual_projections_scaled():
+    model = _model(n_layer=4)
+    assert model.head.weight is model.tok_emb.weight
+    std = model.blocks[0].attn.out.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(8)) < 0.002
+
+
+@pytest.mark.parametrize("kw, keys", [
+    (dict(d_model=30, n_head=4), "model.d_model=30 is not divisible by model.n_head=4"),
+    (dict(n_head=4, n_kv_head=3), "model.n_head=4 is not divisible by model.n_kv_head=3"),
+    (dict(pos_emb="alibi"), "model.pos_emb"),
+])
+def test_bad_config_names_the_keys(kw, keys):
+    with pytest.raises(ValueError, match=keys.replace(".", r"\.")):
+        _model(**kw)
+
+
+def test_grouped_query_attention_with_one_group_per_head_is_multi_head():
+    """n_kv_head = n_head is the standard layout: each query head has its own key/value head."""
+    mha, gqa = _model(n_kv_head=None), _model(n_kv_head=4)
+    gqa.load_state_dict(mha.state_dict())
+    idx = torch.randint(0, 70, (2, 16))
+    assert torch.equal(mha(idx), gqa(idx))
+    assert _model(n_kv_head=1).blocks[0].attn.kv.weight.shape == (2 * 8, 32)
+
+
+def test_generate_extends_the_prompt_and_slides_past_block_size():
+    model = _model()
+    prompt = torch.randint(0, 70, (1, 5))
+    out = model.generate(prompt, 30, temperature=0)
+    assert out.shape == (1, 35) and torch.equal(out[:, :5], prompt)
+    again = model.generate(prompt, 30, temperature=0)
+    assert torch.equal(out, again)  # greedy is deterministic
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(model.generate(prompt, 20, 1.0, 5, g1), model.generate(prompt, 20, 1.0, 5, g2))

@@ -1,0 +1,124 @@
+"""Real training runs: 2 CPU ranks under the deepspeed launcher, and one plain process."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ROOT, free_port, losses, read_metrics, run_train, subprocess_env
+
+STEPS = 30
+
+
+def _overrides(data_dir, run_dir, *extra):
+    # decay_steps is fixed so that a run stopped early (max_steps=k) follows the same lr schedule
+    return ["conf=debug", f"data.dir={data_dir}", f"run_dir={run_dir}", f"train.max_steps={STEPS}",
+            f"train.decay_steps={STEPS}", "train.eval_every=15", "train.ckpt_every=15", "train.progress=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def zero0_run(tmp_path_factory, shakespeare_dir):
+    run_dir = tmp_path_factory.mktemp("zero0")
+    proc = run_train(_overrides(shakespeare_dir, run_dir, "deepspeed=zero0"), ranks=2)
+    return run_dir, proc
+
+
+def test_two_rank_run_learns_logs_and_checkpoints(zero0_run):
+    run_dir, proc = zero0_run
+    assert "ranks: 2" in proc.stdout
+    curve = losses(run_dir)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    assert curve[STEPS] < curve[1] - 0.5  # from ~ln(70)=4.25 down
+    metrics = read_metrics(run_dir)
+    evals = [m for m in metrics if "val_loss" in m]
+    assert [m["step"] for m in evals] == [15, 30]
+    assert evals[-1]["val_bpc"] == pytest.approx(evals[-1]["val_loss"] / math.log(2))
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    last = metrics[-2] if "loss" not in metrics[-1] else metrics[-1]
+    assert last["tokens"] == STEPS * 8 * 2 * 32 and last["grad_norm"] > 0 and last["tokens_per_s"] > 0
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:08d}"
+    assert (run_dir / "checkpoints" / f"step{STEPS:08d}" / "mp_rank_00_model_states.pt").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    assert f"--- sample at step {STEPS} ---" in proc.stdout
+
+
+def test_tensorboard_event_files_hold_the_scalars(zero0_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = zero0_run
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s",
+            "val/loss", "val/bpc"} <= tags
+    tb_loss = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert tb_loss == pytest.approx(losses(run_dir), rel=1e-6)
+    assert "samples/text_summary" in acc.Tags()["tensors"]  # the text tab's samples
+
+
+def test_tensorboard_server_serves_the_scalars_over_http(zero0_run):
+    run_dir, _ = zero0_run
+    port = free_port()
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--load_fast", "false"]
+    server = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline, runs = time.time() + 90, {}
+        while time.time() < deadline:
+            try:
+                runs = json.load(urllib.request.urlopen(f"{base}/data/plugin/scalars/tags", timeout=5))
+                if any("val/bpc" in tags for tags in runs.values()):
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert runs, "tensorboard never answered"
+        run = next(r for r, tags in runs.items() if "train/loss" in tags)
+        query = urllib.parse.urlencode({"run": run, "tag": "train/loss"})
+        points = json.load(urllib.request.urlopen(f"{base}/data/plugin/scalars/scalars?{query}", timeout=10))
+        served = {step: value for _, step, value in points}
+        assert served == pytest.approx(losses(run_dir), rel=1e-6)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_zero3_gives_the_same_losses_as_zero0(zero0_run, tmp_path, shakespeare_dir):
+    run_dir, _ = zero0_run
+    run_train(_overrides(shakespeare_dir, tmp_path, "deepspeed=zero3"), ranks=2)
+    z0, z3 = losses(run_dir), losses(tmp_path)
+    assert z3.keys() == z0.keys()
+    for step in z0:
+        assert z3[step] == pytest.approx(z0[step], rel=1e-5, abs=1e-5), step
+
+
+def test_stop_and_resume_gives_the_losses_of_an_uninterrupted_run(zero0_run, tmp_path, shakespeare_dir):
+    run_dir, _ = zero0_run
+    k = 15
+    first = run_train(_overrides(shakespeare_dir, tmp_path, f"train.max_steps={k}"), ranks=2)
+    assert "resumed" not in first.stdout
+    second = run_train(_overrides(shakespeare_dir, tmp_path), ranks=2)
+    assert f"resumed at step {k}" in second.stdout
+    resumed, whole = losses(tmp_path), losses(run_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(k + 1, STEPS + 1):
+        assert resumed[step] == whole[step], step  # bit-identical in fp32
+
+
+def test_single_process_mode_trains_without_the_launcher_and_samples(tmp_path, shakespeare_dir):
+    proc = run_train(_overrides(shakespeare_dir, tmp_path, "train.max_steps=10", "train.eval_every=5",
+                                "train.ckpt_every=5"))
+    assert "ranks: 1" in proc.stdout
+    assert sorted(losses(tmp_path)) == list(range(1, 11))
+    out = subprocess.run([sys.executable, "launch/sample.py", f"run_dir={tmp_path}", "prompt=To be",
+                          "max_new_tokens=40", "seed=3"], cwd=ROOT, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.strip("\n")
+    assert text.startswith("to be") and len(text) == len("to be") + 40

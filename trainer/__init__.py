@@ -1,0 +1,1 @@
+"""DeepSpeed engine, train/eval loop, schedule, checkpoints and monitoring."""

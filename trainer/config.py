@@ -1,0 +1,114 @@
+"""The typed run configuration: Hydra composes YAML, `to_config` checks it once against these classes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.config import DataConfig
+from model.config import GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    micro_batch: int = 12      # sequences per rank per micro-step
+    grad_accum: int = 1        # micro-steps per optimizer step
+    lr: float = 1e-3           # peak learning rate
+    min_lr: float = 1e-4       # end of the cosine decay
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # cosine length; None = max_steps
+    weight_decay: float = 0.1  # on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_steps: int = 50       # val batches per rank at each evaluation
+    ckpt_every: int = 500
+    log_every: int = 10
+    seed: int = 1337
+    sample_tokens: int = 300   # printed at the end of training (0: none)
+    progress: bool = True      # tqdm bar on rank 0
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 0             # ZeRO stage 0..3
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+
+
+@dataclass
+class Config:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    precision: str = "fp32"    # fp32 | bf16
+    run_dir: str = "outputs/run"
+    resume: str = "auto"       # auto | never | PATH of a checkpoint dir
+    preset: str = ""           # name of the preset that was chosen with conf=...
+
+
+class ConfigError(ValueError):
+    """A bad setting, named by its key."""
+
+
+def to_config(cfg: DictConfig | dict) -> Config:
+    """Merge Hydra's output into the typed schema (wrong keys or types fail here) and validate."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config: {e.msg if hasattr(e, 'msg') else e} (key: {getattr(e, 'full_key', '?')})") from None
+    config: Config = OmegaConf.to_object(merged)
+    validate(config)
+    return config
+
+
+def validate(c: Config) -> None:
+    try:
+        c.data.validate()
+        vocab = c.model.vocab_size
+        c.model.vocab_size = vocab or 1  # the real size comes from the manifest later
+        c.model.validate()
+        c.model.vocab_size = vocab
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    t = c.train
+    for key in ("max_steps", "micro_batch", "grad_accum", "eval_steps", "log_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    for key in ("eval_every", "ckpt_every", "warmup_steps", "sample_tokens"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if t.lr <= 0 or not 0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"train.lr={t.lr} and train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+    if c.deepspeed.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.stage={c.deepspeed.stage}: ZeRO stages are 0, 1, 2, 3")
+    if c.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision={c.precision!r}: choose fp32 or bf16")
+    if not c.run_dir:
+        raise ConfigError("run_dir must not be empty")
+
+
+def register_presets(conf_dir) -> list[str]:
+    """Register the typed schema, and make every conf/NAME.yaml (but train.yaml) selectable as `conf=NAME`.
+
+    Hydra names a config group after its folder; registering the top-level preset files under the
+    group `conf` keeps them beside the groups they override (conf/model/, conf/data/, ...).
+    """
+    from pathlib import Path
+
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)  # every key typed and present, even if no YAML sets it
+    names = []
+    for path in sorted(Path(conf_dir).glob("*.yaml")):
+        if path.stem != "train":
+            store.store(group="conf", name=path.stem, node=OmegaConf.load(path), package="_global_")
+            names.append(path.stem)
+    return names

@@ -1,0 +1,43 @@
+"""Process-group set-up that works under the deepspeed launcher and in one plain process."""
+from __future__ import annotations
+
+import os
+import socket
+
+import deepspeed
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); without the launcher this process becomes a world of one."""
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed()
+    return dist.get_rank(), dist.get_world_size()
+
+
+class RunError(RuntimeError):
+    """A problem found before training starts (bad data, missing files), reported alike on every rank."""
+
+
+def broadcast_error(message: str | None) -> None:
+    """Raise the same error on every rank when any rank hit one (so no peer waits forever)."""
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    first = next((m for m in messages if m), None)
+    if first:
+        raise RunError(first)
+
+
+def shutdown() -> None:
+    """A barrier before tearing down, so no rank's gloo peer vanishes while it still talks."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

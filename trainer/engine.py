@@ -1,0 +1,58 @@
+"""Builds the DeepSpeed config from ours, and the optimizer and engine around the model."""
+from __future__ import annotations
+
+import deepspeed
+import torch
+
+from .config import Config
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    t, z = cfg.train, cfg.deepspeed
+    zero = {"stage": z.stage}
+    if z.stage > 0:
+        zero.update(overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients,
+                    reduce_bucket_size=z.reduce_bucket_size)
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Torch AdamW (DeepSpeed then JIT-builds no optimizer op); weight decay on matrices only."""
+    t = cfg.train
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, world_size: int):
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, cfg), config=deepspeed_config(cfg, world_size)
+    )
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def grad_norm(engine) -> float | None:
+    """Global gradient norm before clipping; call before engine.step() on the accumulation boundary.
+
+    ZeRO and bf16 optimizers record it themselves (get_global_grad_norm after the step); plain
+    fp32 ZeRO-0 does not, so it is computed here from the already all-reduced gradients.
+    """
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return torch.nn.utils.get_total_norm(grads).item()
