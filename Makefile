@@ -40,6 +40,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/engine_overhead.py
+	$(PY) bench/attention.py
 
 clean:
 	rm -rf outputs shards .pytest_cache

@@ -1,4 +1,7 @@
-"""Generate text: `python launch/sample.py run_dir=outputs/baby prompt="to be" max_new_tokens=200`."""
+"""Generate text: `python launch/sample.py run_dir=outputs/baby prompt="to be" max_new_tokens=200`.
+
+Decodes with a KV cache; past model.block_size tokens the context slides (see model/sampling.py).
+"""
 import sys
 from dataclasses import dataclass
 
@@ -13,6 +16,7 @@ class SampleArgs:
     max_new_tokens: int = 500
     temperature: float = 0.8       # 0 = greedy
     top_k: int = 0                 # 0 = no top-k filter
+    top_p: float = 1.0             # nucleus sampling; 1 = off
     seed: int = 0
     num_samples: int = 1
 
@@ -29,6 +33,7 @@ def main(argv: list[str]) -> None:
     import torch
 
     from data.tokenizer import CharTokenizer
+    from model import generate
     from trainer.checkpoint import load_for_inference
 
     args = parse(argv)
@@ -43,8 +48,11 @@ def main(argv: list[str]) -> None:
         sys.exit(f"sample.py: prompt: {e}")
     gen = torch.Generator().manual_seed(args.seed)
     for i in range(args.num_samples):
-        out = model.generate(torch.tensor([prompt_ids]), args.max_new_tokens, args.temperature,
-                             args.top_k or None, generator=gen)
+        try:
+            out = generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, args.temperature,
+                           args.top_k or None, args.top_p, generator=gen)
+        except ValueError as e:
+            sys.exit(f"sample.py: {e}")
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(tok.decode(out[0].tolist()))

@@ -14,8 +14,8 @@ class GPTConfig:
     block_size: int = 64
     dropout: float = 0.0
     bias: bool = False
-    pos_emb: str = "learned"     # learned (rope: see issue tracker)
-    attn: str = "einsum"         # einsum reference path
+    pos_emb: str = "learned"     # learned | rope
+    attn: str = "einsum"         # einsum (readable reference) | sdpa (torch scaled_dot_product_attention)
 
     @property
     def kv_heads(self) -> int:
@@ -39,10 +39,24 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.pos_emb != "learned":
-            raise ValueError(f"model.pos_emb={self.pos_emb!r}: only 'learned' is implemented so far")
-        if self.attn != "einsum":
-            raise ValueError(f"model.attn={self.attn!r}: only 'einsum' is implemented so far")
+        if self.pos_emb not in ("learned", "rope"):
+            raise ValueError(f"model.pos_emb={self.pos_emb!r}: choose learned or rope")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ValueError(
+                f"model.pos_emb=rope needs an even head dim, but model.d_model={self.d_model} / "
+                f"model.n_head={self.n_head} = {self.head_dim}"
+            )
+        if self.attn not in ("einsum", "sdpa"):
+            raise ValueError(f"model.attn={self.attn!r}: choose einsum or sdpa")
         if self.vocab_size < 1:
             raise ValueError("model.vocab_size must be >= 1 (it is normally set from the data manifest)")
+
+    def embedding_params(self) -> int:
+        """Token embedding (shared with the output head) and learned positions."""
+        pos = self.block_size * self.d_model if self.pos_emb == "learned" else 0
+        return self.vocab_size * self.d_model + pos
+
+    def approx_params(self) -> int:
+        """12·L·d² (attention 4d², MLP 8d² per layer, multi-head) plus the embeddings."""
+        return 12 * self.n_layer * self.d_model ** 2 + self.embedding_params()
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, generate
 
 
 def _model(**kw):
@@ -56,6 +56,8 @@ def test_weights_are_tied_and_residual_projections_scaled():
     (dict(d_model=30, n_head=4), "model.d_model=30 is not divisible by model.n_head=4"),
     (dict(n_head=4, n_kv_head=3), "model.n_head=4 is not divisible by model.n_kv_head=3"),
     (dict(pos_emb="alibi"), "model.pos_emb"),
+    (dict(pos_emb="rope", d_model=36, n_head=4), "model.pos_emb=rope needs an even head dim, but model.d_model=36"),
+    (dict(attn="flash"), "model.attn"),
 ])
 def test_bad_config_names_the_keys(kw, keys):
     with pytest.raises(ValueError, match=keys.replace(".", r"\.")):
@@ -71,12 +73,25 @@ def test_grouped_query_attention_with_one_group_per_head_is_multi_head():
     assert _model(n_kv_head=1).blocks[0].attn.kv.weight.shape == (2 * 8, 32)
 
 
-def test_generate_extends_the_prompt_and_slides_past_block_size():
+def test_generate_extends_the_prompt_and_is_reproducible():
     model = _model()
     prompt = torch.randint(0, 70, (1, 5))
-    out = model.generate(prompt, 30, temperature=0)
+    out = generate(model, prompt, 30, temperature=0)
     assert out.shape == (1, 35) and torch.equal(out[:, :5], prompt)
-    again = model.generate(prompt, 30, temperature=0)
-    assert torch.equal(out, again)  # greedy is deterministic
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    assert torch.equal(model.generate(prompt, 20, 1.0, 5, g1), model.generate(prompt, 20, 1.0, 5, g2))
+    assert torch.equal(generate(model, prompt, 20, 1.0, 5, generator=g1), generate(model, prompt, 20, 1.0, 5, generator=g2))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "baby", "base", "gpt3_small"])
+def test_preset_parameter_count_matches_12_L_d2_plus_embeddings(preset):
+    import yaml
+
+    from conftest import ROOT
+
+    values = yaml.safe_load((ROOT / "conf" / "model" / f"{preset}.yaml").read_text())
+    cfg = GPTConfig(vocab_size=70, **values)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.num_params(non_embedding=False) == pytest.approx(cfg.approx_params(), rel=0.01)
+    if preset == "gpt3_small":
+        assert 84e6 < model.num_params() < 86e6  # GPT-3 Small's ~85M non-embedding parameters

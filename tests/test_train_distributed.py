@@ -16,9 +16,9 @@ STEPS = 30
 
 
 def _overrides(data_dir, run_dir, *extra):
-    # decay_steps is fixed so that a run stopped early (max_steps=k) follows the same lr schedule
+    # decay_tokens is fixed so that a run stopped early (max_steps=k) follows the same lr schedule
     return ["conf=debug", f"data.dir={data_dir}", f"run_dir={run_dir}", f"train.max_steps={STEPS}",
-            f"train.decay_steps={STEPS}", "train.eval_every=15", "train.ckpt_every=15", "train.progress=false", *extra]
+            f"train.decay_tokens={STEPS * 8 * 2 * 32}", "train.eval_every=15", "train.ckpt_every=15", "train.progress=false", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_stop_and_resume_gives_the_losses_of_an_uninterrupted_run(zero0_run, tmp
         assert resumed[step] == whole[step], step  # bit-identical in fp32
 
 
-def test_single_process_mode_trains_without_the_launcher_and_samples(tmp_path, shakespeare_dir):
+def test_single_process_mode_trains_without_the_launcher_then_samples_and_evaluates(tmp_path, shakespeare_dir):
     proc = run_train(_overrides(shakespeare_dir, tmp_path, "train.max_steps=10", "train.eval_every=5",
                                 "train.ckpt_every=5"))
     assert "ranks: 1" in proc.stdout
@@ -122,3 +122,33 @@ def test_single_process_mode_trains_without_the_launcher_and_samples(tmp_path, s
     assert out.returncode == 0, out.stderr
     text = out.stdout.strip("\n")
     assert text.startswith("to be") and len(text) == len("to be") + 40
+
+    out = subprocess.run([sys.executable, "launch/eval.py", f"run_dir={tmp_path}", "split=val", "max_batches=5",
+                          "batch_size=16"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)  # stdout is exactly one JSON object
+    assert result["tokens"] == 5 * 16 * 32 and result["step"] == 10
+    assert result["bpc"] == pytest.approx(result["loss"] / math.log(2))
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    assert 0 < result["accuracy"] <= result["top5_accuracy"] < 1
+    assert result["loss"] < math.log(70)  # better than uniform after 10 steps
+
+
+def test_rope_mqa_sdpa_model_trains(tmp_path, shakespeare_dir):
+    run_train(_overrides(shakespeare_dir, tmp_path, "model.pos_emb=rope", "model.n_kv_head=1",
+                         "model.attn=sdpa", "train.max_steps=20", "train.eval_every=0", "train.ckpt_every=0"))
+    curve = losses(tmp_path)
+    assert curve[20] < curve[1] - 0.5
+
+
+def test_batch_ramp_grows_the_batch_by_accumulation_and_trains(tmp_path, shakespeare_dir):
+    run_train(_overrides(shakespeare_dir, tmp_path, "train.max_steps=12", "train.grad_accum=4",
+                         "train.batch_ramp_tokens=4096", "train.batch_start_tokens=256",
+                         "train.eval_every=0", "train.ckpt_every=0"))
+    metrics = [m for m in read_metrics(tmp_path) if "loss" in m]
+    batch = [m["batch_tokens"] for m in metrics]
+    assert batch[0] == 256 and batch[-1] == 4 * 256 and batch == sorted(batch)
+    tokens = [m["tokens"] for m in metrics]
+    assert all(b - a == size for a, b, size in zip([0] + tokens, tokens, batch))
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.3

@@ -94,9 +94,9 @@ def load_for_inference(path) -> tuple[GPT, dict]:
     states = torch.load(states_file, map_location="cpu", weights_only=False)
     client = {k: states[k] for k in ("model_config", "vocab", "lowercase", "zero_stage", "step")}
     if client["zero_stage"] == 3:  # parameters live in the partitioned optimizer files
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's chatter: keep stdout for results
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the generated text
             weights = get_fp32_state_dict_from_zero_checkpoint(str(where[0]), tag=where[1])
     else:
         weights = states["module"]

@@ -14,11 +14,13 @@ from model.config import GPTConfig
 class TrainConfig:
     max_steps: int = 2000
     micro_batch: int = 12      # sequences per rank per micro-step
-    grad_accum: int = 1        # micro-steps per optimizer step
+    grad_accum: int = 1        # micro-steps per optimizer step (at full batch size)
     lr: float = 1e-3           # peak learning rate
-    min_lr: float = 1e-4       # end of the cosine decay
-    warmup_steps: int = 100
-    decay_steps: int | None = None  # cosine length; None = max_steps
+    min_lr: float = 1e-4       # end of the cosine decay (GPT-3: 10% of lr)
+    warmup_tokens: int = 76_800          # linear warmup (tokens trained, all ranks together)
+    decay_tokens: int | None = None      # where the cosine reaches min_lr; None = the run's end
+    batch_ramp_tokens: int = 0           # grow the global batch over this many tokens; 0 = no ramp
+    batch_start_tokens: int = 0          # global batch (tokens) at the start of the ramp
     weight_decay: float = 0.1  # on matrices only
     beta1: float = 0.9
     beta2: float = 0.95
@@ -81,11 +83,16 @@ def validate(c: Config) -> None:
     for key in ("max_steps", "micro_batch", "grad_accum", "eval_steps", "log_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    for key in ("eval_every", "ckpt_every", "warmup_steps", "sample_tokens"):
+    for key in ("eval_every", "ckpt_every", "warmup_tokens", "sample_tokens", "batch_ramp_tokens",
+                "batch_start_tokens"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
     if t.lr <= 0 or not 0 <= t.min_lr <= t.lr:
         raise ConfigError(f"train.lr={t.lr} and train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+    if t.decay_tokens is not None and t.decay_tokens <= t.warmup_tokens:
+        raise ConfigError(f"train.decay_tokens={t.decay_tokens} must be > train.warmup_tokens={t.warmup_tokens}")
+    if t.batch_ramp_tokens and not 0 < t.batch_start_tokens:
+        raise ConfigError("train.batch_ramp_tokens is set: train.batch_start_tokens must be > 0")
     if c.deepspeed.stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.stage={c.deepspeed.stage}: ZeRO stages are 0, 1, 2, 3")
     if c.precision not in ("fp32", "bf16"):

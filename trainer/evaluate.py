@@ -1,36 +1,59 @@
-"""Validation loss over a fixed set of windows, averaged over all ranks, and text samples."""
+"""Evaluation metrics (loss, bits per char, perplexity, top-1/top-5 accuracy) and text samples."""
 from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable, Iterable
 
-import deepspeed
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from data.loader import RankLoader
+from model import generate
+
+
+def batch_stats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sums over one batch: [nll in nats, top-1 correct, top-5 correct, tokens] (float64)."""
+    logits = logits.float().flatten(0, 1)
+    targets = targets.flatten()
+    nll = F.cross_entropy(logits, targets, reduction="sum")
+    top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    return torch.stack([nll.double(), (top5[:, 0] == targets).sum().double(),
+                        (top5 == targets[:, None]).any(-1).sum().double(),
+                        torch.tensor(float(targets.numel()), dtype=torch.float64, device=logits.device)])
+
+
+def summarize(stats: torch.Tensor) -> dict:
+    nll, top1, top5, tokens = stats.tolist()
+    loss = nll / tokens
+    return {"loss": loss, "bpc": loss / math.log(2), "perplexity": math.exp(loss),
+            "accuracy": top1 / tokens, "top5_accuracy": top5 / tokens, "tokens": int(tokens)}
 
 
 @torch.no_grad()
-def evaluate(engine, loader: RankLoader) -> dict:
-    """Mean loss (nats/char), bits per char and next-char accuracy over the loader's batches."""
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, device) -> torch.Tensor:
+    """Summed batch_stats of forward(x) -> logits over the batches (this rank's share)."""
+    stats = torch.zeros(4, dtype=torch.float64, device=device)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        stats += batch_stats(forward(x), y)
+    return stats
+
+
+def evaluate_engine(engine, batches) -> dict:
+    """evaluate() on every rank, summed over ranks, as val_* metrics."""
     engine.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss sum, correct, tokens
-    for x, y in loader:
-        x, y = x.to(engine.device), y.to(engine.device)
-        logits, loss = engine(x, y)
-        totals[0] += loss.double() * y.numel()
-        totals[1] += (logits.argmax(-1) == y).sum()
-        totals[2] += y.numel()
+    stats = evaluate(engine, batches, engine.device)
     engine.train()
-    dist.all_reduce(totals)
-    loss = (totals[0] / totals[2]).item()
-    return {"val_loss": loss, "val_bpc": loss / math.log(2), "val_accuracy": (totals[1] / totals[2]).item()}
+    dist.all_reduce(stats)
+    return {f"val_{k}": v for k, v in summarize(stats).items()}
 
 
 @torch.no_grad()
 def sample_text(engine, tokenizer, prompt: str, max_new_tokens: int, seed: int, zero_stage: int) -> str | None:
     """Collective under ZeRO-3 (parameters are gathered on every rank); the text is returned on rank 0."""
+    import deepspeed  # here, so that eval.py's stdout stays one JSON object
+
     model = engine.module
     gather = (deepspeed.zero.GatheredParameters(list(model.parameters()))
               if zero_stage == 3 else contextlib.nullcontext())
@@ -41,6 +64,6 @@ def sample_text(engine, tokenizer, prompt: str, max_new_tokens: int, seed: int, 
         model.eval()
         ids = torch.tensor([list(tokenizer.encode(tokenizer.normalize(prompt)))], device=engine.device)
         gen = torch.Generator(device=engine.device).manual_seed(seed)
-        out = model.generate(ids, max_new_tokens, temperature=0.8, generator=gen)
+        out = generate(model, ids, max_new_tokens, temperature=0.8, generator=gen)
         model.train(was_training)
         return tokenizer.decode(out[0].tolist())

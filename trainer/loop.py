@@ -19,13 +19,15 @@ from . import checkpoint
 from .config import Config
 from .distributed import broadcast_error, init_distributed, shutdown
 from .engine import build_engine, grad_norm, set_lr
-from .evaluate import evaluate, sample_text
-from .metrics import MetricsWriter
-from .schedule import lr_at
+from .evaluate import evaluate_engine, sample_text
+from .metrics import MetricsWriter, Throughput
+from .mfu import flops_per_token, peak_flops
+from .schedule import accum_at, lr_at, planned_tokens
 
 TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-           "tokens_per_s": "perf/tokens_per_s", "step_time_s": "perf/step_time_s",
-           "val_loss": "val/loss", "val_bpc": "val/bpc", "val_accuracy": "val/accuracy"}
+           "tokens_per_s": "perf/tokens_per_s", "step_time_s": "perf/step_time_s", "mfu": "perf/mfu",
+           "val_loss": "val/loss", "val_bpc": "val/bpc", "val_perplexity": "val/perplexity",
+           "val_accuracy": "val/accuracy", "val_top5_accuracy": "val/top5_accuracy"}
 
 
 def ensure_data(cfg: Config, rank: int) -> dict:
@@ -74,12 +76,12 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
         train_loader.load_state_dict(client["loader"])
 
     run_dir = Path(cfg.run_dir)
+    model_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-        n_params = model.num_params() if cfg.deepspeed.stage < 3 else sum(
-            p.ds_numel for p in model.parameters())
-        print(f"model: {n_params / 1e6:.2f}M parameters | ranks: {world} | ZeRO-{cfg.deepspeed.stage} "
+        print(f"model: {model_params / 1e6:.2f}M parameters (12·L·d² + embeddings = "
+              f"{cfg.model.approx_params() / 1e6:.2f}M) | ranks: {world} | ZeRO-{cfg.deepspeed.stage} "
               f"{cfg.precision} | data: {manifest['splits']['train']['tokens']:,} train tokens, "
               f"{train_loader.windows_per_epoch:,} windows/epoch | run_dir: {run_dir}"
               + (f" | resumed at step {step}" if step else ""), flush=True)
@@ -88,7 +90,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     def run_eval(at_step: int) -> dict:
         val = RankLoader(cfg.data.dir, "val", cfg.model.block_size, t.micro_batch, rank, world,
                          seed=t.seed, num_workers=0, num_batches=t.eval_steps)
-        result = evaluate(engine, val)
+        result = evaluate_engine(engine, val)
         text = sample_text(engine, tokenizer, "\n", 200, t.seed, cfg.deepspeed.stage)
         writer.log(at_step, result, TB_TAGS)
         writer.text("samples", text or "", at_step)
@@ -98,52 +100,62 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
         checkpoint.save(engine, run_dir, at_step, train_loader.state_dict(), cfg.model, tokenizer.vocab,
                         tokenizer.lowercase, cfg.deepspeed.stage)
 
-    tokens_per_step = t.micro_batch * t.grad_accum * world * cfg.model.block_size
+    micro_tokens = t.micro_batch * world * cfg.model.block_size  # one micro-step on every rank
+    total_tokens = planned_tokens(t, micro_tokens)
+    flops_token = flops_per_token(cfg.model, model_params - cfg.model.embedding_params())
+    peak, peak_source = peak_flops(engine.device, cfg.precision)
+    if rank == 0:
+        print(f"MFU: {flops_token / 1e6:.2f} MFLOPs/token against {peak / 1e12:.3g} TFLOP/s per device "
+              f"({peak_source})", flush=True)
+    own_grad_norm = cfg.deepspeed.stage == 0 and cfg.precision == "fp32"  # see engine.grad_norm
     bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=rank != 0 or not t.progress,
                dynamic_ncols=True)
+    meter = Throughput()
     loss_sum = torch.zeros((), device=engine.device)
-    window_start, window_steps = time.perf_counter(), 0
-    last = {}
-    own_grad_norm = cfg.deepspeed.stage == 0 and cfg.precision == "fp32"  # see engine.grad_norm
-    norm = None
+    norm, last = None, {}
     while step < t.max_steps:
-        lr = lr_at(step, t)
+        tokens = train_loader.consumed * cfg.model.block_size
+        lr = lr_at(tokens, t, total_tokens)
         set_lr(engine, lr)
+        accum = accum_at(tokens, t, micro_tokens)
+        if accum != engine.gradient_accumulation_steps():
+            engine.set_train_batch_size(t.micro_batch * world * accum)
         logging = (step + 1) % t.log_every == 0 or step + 1 == t.max_steps
-        for micro in range(t.grad_accum):
+        for micro in range(accum):
+            engine.set_gradient_accumulation_boundary(micro == accum - 1)
             x, y = train_loader.next()
             _, loss = engine(x.to(engine.device), y.to(engine.device))
             engine.backward(loss)
-            if logging and micro == t.grad_accum - 1 and own_grad_norm:
+            if logging and micro == accum - 1 and own_grad_norm:
                 norm = grad_norm(engine)
             engine.step()
             loss_sum += loss.detach().float()
         step += 1
-        window_steps += 1
+        meter.add(micro_steps=accum, tokens=accum * micro_tokens)
         bar.update(1)
 
         if logging:
             dist.all_reduce(loss_sum)
-            elapsed = time.perf_counter() - window_start
-            norm = norm if own_grad_norm else engine.get_global_grad_norm()
-            last = {"tokens": step * tokens_per_step,
-                    "loss": loss_sum.item() / (window_steps * t.grad_accum * world), "lr": lr,
-                    "grad_norm": float(norm) if norm is not None else None,
-                    "tokens_per_s": window_steps * tokens_per_step / elapsed,
-                    "step_time_s": elapsed / window_steps}
+            rates = meter.read()
+            last = {"tokens": train_loader.consumed * cfg.model.block_size,
+                    "loss": loss_sum.item() / (rates.pop("micro_steps") * world), "lr": lr,
+                    "grad_norm": norm if own_grad_norm else engine.get_global_grad_norm(),
+                    "batch_tokens": accum * micro_tokens, **rates,
+                    "mfu": rates["tokens_per_s"] * flops_token / (peak * world)}
+            last["grad_norm"] = float(last["grad_norm"]) if last["grad_norm"] is not None else None
             writer.log(step, last, TB_TAGS)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:,.0f}")
+            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:,.0f}",
+                            mfu=f"{last['mfu']:.1%}")
             loss_sum.zero_()
-            window_start, window_steps = time.perf_counter(), 0
         if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
             val = run_eval(step)
             last.update(val)
             if rank == 0:
                 bar.write(f"step {step}: val loss {val['val_loss']:.4f} | {val['val_bpc']:.3f} bits/char")
-            window_start = time.perf_counter()  # keep eval time out of tokens/s
+            meter.restart()  # keep eval time out of tokens/s
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
             save(step)
-            window_start = time.perf_counter()
+            meter.restart()
     bar.close()
 
     if t.sample_tokens:

@@ -2,7 +2,31 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+
+
+class Throughput:
+    """Steps, micro-steps and tokens since the last read, and the rates they give."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        """Start a new timing window (after evaluation or a checkpoint, which are not training)."""
+        self.start, self.steps, self.micro_steps, self.tokens = time.perf_counter(), 0, 0, 0
+
+    def add(self, micro_steps: int, tokens: int) -> None:
+        self.steps += 1
+        self.micro_steps += micro_steps
+        self.tokens += tokens
+
+    def read(self) -> dict:
+        elapsed = time.perf_counter() - self.start
+        out = {"micro_steps": self.micro_steps, "tokens_per_s": self.tokens / elapsed,
+               "step_time_s": elapsed / max(1, self.steps)}
+        self.restart()
+        return out
 
 
 class MetricsWriter:

@@ -1,0 +1,99 @@
+"""Model FLOPs utilization: model FLOPs per token over the hardware's peak.
+
+FLOPs per token (forward and backward) = 6·N + 12·L·H·Q·T, with N the non-embedding parameters,
+L layers, H heads, Q head dim, T context (the PaLM paper's count, appendix B). Peaks are dense
+(no sparsity) from the vendors' datasheets for known GPUs; elsewhere a matmul is timed once and the
+result cached, so the CPU figure means "share of what this machine's BLAS reaches".
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from model import GPTConfig
+
+# name fragment (as torch.cuda.get_device_name prints it) -> (bf16 tensor-core, fp32 non-tensor) FLOP/s
+GPU_PEAKS = {
+    "H200": (989e12, 67e12),
+    "H100 SXM": (989e12, 67e12),
+    "H100 80GB HBM3": (989e12, 67e12),   # the SXM part's device name
+    "H100 PCIe": (756e12, 51e12),
+    "H100 NVL": (835e12, 60e12),
+    "A100": (312e12, 19.5e12),
+    "L40S": (362e12, 91.6e12),
+    "L4": (121e12, 30.3e12),
+    "A10": (125e12, 31.2e12),
+}
+
+
+def flops_per_token(cfg: GPTConfig, non_embedding_params: int) -> float:
+    return 6 * non_embedding_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+
+
+def gpu_peak(name: str, precision: str) -> float | None:
+    for fragment, (bf16, fp32) in GPU_PEAKS.items():
+        if fragment in name:
+            return bf16 if precision == "bf16" else fp32
+    return None
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, trials: int = 5,
+                        seconds: float = 0.1) -> float:
+    """Best of several short timings of an n x n matmul, so a moment of contention does not stick."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(trials):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 * count / (time.perf_counter() - start))
+    return best
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return root / "shakespeare_transformer" / "peak_flops.json"
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak(name, precision)
+        if peak is not None:
+            return peak, f"datasheet {name}"
+    else:
+        name = _cpu_name()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    key = f"{device.type}|{name}|{torch.get_num_threads()} threads|{dtype}"
+    path = _cache_file()
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in cache:
+        cache[key] = measure_matmul_peak(device, dtype, n=4096 if device.type == "cuda" else 1024)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    return cache[key], f"measured matmul ({key})"
