@@ -152,3 +152,31 @@ def test_batch_ramp_grows_the_batch_by_accumulation_and_trains(tmp_path, shakesp
     tokens = [m["tokens"] for m in metrics]
     assert all(b - a == size for a, b, size in zip([0] + tokens, tokens, batch))
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.3
+
+
+def test_two_nodes_on_one_machine_match_a_two_rank_single_node_run(zero0_run, tmp_path, shakespeare_dir):
+    """A real 2-node job: two launchers (--no_ssh, node_rank 0 and 1) over a hostfile written by
+    launch.cluster from a host list whose two hosts both are this machine."""
+    from launch.cluster import main as cluster_main
+
+    (tmp_path / "hosts.txt").write_text("root@localhost 1\nroot@127.0.0.1 1\n")
+    assert cluster_main(["--hosts", str(tmp_path / "hosts.txt"), "--out", str(tmp_path / "cluster")]) == 0
+    hostfile = tmp_path / "cluster" / "hostfile"
+    assert hostfile.read_text() == "node0 slots=1\nnode1 slots=1\n"
+    master = (tmp_path / "cluster" / "master_addr").read_text().strip()
+    port, run_dir, steps = free_port(), tmp_path / "run", 10
+    overrides = _overrides(shakespeare_dir, run_dir, "deepspeed=zero3", f"train.max_steps={steps}",
+                           "train.eval_every=0", "train.ckpt_every=0", "train.sample_tokens=0")
+    nodes = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+                               "--no_ssh", "--node_rank", str(rank), "--master_addr", master,
+                               "--master_port", str(port), "launch/train.py", *overrides],
+                              cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "ranks: 2" in outputs[0]
+    two_nodes, single_node = losses(run_dir), losses(zero0_run[0])
+    assert sorted(two_nodes) == list(range(1, steps + 1))
+    for step in two_nodes:
+        assert two_nodes[step] == pytest.approx(single_node[step], rel=1e-5, abs=1e-5), step

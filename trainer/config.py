@@ -33,6 +33,7 @@ class TrainConfig:
     seed: int = 1337
     sample_tokens: int = 300   # printed at the end of training (0: none)
     progress: bool = True      # tqdm bar on rank 0
+    cost_per_hour: float = 0.0  # $/h of all nodes together (set by vast_cluster.sh): logs tokens per $
 
 
 @dataclass
@@ -87,6 +88,8 @@ def validate(c: Config) -> None:
                 "batch_start_tokens"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if t.cost_per_hour < 0:
+        raise ConfigError(f"train.cost_per_hour must be >= 0, got {t.cost_per_hour}")
     if t.lr <= 0 or not 0 <= t.min_lr <= t.lr:
         raise ConfigError(f"train.lr={t.lr} and train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
     if t.decay_tokens is not None and t.decay_tokens <= t.warmup_tokens:

@@ -26,6 +26,7 @@ from .schedule import accum_at, lr_at, planned_tokens
 
 TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
            "tokens_per_s": "perf/tokens_per_s", "step_time_s": "perf/step_time_s", "mfu": "perf/mfu",
+           "usd_per_hour": "cost/usd_per_hour", "tokens_per_usd": "cost/tokens_per_usd",
            "val_loss": "val/loss", "val_bpc": "val/bpc", "val_perplexity": "val/perplexity",
            "val_accuracy": "val/accuracy", "val_top5_accuracy": "val/top5_accuracy"}
 
@@ -143,6 +144,9 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
                     "batch_tokens": accum * micro_tokens, **rates,
                     "mfu": rates["tokens_per_s"] * flops_token / (peak * world)}
             last["grad_norm"] = float(last["grad_norm"]) if last["grad_norm"] is not None else None
+            if t.cost_per_hour:
+                last.update(usd_per_hour=t.cost_per_hour,
+                            tokens_per_usd=last["tokens_per_s"] * 3600 / t.cost_per_hour)
             writer.log(step, last, TB_TAGS)
             bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:,.0f}",
                             mfu=f"{last['mfu']:.1%}")
