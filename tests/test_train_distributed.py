@@ -10,22 +10,8 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, free_port, losses, read_metrics, run_train, subprocess_env
-
-STEPS = 30
-
-
-def _overrides(data_dir, run_dir, *extra):
-    # decay_tokens is fixed so that a run stopped early (max_steps=k) follows the same lr schedule
-    return ["conf=debug", f"data.dir={data_dir}", f"run_dir={run_dir}", f"train.max_steps={STEPS}",
-            f"train.decay_tokens={STEPS * 8 * 2 * 32}", "train.eval_every=15", "train.ckpt_every=15", "train.progress=false", *extra]
-
-
-@pytest.fixture(scope="module")
-def zero0_run(tmp_path_factory, shakespeare_dir):
-    run_dir = tmp_path_factory.mktemp("zero0")
-    proc = run_train(_overrides(shakespeare_dir, run_dir, "deepspeed=zero0"), ranks=2)
-    return run_dir, proc
+from conftest import (ROOT, STEPS, debug_overrides, free_port, losses, read_metrics, run_train,
+                      subprocess_env)
 
 
 def test_two_rank_run_learns_logs_and_checkpoints(zero0_run):
@@ -91,7 +77,7 @@ def test_tensorboard_server_serves_the_scalars_over_http(zero0_run):
 
 def test_zero3_gives_the_same_losses_as_zero0(zero0_run, tmp_path, shakespeare_dir):
     run_dir, _ = zero0_run
-    run_train(_overrides(shakespeare_dir, tmp_path, "deepspeed=zero3"), ranks=2)
+    run_train(debug_overrides(shakespeare_dir, tmp_path, "deepspeed=zero3"), ranks=2)
     z0, z3 = losses(run_dir), losses(tmp_path)
     assert z3.keys() == z0.keys()
     for step in z0:
@@ -101,9 +87,9 @@ def test_zero3_gives_the_same_losses_as_zero0(zero0_run, tmp_path, shakespeare_d
 def test_stop_and_resume_gives_the_losses_of_an_uninterrupted_run(zero0_run, tmp_path, shakespeare_dir):
     run_dir, _ = zero0_run
     k = 15
-    first = run_train(_overrides(shakespeare_dir, tmp_path, f"train.max_steps={k}"), ranks=2)
+    first = run_train(debug_overrides(shakespeare_dir, tmp_path, f"train.max_steps={k}"), ranks=2)
     assert "resumed" not in first.stdout
-    second = run_train(_overrides(shakespeare_dir, tmp_path), ranks=2)
+    second = run_train(debug_overrides(shakespeare_dir, tmp_path), ranks=2)
     assert f"resumed at step {k}" in second.stdout
     resumed, whole = losses(tmp_path), losses(run_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1))
@@ -112,7 +98,7 @@ def test_stop_and_resume_gives_the_losses_of_an_uninterrupted_run(zero0_run, tmp
 
 
 def test_single_process_mode_trains_without_the_launcher_then_samples_and_evaluates(tmp_path, shakespeare_dir):
-    proc = run_train(_overrides(shakespeare_dir, tmp_path, "train.max_steps=10", "train.eval_every=5",
+    proc = run_train(debug_overrides(shakespeare_dir, tmp_path, "train.max_steps=10", "train.eval_every=5",
                                 "train.ckpt_every=5"))
     assert "ranks: 1" in proc.stdout
     assert sorted(losses(tmp_path)) == list(range(1, 11))
@@ -136,14 +122,14 @@ def test_single_process_mode_trains_without_the_launcher_then_samples_and_evalua
 
 
 def test_rope_mqa_sdpa_model_trains(tmp_path, shakespeare_dir):
-    run_train(_overrides(shakespeare_dir, tmp_path, "model.pos_emb=rope", "model.n_kv_head=1",
+    run_train(debug_overrides(shakespeare_dir, tmp_path, "model.pos_emb=rope", "model.n_kv_head=1",
                          "model.attn=sdpa", "train.max_steps=20", "train.eval_every=0", "train.ckpt_every=0"))
     curve = losses(tmp_path)
     assert curve[20] < curve[1] - 0.5
 
 
 def test_batch_ramp_grows_the_batch_by_accumulation_and_trains(tmp_path, shakespeare_dir):
-    run_train(_overrides(shakespeare_dir, tmp_path, "train.max_steps=12", "train.grad_accum=4",
+    run_train(debug_overrides(shakespeare_dir, tmp_path, "train.max_steps=12", "train.grad_accum=4",
                          "train.batch_ramp_tokens=4096", "train.batch_start_tokens=256",
                          "train.eval_every=0", "train.ckpt_every=0"))
     metrics = [m for m in read_metrics(tmp_path) if "loss" in m]
@@ -165,7 +151,7 @@ def test_two_nodes_on_one_machine_match_a_two_rank_single_node_run(zero0_run, tm
     assert hostfile.read_text() == "node0 slots=1\nnode1 slots=1\n"
     master = (tmp_path / "cluster" / "master_addr").read_text().strip()
     port, run_dir, steps = free_port(), tmp_path / "run", 10
-    overrides = _overrides(shakespeare_dir, run_dir, "deepspeed=zero3", f"train.max_steps={steps}",
+    overrides = debug_overrides(shakespeare_dir, run_dir, "deepspeed=zero3", f"train.max_steps={steps}",
                            "train.eval_every=0", "train.ckpt_every=0", "train.sample_tokens=0")
     nodes = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
                                "--no_ssh", "--node_rank", str(rank), "--master_addr", master,
