@@ -15,6 +15,8 @@ class DataConfig:
     lowercase: bool = True
     frame_tokens: int = 65536        # tokens per zstd frame: the unit of random access
     workers: int = 1                 # DataLoader worker processes per rank
+    verify: bool = True              # check every shard's sha256 before training (frames are always
+                                     # checked by CRC32 when read)
 
     def validate(self) -> None:
         if self.source not in SOURCES:

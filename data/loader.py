@@ -12,6 +12,9 @@ resume at any world size or micro-batch continues the epoch with nothing repeate
 """
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections import OrderedDict
 from functools import lru_cache
 
@@ -111,6 +114,27 @@ class RankWindows(IterableDataset):
             batch += workers
 
 
+def _worker_signals(worker_id: int) -> None:
+    """Ctrl-C and a scheduler's SIGTERM reach the whole process group. Workers leave stopping to
+    their parent, which may still want a batch or two while it finishes the step and saves, and then
+    shuts them down (RankLoader.close); should it never do so, a SIGTERM'd worker leaves after 2 min."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_later)
+
+
+def _exit_later(signum, frame) -> None:
+    timer = threading.Timer(120, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+
+
+def _unwrap_worker_error(error: ShardError) -> ShardError:
+    """DataLoader re-raises a worker's error with the worker's traceback as its text: keep the message."""
+    last = str(error).strip().splitlines()[-1]
+    prefix = f"{ShardError.__module__}.{ShardError.__name__}: "
+    return ShardError(last[len(prefix):] if last.startswith(prefix) else last)
+
+
 class RankLoader:
     """Iterator of this rank's (x, y) micro-batches; its state is (seed, consumed samples)."""
 
@@ -144,17 +168,35 @@ class RankLoader:
         return RankWindows(self.reader, self.order, self.micro_batch, self.rank, self.world_size,
                            self.consumed, self.num_batches)
 
+    def _dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset(), batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+                          worker_init_fn=_worker_signals if self.num_workers else None)
+
     def __iter__(self):
-        loader = DataLoader(self.dataset(), batch_size=None, num_workers=self.num_workers,
-                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
-        for x, y in loader:
+        """The batches from the current position; the loader's position advances as they are taken."""
+        for x, y in self._dataloader():
             self.consumed += self.micro_batch * self.world_size
             yield x, y
 
     def next(self):
+        """The next batch, from one long-lived iterator (workers keep prefetching between calls)."""
         if self._it is None:
-            self._it = iter(self)
-        return next(self._it)
+            self._it = iter(self._dataloader())
+        try:
+            x, y = next(self._it)
+        except ShardError as e:
+            raise _unwrap_worker_error(e) from None
+        self.consumed += self.micro_batch * self.world_size
+        return x, y
+
+    def close(self) -> None:
+        """Stop the worker processes now rather than whenever the iterator is collected."""
+        if self._it is not None:
+            shutdown = getattr(self._it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            self._it = None
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "consumed": self.consumed}
@@ -163,4 +205,4 @@ class RankLoader:
         if state["seed"] != self.seed:
             raise ValueError(f"data loader state has seed {state['seed']}, this run uses train.seed={self.seed}")
         self.consumed = int(state["consumed"])
-        self._it = None
+        self.close()

@@ -32,13 +32,13 @@ def main(argv: list[str]) -> None:
 
     from data.loader import RankLoader
     from data.shards import ShardError
-    from trainer.checkpoint import load_for_inference
+    from trainer.checkpoint import CheckpointError, load_for_inference
     from trainer.evaluate import evaluate, summarize
 
     args = parse(argv)
     try:
         model, client = load_for_inference(args.run_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         sys.exit(f"eval.py: run_dir: {e}")
     data_dir = args.data_dir
     if not data_dir:

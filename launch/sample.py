@@ -34,12 +34,12 @@ def main(argv: list[str]) -> None:
 
     from data.tokenizer import CharTokenizer
     from model import generate
-    from trainer.checkpoint import load_for_inference
+    from trainer.checkpoint import CheckpointError, load_for_inference
 
     args = parse(argv)
     try:
         model, client = load_for_inference(args.run_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         sys.exit(f"sample.py: run_dir: {e}")
     tok = CharTokenizer.from_vocab(client["vocab"], client["lowercase"])
     try:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -12,6 +15,7 @@ import torch.distributed as dist
 from model import GPT, GPTConfig
 
 # Rank 0's model-states file (it carries the client state): ZeRO-3 names it per partition.
+META = "meta.json"  # step, vocab, model config, world size, ZeRO stage: readable without loading weights
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
@@ -30,17 +34,68 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; `latest` still names the last complete one."""
+
+
+def latest_tag(directory: Path) -> str | None:
+    path = Path(directory) / "latest"
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    if not tag or not (Path(directory) / tag).is_dir():
+        raise CheckpointError(f"{path}: names {tag!r}, which is not a checkpoint in {directory}")
+    return tag
+
+
+def _write_latest(directory: Path, tag: str) -> None:
+    """Atomically: a crash leaves either the old or the new name, never a half-written file."""
+    tmp = directory / f"latest.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / "latest")
+
+
+def _prune(directory: Path, keep: int, current: str) -> None:
+    """Delete checkpoints older than the newest `keep` (only ever called once `current` is complete)."""
+    if keep <= 0:
+        return
+    tags = sorted(p.name for p in directory.glob("step*") if p.is_dir() and p.name <= current)
+    for old in tags[:-keep]:
+        shutil.rmtree(directory / old, ignore_errors=True)
+
+
 def save(engine, run_dir, step: int, loader_state: dict, model_cfg: GPTConfig, vocab: str,
-         lowercase: bool, zero_stage: int) -> Path:
-    """Collective: call on every rank. Each rank's RNG state travels in rank 0's client state."""
+         lowercase: bool, zero_stage: int, keep: int = 0) -> Path:
+    """Collective: call on every rank. `latest` moves only after every rank has written its files.
+
+    Each rank's RNG state travels in rank 0's client state.
+    """
+    directory = checkpoint_dir(run_dir)
     rngs = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, rng_state())
     client = {"step": step, "loader": loader_state, "rng": rngs, "world_size": dist.get_world_size(),
               "model_config": asdict(model_cfg), "vocab": vocab, "lowercase": lowercase,
               "zero_stage": zero_stage}
     tag = f"step{step:08d}"
-    engine.save_checkpoint(str(checkpoint_dir(run_dir)), tag=tag, client_state=client)
-    return checkpoint_dir(run_dir) / tag
+    try:
+        # ends with a barrier: when it returns, every rank's files are on disk
+        engine.save_checkpoint(str(directory), tag=tag, client_state=client, save_latest=False)
+        if dist.get_rank() == 0:
+            meta = {k: v for k, v in client.items() if k not in ("rng", "loader")}
+            (directory / tag / META).write_text(json.dumps(meta, indent=1))
+            _write_latest(directory, tag)
+            _prune(directory, keep, tag)
+    except Exception as e:  # a full disk, a quota, a vanished mount
+        previous = (directory / "latest").read_text().strip() if (directory / "latest").is_file() else None
+        raise CheckpointError(
+            f"saving checkpoint {directory / tag} failed at step {step}: {type(e).__name__}: {e}; "
+            f"`latest` still names {previous or 'no checkpoint'}"
+        ) from e
+    dist.barrier()
+    return directory / tag
 
 
 def resolve(resume: str, run_dir) -> tuple[Path, str] | None:
@@ -51,14 +106,46 @@ def resolve(resume: str, run_dir) -> tuple[Path, str] | None:
     if resume == "never":
         return None
     if resume == "auto":
-        latest = checkpoint_dir(run_dir) / "latest"
-        return (latest.parent, latest.read_text().strip()) if latest.is_file() else None
+        tag = latest_tag(checkpoint_dir(run_dir))
+        return (checkpoint_dir(run_dir), tag) if tag else None
     path = Path(resume)
     if (path / "latest").is_file():
-        return path, (path / "latest").read_text().strip()
+        return path, latest_tag(path)
     if _model_states(path) is not None:
         return path.parent, path.name
     raise FileNotFoundError(f"resume={resume}: neither a checkpoints dir with `latest` nor a checkpoint")
+
+
+def read_meta(where: tuple[Path, str]) -> dict:
+    path = where[0] / where[1] / META
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a checkpoint written by this trainer, or incomplete)")
+    return json.loads(path.read_text())
+
+
+def check_compatible(where: tuple[Path, str], vocab: str, model_cfg: GPTConfig, zero_stage: int,
+                     world_size: int) -> dict:
+    """The checkpoint's meta.json, after checking it fits this run's data, model, ZeRO stage and world
+    size (before any weights load)."""
+    meta = read_meta(where)
+    if meta["zero_stage"] != zero_stage:
+        raise CheckpointError(f"{where[0] / where[1]}: saved with ZeRO-{meta['zero_stage']}, this run uses "
+                              f"deepspeed=zero{zero_stage}; resume with deepspeed=zero{meta['zero_stage']}")
+    if zero_stage > 0 and meta["world_size"] != world_size:
+        raise CheckpointError(
+            f"{where[0] / where[1]}: ZeRO-{zero_stage} optimizer state saved by {meta['world_size']} ranks cannot "
+            f"be loaded by {world_size} (DeepSpeed universal checkpoints are not wired in yet); resume with "
+            f"{meta['world_size']} ranks. ZeRO-0 checkpoints resume at any world size."
+        )
+    if meta["vocab"] != vocab:
+        raise CheckpointError(f"{where[0] / where[1]}: the checkpoint's vocabulary ({len(meta['vocab'])} chars) "
+                              f"differs from the data's manifest.json ({len(vocab)} chars)")
+    ours = asdict(model_cfg)
+    differ = [f"model.{k}: checkpoint {v!r}, config {ours.get(k)!r}" for k, v in meta["model_config"].items()
+              if ours.get(k) != v and k not in ("dropout", "attn")]
+    if differ:
+        raise CheckpointError(f"{where[0] / where[1]}: the model differs: {'; '.join(differ)}")
+    return meta
 
 
 def load(engine, where: tuple[Path, str]) -> dict:
@@ -66,7 +153,7 @@ def load(engine, where: tuple[Path, str]) -> dict:
     directory, tag = where
     path, client = engine.load_checkpoint(str(directory), tag=tag)
     if path is None:
-        raise FileNotFoundError(f"{directory / tag}: DeepSpeed found no checkpoint to load")
+        raise CheckpointError(f"{directory / tag}: DeepSpeed found no checkpoint to load")
     if client.get("world_size") == dist.get_world_size():
         set_rng_state(client["rng"][dist.get_rank()])
     else:  # another world size: fresh, but still deterministic, per-rank streams

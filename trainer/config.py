@@ -29,11 +29,15 @@ class TrainConfig:
     eval_every: int = 250
     eval_steps: int = 50       # val batches per rank at each evaluation
     ckpt_every: int = 500
+    keep_ckpts: int = 3        # newest checkpoints kept (older ones deleted once a newer is complete); 0 = all
     log_every: int = 10
     seed: int = 1337
     sample_tokens: int = 300   # printed at the end of training (0: none)
     progress: bool = True      # tqdm bar on rank 0
     cost_per_hour: float = 0.0  # $/h of all nodes together (set by vast_cluster.sh): logs tokens per $
+    global_batch: int | None = None  # sequences per optimizer step, if you want it checked against
+                                     # micro_batch x grad_accum x world size
+    record_batches: bool = False  # audit trail: a hash of every training window, per rank, in run_dir
 
 
 @dataclass
@@ -60,18 +64,20 @@ class ConfigError(ValueError):
     """A bad setting, named by its key."""
 
 
-def to_config(cfg: DictConfig | dict) -> Config:
+def to_config(cfg: DictConfig | dict, world_size: int | None = None) -> Config:
     """Merge Hydra's output into the typed schema (wrong keys or types fail here) and validate."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config: {e.msg if hasattr(e, 'msg') else e} (key: {getattr(e, 'full_key', '?')})") from None
     config: Config = OmegaConf.to_object(merged)
-    validate(config)
+    validate(config, world_size)
     return config
 
 
-def validate(c: Config) -> None:
+def validate(c: Config, world_size: int | None = None) -> None:
+    """Every check that needs no data; world_size (when known, e.g. from the launcher's WORLD_SIZE)
+    is checked against train.global_batch."""
     try:
         c.data.validate()
         vocab = c.model.vocab_size
@@ -84,7 +90,7 @@ def validate(c: Config) -> None:
     for key in ("max_steps", "micro_batch", "grad_accum", "eval_steps", "log_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    for key in ("eval_every", "ckpt_every", "warmup_tokens", "sample_tokens", "batch_ramp_tokens",
+    for key in ("eval_every", "ckpt_every", "keep_ckpts", "warmup_tokens", "sample_tokens", "batch_ramp_tokens",
                 "batch_start_tokens"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
@@ -102,6 +108,13 @@ def validate(c: Config) -> None:
         raise ConfigError(f"precision={c.precision!r}: choose fp32 or bf16")
     if not c.run_dir:
         raise ConfigError("run_dir must not be empty")
+    if t.global_batch is not None and world_size is not None:
+        got = t.micro_batch * t.grad_accum * world_size
+        if got != t.global_batch:
+            raise ConfigError(
+                f"train.global_batch={t.global_batch} but train.micro_batch={t.micro_batch} x "
+                f"train.grad_accum={t.grad_accum} x {world_size} ranks = {got}"
+            )
 
 
 def register_presets(conf_dir) -> list[str]:

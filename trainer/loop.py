@@ -1,8 +1,9 @@
 """The training run: data, engine, resume, the step loop, eval, checkpoints, metrics, final sample."""
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
+import hashlib
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -12,17 +13,19 @@ from tqdm import tqdm
 
 from data.loader import RankLoader
 from data.prepare import check_matches, is_prepared, prepare
+from data.shards import ShardReader
 from data.tokenizer import CharTokenizer
 from model import GPT
 
 from . import checkpoint
 from .config import Config
-from .distributed import broadcast_error, init_distributed, shutdown
+from .distributed import RunError, broadcast_error, init_distributed, shutdown
 from .engine import build_engine, grad_norm, set_lr
 from .evaluate import evaluate_engine, sample_text
 from .metrics import MetricsWriter, Throughput
 from .mfu import flops_per_token, peak_flops
 from .schedule import accum_at, lr_at, planned_tokens
+from .stopping import StopRequest
 
 TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
            "tokens_per_s": "perf/tokens_per_s", "step_time_s": "perf/step_time_s", "mfu": "perf/mfu",
@@ -31,8 +34,14 @@ TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm
            "val_accuracy": "val/accuracy", "val_top5_accuracy": "val/top5_accuracy"}
 
 
+def window_hash(window: torch.Tensor) -> str:
+    """Short id of one training window (block_size + 1 token ids), for train.record_batches."""
+    return hashlib.sha1(window.to(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
 def ensure_data(cfg: Config, rank: int) -> dict:
-    """Rank 0 prepares missing shards while the others wait; every rank gets the manifest."""
+    """Rank 0 prepares missing shards and verifies every shard's checksum while the others wait;
+    a problem becomes the same error on every rank, before the first step."""
     error = None
     if rank == 0:
         try:
@@ -40,6 +49,9 @@ def ensure_data(cfg: Config, rank: int) -> dict:
                 print(f"no shards in {cfg.data.dir}: preparing them from data.source={cfg.data.source}", flush=True)
                 prepare(cfg.data)
             check_matches(cfg.data)
+            if cfg.data.verify:
+                for split in ("train", "val"):
+                    ShardReader(cfg.data.dir, split).verify()
         except Exception as e:  # reported on every rank below
             error = f"{type(e).__name__}: {e}"
     broadcast_error(error)
@@ -49,9 +61,18 @@ def ensure_data(cfg: Config, rank: int) -> dict:
 def train(cfg: Config) -> dict:
     rank, world = init_distributed()
     try:
-        return _train(cfg, rank, world)
-    finally:
-        shutdown()
+        result = _train(cfg, rank, world)
+    except BaseException as e:
+        if world > 1 and not isinstance(e, RunError):
+            # A peer may be waiting in a collective this rank will never join: leave now, so the
+            # launcher stops the job, instead of hanging in a teardown barrier.
+            print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            os._exit(1)
+        if isinstance(e, RunError):  # raised alike on every rank: a clean teardown is possible
+            shutdown()
+        raise
+    shutdown()
+    return result
 
 
 def _train(cfg: Config, rank: int, world: int) -> dict:
@@ -59,6 +80,13 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     manifest = ensure_data(cfg, rank)
     tokenizer = CharTokenizer.from_vocab(manifest["vocab"], manifest["tokenizer"]["lowercase"])
     cfg.model.vocab_size = tokenizer.vocab_size
+
+    where = checkpoint.resolve(cfg.resume, cfg.run_dir)
+    if where is not None:  # refuse a checkpoint of another vocabulary or model before building anything
+        try:
+            checkpoint.check_compatible(where, tokenizer.vocab, cfg.model, cfg.deepspeed.stage, world)
+        except checkpoint.CheckpointError as e:  # every rank reads the same file: the same error everywhere
+            raise RunError(str(e)) from None
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = GPT(cfg.model)
@@ -68,18 +96,15 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     train_loader = RankLoader(cfg.data.dir, "train", cfg.model.block_size, t.micro_batch, rank, world,
                               seed=t.seed, num_workers=cfg.data.workers)
     step = 0
-    where = checkpoint.resolve(cfg.resume, cfg.run_dir)
     if where is not None:
         client = checkpoint.load(engine, where)
-        if client["vocab"] != tokenizer.vocab:
-            raise ValueError(f"{where[0] / where[1]}: checkpoint vocab differs from {cfg.data.dir}/manifest.json")
         step = client["step"]
         train_loader.load_state_dict(client["loader"])
 
     run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     model_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
         print(f"model: {model_params / 1e6:.2f}M parameters (12·L·d² + embeddings = "
               f"{cfg.model.approx_params() / 1e6:.2f}M) | ranks: {world} | ZeRO-{cfg.deepspeed.stage} "
@@ -87,6 +112,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
               f"{train_loader.windows_per_epoch:,} windows/epoch | run_dir: {run_dir}"
               + (f" | resumed at step {step}" if step else ""), flush=True)
     writer = MetricsWriter(run_dir, enabled=rank == 0, resume_step=step)
+    batch_log = open(run_dir / f"batches_rank{rank}.txt", "a", buffering=1) if t.record_batches else None
 
     def run_eval(at_step: int) -> dict:
         val = RankLoader(cfg.data.dir, "val", cfg.model.block_size, t.micro_batch, rank, world,
@@ -99,7 +125,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
 
     def save(at_step: int) -> None:
         checkpoint.save(engine, run_dir, at_step, train_loader.state_dict(), cfg.model, tokenizer.vocab,
-                        tokenizer.lowercase, cfg.deepspeed.stage)
+                        tokenizer.lowercase, cfg.deepspeed.stage, keep=t.keep_ckpts)
 
     micro_tokens = t.micro_batch * world * cfg.model.block_size  # one micro-step on every rank
     total_tokens = planned_tokens(t, micro_tokens)
@@ -113,58 +139,90 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
                dynamic_ncols=True)
     meter = Throughput()
     loss_sum = torch.zeros((), device=engine.device)
+    guard = torch.zeros(2, device=engine.device)  # [non-finite loss on some rank, stop requested]
     norm, last = None, {}
-    while step < t.max_steps:
-        tokens = train_loader.consumed * cfg.model.block_size
-        lr = lr_at(tokens, t, total_tokens)
-        set_lr(engine, lr)
-        accum = accum_at(tokens, t, micro_tokens)
-        if accum != engine.gradient_accumulation_steps():
-            engine.set_train_batch_size(t.micro_batch * world * accum)
-        logging = (step + 1) % t.log_every == 0 or step + 1 == t.max_steps
-        for micro in range(accum):
-            engine.set_gradient_accumulation_boundary(micro == accum - 1)
-            x, y = train_loader.next()
-            _, loss = engine(x.to(engine.device), y.to(engine.device))
-            engine.backward(loss)
-            if logging and micro == accum - 1 and own_grad_norm:
-                norm = grad_norm(engine)
-            engine.step()
-            loss_sum += loss.detach().float()
-        step += 1
-        meter.add(micro_steps=accum, tokens=accum * micro_tokens)
-        bar.update(1)
+    stop = StopRequest()
+    try:
+        while step < t.max_steps:
+            tokens = train_loader.consumed * cfg.model.block_size
+            lr = lr_at(tokens, t, total_tokens)
+            set_lr(engine, lr)
+            accum = accum_at(tokens, t, micro_tokens)
+            if accum != engine.gradient_accumulation_steps():
+                engine.set_train_batch_size(t.micro_batch * world * accum)
+            logging = (step + 1) % t.log_every == 0 or step + 1 == t.max_steps
+            step_loss = torch.zeros((), device=engine.device)
+            for micro in range(accum):
+                engine.set_gradient_accumulation_boundary(micro == accum - 1)
+                x, y = train_loader.next()
+                if batch_log is not None:
+                    batch_log.write(f"{step + 1} " + " ".join(window_hash(row) for row in torch.cat([x, y[:, -1:]], 1))
+                                    + "\n")
+                _, loss = engine(x.to(engine.device), y.to(engine.device))
+                engine.backward(loss)
+                if logging and micro == accum - 1 and own_grad_norm:
+                    norm = grad_norm(engine)
+                engine.step()
+                step_loss += loss.detach().float()
+            step += 1
+            meter.add(micro_steps=accum, tokens=accum * micro_tokens)
+            bar.update(1)
 
-        if logging:
-            dist.all_reduce(loss_sum)
-            rates = meter.read()
-            last = {"tokens": train_loader.consumed * cfg.model.block_size,
-                    "loss": loss_sum.item() / (rates.pop("micro_steps") * world), "lr": lr,
-                    "grad_norm": norm if own_grad_norm else engine.get_global_grad_norm(),
-                    "batch_tokens": accum * micro_tokens, **rates,
-                    "mfu": rates["tokens_per_s"] * flops_token / (peak * world)}
-            last["grad_norm"] = float(last["grad_norm"]) if last["grad_norm"] is not None else None
-            if t.cost_per_hour:
-                last.update(usd_per_hour=t.cost_per_hour,
-                            tokens_per_usd=last["tokens_per_s"] * 3600 / t.cost_per_hour)
-            writer.log(step, last, TB_TAGS)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:,.0f}",
-                            mfu=f"{last['mfu']:.1%}")
-            loss_sum.zero_()
-        if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
-            val = run_eval(step)
-            last.update(val)
-            if rank == 0:
-                bar.write(f"step {step}: val loss {val['val_loss']:.4f} | {val['val_bpc']:.3f} bits/char")
-            meter.restart()  # keep eval time out of tokens/s
-        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
-            save(step)
-            meter.restart()
-    bar.close()
+            # One small all-reduce a step, so every rank takes the same decision at the same step.
+            guard[0] = (~torch.isfinite(step_loss)).float()
+            guard[1] = float(stop.requested)
+            dist.all_reduce(guard, op=dist.ReduceOp.MAX)
+            if guard[0]:
+                gn = norm if own_grad_norm else engine.get_global_grad_norm()
+                dist.all_reduce(step_loss)
+                raise RunError(
+                    f"non-finite loss at step {step}: loss {step_loss.item() / (accum * world)}, grad norm {gn}; "
+                    f"stopped without saving. The last good checkpoint is "
+                    f"{checkpoint.latest_tag(checkpoint.checkpoint_dir(run_dir)) or 'none'} (resume=auto restarts "
+                    "from it; lower train.lr or raise train.warmup_tokens)"
+                )
+            loss_sum += step_loss
+            if logging:
+                dist.all_reduce(loss_sum)
+                rates = meter.read()
+                last = {"tokens": train_loader.consumed * cfg.model.block_size,
+                        "loss": loss_sum.item() / (rates.pop("micro_steps") * world), "lr": lr,
+                        "grad_norm": norm if own_grad_norm else engine.get_global_grad_norm(),
+                        "batch_tokens": accum * micro_tokens, **rates,
+                        "mfu": rates["tokens_per_s"] * flops_token / (peak * world)}
+                last["grad_norm"] = float(last["grad_norm"]) if last["grad_norm"] is not None else None
+                if t.cost_per_hour:
+                    last.update(usd_per_hour=t.cost_per_hour,
+                                tokens_per_usd=last["tokens_per_s"] * 3600 / t.cost_per_hour)
+                writer.log(step, last, TB_TAGS)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}",
+                                tok_s=f"{last['tokens_per_s']:,.0f}", mfu=f"{last['mfu']:.1%}")
+                loss_sum.zero_()
+            if guard[1]:
+                save(step)
+                if rank == 0:
+                    bar.write(f"stop requested ({stop.signal_name or 'by a peer rank'}): saved the checkpoint of "
+                              f"step {step} in {checkpoint.checkpoint_dir(run_dir)}; resume=auto continues")
+                break
+            if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
+                val = run_eval(step)
+                last.update(val)
+                if rank == 0:
+                    bar.write(f"step {step}: val loss {val['val_loss']:.4f} | {val['val_bpc']:.3f} bits/char")
+                meter.restart()  # keep eval time out of tokens/s
+            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
+                save(step)
+                meter.restart()
+    finally:
+        train_loader.close()
+        stop.restore()
+        bar.close()
+        if batch_log is not None:
+            batch_log.close()
 
-    if t.sample_tokens:
+    if t.sample_tokens and not guard[1] and step == t.max_steps:
         text = sample_text(engine, tokenizer, "\n", t.sample_tokens, t.seed + step, cfg.deepspeed.stage)
         if rank == 0:
             print(f"\n--- sample at step {step} ---{text}\n---", flush=True)
     writer.close()
-    return {"step": step, **last}
+    return {"step": step, "stopped": bool(guard[1]), **last}

