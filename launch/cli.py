@@ -34,3 +34,25 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 def exit_on_config_error(error: Exception) -> None:
     """One line naming the key, instead of a traceback."""
     sys.exit(f"config error: {error}")
+
+
+def parse_dotlist(schema, argv: list[str], prog: str):
+    """`key=value` arguments into the dataclass `schema`; an unknown key or bad value exits naming it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(argv))
+    except OmegaConfBaseException as e:
+        sys.exit(f"{prog}: {e.msg} (key: {e.full_key})")
+    return OmegaConf.to_object(merged)
+
+
+def load_checkpoint_or_exit(run_dir: str, prog: str):
+    """(model, client state) of the newest checkpoint under run_dir, or exit with one line saying why."""
+    from trainer.checkpoint import CheckpointError, load_for_inference
+
+    try:
+        return load_for_inference(run_dir)
+    except (FileNotFoundError, CheckpointError) as e:
+        sys.exit(f"{prog}: run_dir: {e}")

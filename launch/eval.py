@@ -3,8 +3,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from launch.cli import load_checkpoint_or_exit, parse_dotlist
 
 
 @dataclass
@@ -17,29 +16,18 @@ class EvalArgs:
     device: str = "auto"            # auto | cpu | cuda
 
 
-def parse(argv: list[str]) -> EvalArgs:
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(EvalArgs), OmegaConf.from_dotlist(argv))
-    except OmegaConfBaseException as e:
-        sys.exit(f"eval.py: {e.msg} (key: {e.full_key})")
-    return OmegaConf.to_object(merged)
-
-
 def main(argv: list[str]) -> None:
     from pathlib import Path
 
     import torch
+    from omegaconf import OmegaConf
 
     from data.loader import RankLoader
     from data.shards import ShardError
-    from trainer.checkpoint import CheckpointError, load_for_inference
     from trainer.evaluate import evaluate, summarize
 
-    args = parse(argv)
-    try:
-        model, client = load_for_inference(args.run_dir)
-    except (FileNotFoundError, CheckpointError) as e:
-        sys.exit(f"eval.py: run_dir: {e}")
+    args = parse_dotlist(EvalArgs, argv, "eval.py")
+    model, client = load_checkpoint_or_exit(args.run_dir, "eval.py")
     data_dir = args.data_dir
     if not data_dir:
         config = Path(args.run_dir) / "config.yaml"

@@ -5,8 +5,7 @@ Decodes with a KV cache; past model.block_size tokens the context slides (see mo
 import sys
 from dataclasses import dataclass
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from launch.cli import load_checkpoint_or_exit, parse_dotlist
 
 
 @dataclass
@@ -21,26 +20,14 @@ class SampleArgs:
     num_samples: int = 1
 
 
-def parse(argv: list[str]) -> SampleArgs:
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(SampleArgs), OmegaConf.from_dotlist(argv))
-    except OmegaConfBaseException as e:
-        sys.exit(f"sample.py: {e.msg} (key: {e.full_key})")
-    return OmegaConf.to_object(merged)
-
-
 def main(argv: list[str]) -> None:
     import torch
 
     from data.tokenizer import CharTokenizer
     from model import generate
-    from trainer.checkpoint import CheckpointError, load_for_inference
 
-    args = parse(argv)
-    try:
-        model, client = load_for_inference(args.run_dir)
-    except (FileNotFoundError, CheckpointError) as e:
-        sys.exit(f"sample.py: run_dir: {e}")
+    args = parse_dotlist(SampleArgs, argv, "sample.py")
+    model, client = load_checkpoint_or_exit(args.run_dir, "sample.py")
     tok = CharTokenizer.from_vocab(client["vocab"], client["lowercase"])
     try:
         prompt_ids = list(tok.encode(tok.normalize(args.prompt))) or list(tok.encode("\n"))
