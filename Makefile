@@ -48,7 +48,8 @@ test-system-deps:
 
 bench: setup
 	$(PY) bench/engine_overhead.py
-	$(PY) bench/attention.py
+	for ctx in 64 256 1024; do $(PY) bench/attention.py --ctx $$ctx; done
+	$(PY) bench/zero_memory.py
 
 clean:
 	rm -rf outputs shards .pytest_cache

@@ -1,9 +1,10 @@
-"""Tokens/s of one model in a plain PyTorch loop vs the DeepSpeed ZeRO-0 engine, in one process.
+"""Tokens/s of one model in a plain PyTorch loop vs the DeepSpeed engine at ZeRO 0-3 and with the
+training options (activation checkpointing, torch.compile), in one process, as ratios.
 
-    python bench/engine_overhead.py [--steps 150] [--rounds 3] [model.d_model=...]
+    python bench/engine_overhead.py [--steps 100] [--rounds 3] [--no-compile] [model.d_model=...]
 
-Both loops run the same model, batches, AdamW and clipping; they alternate in rounds and the median
-of each is reported, so the ratio is measured under the same machine load.
+Every loop runs the same model, batches, AdamW and clipping; they alternate in rounds and the median
+of each is reported, so the ratios are measured under the same machine load.
 """
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ from trainer.distributed import init_distributed, shutdown
 from trainer.engine import build_engine, build_optimizer, set_lr
 
 
-def plain_loop(model, opt, batches, clip):
-    start = time.perf_counter()
-    for x, y in batches:
+def plain_step(model, opt, clip):
+    def step(x, y):
         _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -31,53 +31,70 @@ def plain_loop(model, opt, batches, clip):
             g["lr"] = 1e-3
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return step
 
 
-def engine_loop(engine, batches):
-    start = time.perf_counter()
-    for x, y in batches:
+def engine_step(engine):
+    def step(x, y):
         set_lr(engine, 1e-3)
         _, loss = engine(x, y)
         engine.backward(loss)
         engine.step()
+    return step
+
+
+def timed(step, batches) -> float:
+    start = time.perf_counter()
+    for x, y in batches:
+        step(x, y)
     return time.perf_counter() - start
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (slow to build)")
     parser.add_argument("overrides", nargs="*", help="dotted config keys, e.g. model.n_layer=6")
     args = parser.parse_args()
     set_environment()
     init_distributed()
     baby = OmegaConf.create({"model": {"vocab_size": 70}, "train": {"micro_batch": 12}})
-    cfg = to_config(OmegaConf.merge(baby, OmegaConf.from_dotlist(args.overrides)))
+    base = OmegaConf.merge(baby, OmegaConf.from_dotlist(args.overrides))
+    cfg = to_config(base)
     T, B = cfg.model.block_size, cfg.train.micro_batch
     g = torch.Generator().manual_seed(0)
     tokens = [torch.randint(0, 70, (B, T + 1), generator=g) for _ in range(args.steps)]
     batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
 
+    def engine_for(**train_and_zero):
+        variant = OmegaConf.merge(base, OmegaConf.create(train_and_zero))
+        torch.manual_seed(0)
+        c = to_config(variant)
+        return engine_step(build_engine(GPT(c.model), c, world_size=1))
+
     torch.manual_seed(0)
     plain = GPT(cfg.model)
-    opt = build_optimizer(plain, cfg)
-    torch.manual_seed(0)
-    engine = build_engine(GPT(cfg.model), cfg, world_size=1)
-    plain_loop(plain, opt, batches[:10], cfg.train.grad_clip)  # warm-up
-    engine_loop(engine, batches[:10])
-    times = {"plain PyTorch": [], "DeepSpeed ZeRO-0": []}
+    loops = {"plain PyTorch": plain_step(plain, build_optimizer(plain, cfg), cfg.train.grad_clip)}
+    for stage in range(4):
+        loops[f"DeepSpeed ZeRO-{stage}"] = engine_for(deepspeed={"stage": stage})
+    loops["ZeRO-0 + activation checkpointing"] = engine_for(train={"activation_checkpointing": True})
+    if not args.no_compile:
+        loops["ZeRO-0 + torch.compile"] = engine_for(train={"compile": True})
+    for step in loops.values():
+        timed(step, batches[:5])  # warm-up (and compilation)
+    times = {name: [] for name in loops}
     for _ in range(args.rounds):
-        times["plain PyTorch"].append(plain_loop(plain, opt, batches, cfg.train.grad_clip))
-        times["DeepSpeed ZeRO-0"].append(engine_loop(engine, batches))
+        for name, step in loops.items():
+            times[name].append(timed(step, batches))
     n_tokens = args.steps * B * T
-    base = n_tokens / statistics.median(times["plain PyTorch"])
+    base_rate = n_tokens / statistics.median(times["plain PyTorch"])
     print(f"\nmodel {plain.num_params() / 1e6:.2f}M params, batch {B}x{T}, {args.steps} steps x {args.rounds} "
-          f"rounds, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print(f"| loop | tokens/s (median) | vs plain |\n|---|---:|---:|")
+          f"rounds, torch {torch.__version__}, {torch.get_num_threads()} threads, one process\n")
+    print("| loop | tokens/s (median) | vs plain |\n|---|---:|---:|")
     for name, ts in times.items():
         rate = n_tokens / statistics.median(ts)
-        print(f"| {name} | {rate:,.0f} | {rate / base:.3f} |")
+        print(f"| {name} | {rate:,.0f} | {rate / base_rate:.3f} |")
     shutdown()
 
 

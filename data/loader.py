@@ -140,7 +140,7 @@ class RankLoader:
 
     def __init__(self, data_dir, split: str, block_size: int, micro_batch: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, num_workers: int = 1,
-                 num_batches: int | None = None, bucket_frames: int = 8):
+                 num_batches: int | None = None, bucket_frames: int = 8, pin_memory: bool = False):
         self.reader = ShardReader(data_dir, split)
         self.order = WindowOrder([f.tokens for f in self.reader.frames], block_size, seed, shuffle,
                                  bucket_frames)
@@ -153,6 +153,7 @@ class RankLoader:
             )
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.seed, self.num_workers, self.num_batches = seed, num_workers, num_batches
+        self.pin_memory = pin_memory  # page-locked batches, so copies to a GPU can overlap compute
         self.consumed = 0
         self._it = None
 
@@ -170,7 +171,7 @@ class RankLoader:
 
     def _dataloader(self) -> DataLoader:
         return DataLoader(self.dataset(), batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+                          persistent_workers=False, pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
                           worker_init_fn=_worker_signals if self.num_workers else None)
 
     def __iter__(self):

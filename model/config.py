@@ -15,7 +15,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     pos_emb: str = "learned"     # learned | rope
-    attn: str = "einsum"         # einsum (readable reference) | sdpa (torch scaled_dot_product_attention)
+    attn: str = "sdpa"           # sdpa (torch scaled_dot_product_attention, faster) | einsum (readable reference)
 
     @property
     def kv_heads(self) -> int:

@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .attention import Attention, KVCache
 from .config import GPTConfig
@@ -55,6 +56,9 @@ class GPT(nn.Module):
         self.ln_f = LayerNorm(cfg.d_model, cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # weight tying
+        # Recompute each block's activations in the backward pass instead of keeping them: less
+        # memory for a third more compute. A training choice, so not part of GPTConfig.
+        self.activation_checkpointing = False
         self.apply(self._init)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -101,7 +105,10 @@ class GPT(nn.Module):
             x = x + self.pos_emb(torch.arange(start, start + idx.shape[1], device=idx.device))
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, cache)
+            if self.activation_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache)
         if cache is not None:
             cache.length += idx.shape[1]
         logits = self.head(self.ln_f(x))

@@ -166,3 +166,14 @@ def test_two_nodes_on_one_machine_match_a_two_rank_single_node_run(zero0_run, tm
     assert sorted(two_nodes) == list(range(1, steps + 1))
     for step in two_nodes:
         assert two_nodes[step] == pytest.approx(single_node[step], rel=1e-5, abs=1e-5), step
+
+
+def test_compile_and_activation_checkpointing_train_like_the_plain_engine(tmp_path, shakespeare_dir):
+    common = ["train.max_steps=6", "train.eval_every=0", "train.ckpt_every=0", "train.sample_tokens=0"]
+    run_train(debug_overrides(shakespeare_dir, tmp_path / "plain", *common))
+    run_train(debug_overrides(shakespeare_dir, tmp_path / "fast", *common, "train.compile=true",
+                              "train.activation_checkpointing=true"))
+    plain, fast = losses(tmp_path / "plain"), losses(tmp_path / "fast")
+    assert plain.keys() == fast.keys() == set(range(1, 7))
+    for step in plain:
+        assert fast[step] == pytest.approx(plain[step], rel=1e-5), step

@@ -38,6 +38,9 @@ class TrainConfig:
     global_batch: int | None = None  # sequences per optimizer step, if you want it checked against
                                      # micro_batch x grad_accum x world size
     record_batches: bool = False  # audit trail: a hash of every training window, per rank, in run_dir
+    compile: bool = False      # torch.compile the model (DeepSpeed's engine.compile)
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory
+    fused_adamw: bool = True   # torch's fused AdamW kernel on CUDA (ignored elsewhere)
 
 
 @dataclass
@@ -45,7 +48,9 @@ class DeepSpeedConfig:
     stage: int = 0             # ZeRO stage 0..3
     overlap_comm: bool = False
     contiguous_gradients: bool = True
-    reduce_bucket_size: int = 50_000_000
+    reduce_bucket_size: int = 5_000_000   # elements per gradient bucket: a buffer this big is kept
+    stage3_prefetch_bucket_size: int = 5_000_000   # ZeRO-3: elements of parameters fetched ahead
+    stage3_param_persistence_threshold: int = 100_000  # ZeRO-3: tensors smaller than this stay whole
 
 
 @dataclass

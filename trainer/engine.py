@@ -13,6 +13,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     if z.stage > 0:
         zero.update(overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients,
                     reduce_bucket_size=z.reduce_bucket_size)
+    if z.stage == 3:
+        zero.update(stage3_prefetch_bucket_size=z.stage3_prefetch_bucket_size,
+                    stage3_param_persistence_threshold=z.stage3_param_persistence_threshold)
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
@@ -26,18 +29,32 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Torch AdamW (DeepSpeed then JIT-builds no optimizer op); weight decay on matrices only."""
+    """Torch AdamW (DeepSpeed then JIT-builds no optimizer op); weight decay on matrices only.
+
+    On CUDA, the fused kernel (train.fused_adamw); elsewhere torch's default implementation.
+    """
     t = cfg.train
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    on_cuda = all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                             fused=True if on_cuda and t.fused_adamw else None)
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, world_size: int):
+    """The DeepSpeed engine around the model, with the training-time options of train.*."""
+    from deepspeed.accelerator import get_accelerator
+
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    device = get_accelerator().current_device_name()
+    if device.startswith("cuda"):
+        model.to(device)  # the fused optimizer is built for parameters already on the GPU
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=build_optimizer(model, cfg), config=deepspeed_config(cfg, world_size)
     )
+    if cfg.train.compile:
+        engine.compile()  # compiles the wrapped module in place: checkpoints keep their parameter names
     return engine
 
 

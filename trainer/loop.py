@@ -93,8 +93,9 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     engine = build_engine(model, cfg, world)
     torch.manual_seed(t.seed * 1000 + rank)  # per-rank dropout streams
 
+    on_gpu = engine.device.type == "cuda"
     train_loader = RankLoader(cfg.data.dir, "train", cfg.model.block_size, t.micro_batch, rank, world,
-                              seed=t.seed, num_workers=cfg.data.workers)
+                              seed=t.seed, num_workers=cfg.data.workers, pin_memory=on_gpu)
     step = 0
     if where is not None:
         client = checkpoint.load(engine, where)
@@ -158,7 +159,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
                 if batch_log is not None:
                     batch_log.write(f"{step + 1} " + " ".join(window_hash(row) for row in torch.cat([x, y[:, -1:]], 1))
                                     + "\n")
-                _, loss = engine(x.to(engine.device), y.to(engine.device))
+                _, loss = engine(x.to(engine.device, non_blocking=True), y.to(engine.device, non_blocking=True))
                 engine.backward(loss)
                 if logging and micro == accum - 1 and own_grad_norm:
                     norm = grad_norm(engine)
