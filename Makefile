@@ -50,6 +50,8 @@ bench: setup
 	$(PY) bench/engine_overhead.py
 	for ctx in 64 256 1024; do $(PY) bench/attention.py --ctx $$ctx; done
 	$(PY) bench/zero_memory.py
+	test -f shards/shakespeare/manifest.json || $(PY) launch/prepare.py conf=baby
+	$(PY) bench/loader.py
 
 clean:
 	rm -rf outputs shards .pytest_cache

@@ -66,20 +66,34 @@ class WindowOrder:
             frame_ids, within = frame_ids[perm], within[perm]
         return frame_ids, within
 
-    def window(self, k: int) -> tuple[int, int]:
-        """(frame id, start token in frame) of global sample k."""
+    def windows(self, ks) -> tuple[np.ndarray, np.ndarray]:
+        """(frame ids, start tokens in frame) of global samples ks, vectorized per epoch and bucket."""
         if self.windows_per_epoch == 0:
             raise ValueError("no windows: every frame is shorter than 2 * block_size + 1 tokens")
-        epoch, i = divmod(k, self.windows_per_epoch)
-        _, cum, shift = self._epoch(epoch)
-        bucket = int(np.searchsorted(cum, i, side="right")) - 1
-        frame_ids, within = self._bucket(epoch, bucket)
-        slot = i - int(cum[bucket])
-        return int(frame_ids[slot]), shift + int(within[slot]) * (self.T + 1)
+        epochs, within_epoch = np.divmod(np.asarray(ks, dtype=np.int64), self.windows_per_epoch)
+        frames = np.empty(len(epochs), dtype=np.int64)
+        starts = np.empty(len(epochs), dtype=np.int64)
+        for epoch in np.unique(epochs):
+            in_epoch = np.flatnonzero(epochs == epoch)
+            _, cum, shift = self._epoch(int(epoch))
+            buckets = np.searchsorted(cum, within_epoch[in_epoch], side="right") - 1
+            for bucket in np.unique(buckets):
+                sel = in_epoch[buckets == bucket]
+                frame_ids, within = self._bucket(int(epoch), int(bucket))
+                slots = within_epoch[sel] - cum[bucket]
+                frames[sel] = frame_ids[slots]
+                starts[sel] = shift + within[slots] * (self.T + 1)
+        return frames, starts
+
+    def window(self, k: int) -> tuple[int, int]:
+        """(frame id, start token in frame) of global sample k."""
+        frames, starts = self.windows([k])
+        return int(frames[0]), int(starts[0])
 
 
 class RankWindows(IterableDataset):
-    """Yields whole micro-batches (x, y) of rank `rank`; DataLoader workers split batches round-robin."""
+    """Yields whole micro-batches of rank `rank`: (micro_batch, block_size + 1) uint8 token ids (the
+    model's caller widens them, on the device); DataLoader workers split batches round-robin."""
 
     def __init__(self, reader: ShardReader, order: WindowOrder, micro_batch: int, rank: int,
                  world_size: int, start: int, num_batches: int | None = None, cache_frames: int = 16):
@@ -99,8 +113,8 @@ class RankWindows(IterableDataset):
         batch = worker
         while self.num_batches is None or batch < self.num_batches:
             rows = []
-            for k in self.sample_indices(batch):
-                frame, offset = self.order.window(k)
+            frames, starts = self.order.windows(self.sample_indices(batch))
+            for frame, offset in zip(frames.tolist(), starts.tolist()):
                 tokens = cache.get(frame)
                 if tokens is None:
                     tokens = cache[frame] = self.reader.read_frame(frame)
@@ -109,8 +123,7 @@ class RankWindows(IterableDataset):
                 else:
                     cache.move_to_end(frame)
                 rows.append(tokens[offset:offset + T + 1])
-            block = torch.from_numpy(np.stack(rows).astype(np.int64))
-            yield block[:, :-1], block[:, 1:]
+            yield np.stack(rows)  # uint8; a small pickle is the cheapest thing to pass between processes
             batch += workers
 
 
@@ -126,6 +139,10 @@ def _exit_later(signum, frame) -> None:
     timer = threading.Timer(120, os._exit, args=(0,))
     timer.daemon = True
     timer.start()
+
+
+def _as_is(batch):
+    return batch
 
 
 def _unwrap_worker_error(error: ShardError) -> ShardError:
@@ -170,26 +187,31 @@ class RankLoader:
                            self.consumed, self.num_batches)
 
     def _dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset(), batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
+        return DataLoader(self.dataset(), batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
+                          persistent_workers=False, pin_memory=False, prefetch_factor=4 if self.num_workers else None,
                           worker_init_fn=_worker_signals if self.num_workers else None)
+
+    def _split(self, block: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        block = torch.from_numpy(block)
+        if self.pin_memory:
+            block = block.pin_memory()
+        self.consumed += self.micro_batch * self.world_size
+        return block[:, :-1], block[:, 1:]
 
     def __iter__(self):
         """The batches from the current position; the loader's position advances as they are taken."""
-        for x, y in self._dataloader():
-            self.consumed += self.micro_batch * self.world_size
-            yield x, y
+        for block in self._dataloader():
+            yield self._split(block)
 
     def next(self):
         """The next batch, from one long-lived iterator (workers keep prefetching between calls)."""
         if self._it is None:
             self._it = iter(self._dataloader())
         try:
-            x, y = next(self._it)
+            block = next(self._it)
         except ShardError as e:
             raise _unwrap_worker_error(e) from None
-        self.consumed += self.micro_batch * self.world_size
-        return x, y
+        return self._split(block)
 
     def close(self) -> None:
         """Stop the worker processes now rather than whenever the iterator is collected."""

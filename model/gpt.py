@@ -85,7 +85,7 @@ class GPT(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"GPT expects token ids of shape (batch, time), got shape {tuple(idx.shape)}")
         if idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"GPT expects integer token ids, got dtype {idx.dtype}")
+            raise ValueError(f"GPT expects int64 or int32 token ids, got dtype {idx.dtype}")
         if start + idx.shape[1] > self.cfg.block_size:
             raise ValueError(
                 f"sequence length {start + idx.shape[1]} exceeds model.block_size={self.cfg.block_size}"

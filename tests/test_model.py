@@ -32,7 +32,7 @@ def test_wrong_input_shapes_fail_with_a_clear_message():
         model(torch.zeros(16, dtype=torch.long))
     with pytest.raises(ValueError, match="exceeds model.block_size=16"):
         model(torch.zeros(1, 17, dtype=torch.long))
-    with pytest.raises(ValueError, match="integer token ids"):
+    with pytest.raises(ValueError, match="int64 or int32 token ids"):
         model(torch.zeros(1, 4))
     with pytest.raises(ValueError, match="targets shape"):
         model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))

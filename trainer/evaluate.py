@@ -35,7 +35,7 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable,
     """Summed batch_stats of forward(x) -> logits over the batches (this rank's share)."""
     stats = torch.zeros(4, dtype=torch.float64, device=device)
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device).long(), y.to(device).long()
         stats += batch_stats(forward(x), y)
     return stats
 

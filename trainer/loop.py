@@ -159,7 +159,9 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
                 if batch_log is not None:
                     batch_log.write(f"{step + 1} " + " ".join(window_hash(row) for row in torch.cat([x, y[:, -1:]], 1))
                                     + "\n")
-                _, loss = engine(x.to(engine.device, non_blocking=True), y.to(engine.device, non_blocking=True))
+                x = x.to(engine.device, non_blocking=True).long()  # uint8 ids widened on the device
+                y = y.to(engine.device, non_blocking=True).long()
+                _, loss = engine(x, y)
                 engine.backward(loss)
                 if logging and micro == accum - 1 and own_grad_norm:
                     norm = grad_norm(engine)
