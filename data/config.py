@@ -21,6 +21,8 @@ class DataConfig:
     def validate(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"data.source={self.source!r}: choose one of {', '.join(SOURCES)}")
+        if not self.path:
+            raise ValueError(f"data.path is required for data.source={self.source} (a file or a folder)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.frame_tokens < 256:

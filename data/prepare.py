@@ -27,8 +27,16 @@ def prepare(cfg: DataConfig, show_progress: bool = True) -> dict:
 
 
 def check_matches(cfg: DataConfig) -> dict:
-    """The manifest of cfg.dir, after checking it was written with the same tokenizer options."""
+    """The manifest of cfg.dir, after checking it was written from the same kind of source with the
+    same tokenizer options (so a forgotten data.dir never trains on the wrong text)."""
     manifest = load_manifest(cfg.dir)
+    prepared_from = manifest.get("source", {}).get("source")
+    if prepared_from and prepared_from != cfg.source:
+        raise ValueError(
+            f"{Path(cfg.dir) / MANIFEST}: prepared from data.source={prepared_from} "
+            f"(data.path={manifest['source'].get('path')}), but data.source={cfg.source}; "
+            "use another data.dir (e.g. data=text sets shards/text)"
+        )
     if manifest["tokenizer"]["lowercase"] != cfg.lowercase:
         raise ValueError(
             f"{Path(cfg.dir) / MANIFEST}: prepared with lowercase={manifest['tokenizer']['lowercase']}, "

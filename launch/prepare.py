@@ -2,6 +2,8 @@
 
 Takes the same overrides as train.py (e.g. conf=shakespeare); training prepares missing data itself.
 """
+import sys
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -12,12 +14,16 @@ from trainer.config import ConfigError, register_presets, to_config
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     from data.prepare import prepare
+    from data.shards import ShardError
 
     try:
         data = to_config(OmegaConf.to_container(cfg, resolve=True)).data
     except ConfigError as e:
         exit_on_config_error(e)
-    manifest = prepare(data)
+    try:
+        manifest = prepare(data)
+    except (ShardError, ValueError, OSError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
     for split, info in manifest["splits"].items():
         size = sum(s["bytes"] for s in info["shards"])
         print(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens, {len(info['shards'])} "

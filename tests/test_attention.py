@@ -72,11 +72,18 @@ def test_sdpa_matches_einsum_outputs_and_gradients(n_kv_head, pos_emb):
         torch.testing.assert_close(grads_fast[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("attn", ["einsum", "sdpa"])
-@pytest.mark.parametrize("n_kv_head, pos_emb", VARIANTS)
+EVERY_PATH = pytest.mark.parametrize("attn, n_kv_head, pos_emb", [(a, *v) for a in ("einsum", "sdpa")
+                                                                    for v in VARIANTS])
+
+
+def _eval_model(attn, n_kv_head, pos_emb, seed=0):
+    torch.manual_seed(seed)
+    return GPT(_cfg(attn=attn, n_kv_head=n_kv_head, pos_emb=pos_emb)).eval()
+
+
+@EVERY_PATH
 def test_cached_decoding_gives_the_logits_of_full_recomputation(attn, n_kv_head, pos_emb):
-    torch.manual_seed(0)
-    model = GPT(_cfg(attn=attn, n_kv_head=n_kv_head, pos_emb=pos_emb)).eval()
+    model = _eval_model(attn, n_kv_head, pos_emb)
     idx = torch.randint(0, 50, (2, 20))
     full = model(idx)
     cache = model.new_cache(2)
@@ -86,11 +93,9 @@ def test_cached_decoding_gives_the_logits_of_full_recomputation(attn, n_kv_head,
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attn", ["einsum", "sdpa"])
-@pytest.mark.parametrize("n_kv_head, pos_emb", VARIANTS)
+@EVERY_PATH
 def test_greedy_text_is_identical_with_and_without_the_cache(attn, n_kv_head, pos_emb):
-    torch.manual_seed(1)
-    model = GPT(_cfg(attn=attn, n_kv_head=n_kv_head, pos_emb=pos_emb)).eval()
+    model = _eval_model(attn, n_kv_head, pos_emb, seed=1)
     prompt = torch.randint(0, 50, (2, 4))
     cached = generate(model, prompt, 20, temperature=0, use_cache=True)  # fills all 24 positions
     plain = generate(model, prompt, 20, temperature=0, use_cache=False)

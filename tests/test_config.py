@@ -103,3 +103,10 @@ def test_batch_ramp_grows_linearly_then_stays_full():
     small = to_config({"train": {"grad_accum": 4, "max_steps": 5, "batch_ramp_tokens": 4000,
                                  "batch_start_tokens": 1000}}).train
     assert planned_tokens(small, micro) == 1000 + 2000 + 3000 + 4000 + 4000
+
+
+def test_text_source_needs_a_path():
+    proc = _train_py("conf=debug", "data=text")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "config error: data.path is required for data.source=text (a file or a folder)")

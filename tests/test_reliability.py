@@ -328,3 +328,12 @@ def test_a_zero2_checkpoint_at_another_world_size_is_refused_before_any_work(tmp
     other_stage = run_train(debug_overrides(shakespeare_dir, run_dir, "train.max_steps=4", "deepspeed=zero0"),
                             ranks=2, check=False)
     assert "saved with ZeRO-2, this run uses deepspeed=zero0" in other_stage.stderr
+
+
+def test_shards_prepared_from_another_source_are_refused(tmp_path, shakespeare_dir):
+    (tmp_path / "book.txt").write_text("call me ishmael.\n" * 500)
+    proc = run_train(debug_overrides(shakespeare_dir, tmp_path / "run", "data.source=text",
+                                     f"data.path={tmp_path / 'book.txt'}"), check=False)
+    assert proc.returncode == 1
+    assert "prepared from data.source=shakespeare" in proc.stderr and "but data.source=text" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
