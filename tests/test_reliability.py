@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import (ROOT, STEPS, debug_overrides, free_port, losses, read_metrics, run_train,
+from conftest import (ROOT, STEPS, debug_overrides, free_port, losses, run_train,
                       subprocess_env)
 from data.loader import WindowOrder
 from data.shards import ShardReader

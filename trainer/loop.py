@@ -42,20 +42,20 @@ def window_hash(window: torch.Tensor) -> str:
 def ensure_data(cfg: Config, rank: int) -> dict:
     """Rank 0 prepares missing shards and verifies every shard's checksum while the others wait;
     a problem becomes the same error on every rank, before the first step."""
-    error = None
+    error, manifest = None, None
     if rank == 0:
         try:
             if not is_prepared(cfg.data):
                 print(f"no shards in {cfg.data.dir}: preparing them from data.source={cfg.data.source}", flush=True)
                 prepare(cfg.data)
-            check_matches(cfg.data)
+            manifest = check_matches(cfg.data)
             if cfg.data.verify:
                 for split in ("train", "val"):
                     ShardReader(cfg.data.dir, split).verify()
         except Exception as e:  # reported on every rank below
             error = f"{type(e).__name__}: {e}"
     broadcast_error(error)
-    return check_matches(cfg.data)
+    return manifest if rank == 0 else check_matches(cfg.data)
 
 
 def train(cfg: Config) -> dict:
@@ -115,10 +115,13 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     writer = MetricsWriter(run_dir, enabled=rank == 0, resume_step=step)
     batch_log = open(run_dir / f"batches_rank{rank}.txt", "a", buffering=1) if t.record_batches else None
 
+    # the same eval_steps batches at every evaluation: built once, rewound each time
+    val_loader = RankLoader(cfg.data.dir, "val", cfg.model.block_size, t.micro_batch, rank, world,
+                            seed=t.seed, num_workers=0, num_batches=t.eval_steps)
+
     def run_eval(at_step: int) -> dict:
-        val = RankLoader(cfg.data.dir, "val", cfg.model.block_size, t.micro_batch, rank, world,
-                         seed=t.seed, num_workers=0, num_batches=t.eval_steps)
-        result = evaluate_engine(engine, val)
+        val_loader.load_state_dict({"seed": t.seed, "consumed": 0})
+        result = evaluate_engine(engine, val_loader)
         text = sample_text(engine, tokenizer, "\n", 200, t.seed, cfg.deepspeed.stage)
         writer.log(at_step, result, TB_TAGS)
         writer.text("samples", text or "", at_step)
