@@ -50,12 +50,14 @@ def subprocess_env() -> dict:
 
 def run_train(overrides: list[str], ranks: int = 1, timeout: int = 300, check: bool = True):
     """Run launch/train.py for real: one plain process, or `deepspeed --num_gpus N` ranks."""
+    port = free_port()
     if ranks == 1:
         cmd = [sys.executable, "launch/train.py", *overrides]
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(free_port()), "launch/train.py", *overrides]
+               "--master_port", str(port), "launch/train.py", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    proc.master_port = port
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,8 @@ def test_two_rank_run_learns_logs_and_checkpoints(zero0_run):
     assert (run_dir / "checkpoints" / f"step{STEPS:08d}" / "mp_rank_00_model_states.pt").is_file()
     assert (run_dir / "config.yaml").is_file()
     assert f"--- sample at step {STEPS} ---" in proc.stdout
+    # DeepSpeed's CPU all-reduce buffers (/dev/shm, ~69 MB a rank) are not left behind
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{proc.master_port}_*"))
 
 
 def test_tensorboard_event_files_hold_the_scalars(zero0_run):

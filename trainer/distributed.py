@@ -20,7 +20,24 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     deepspeed.init_distributed()
+    _unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove this rank's name for DeepSpeed's CPU all-reduce buffer once every rank has opened it.
+
+    DeepSpeed 0.19's shm op (CPU ranks on one node) creates /dev/shm/deepspeed_allreduce_buffer_*,
+    ~69 MB per rank, and never unlinks it: every run would leave its buffers behind until /dev/shm
+    fills up. After the barrier, every rank has mapped every peer's buffer, so the names can go; the
+    memory stays valid while the ranks live and is freed when they exit, even by kill -9.
+    """
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    if dist.get_world_size() > 1:
+        dist.barrier()  # on every rank alike, whether or not the op made a buffer (multi-node: none)
+        if os.path.exists(name):
+            os.unlink(name)
 
 
 class RunError(RuntimeError):
