@@ -13,6 +13,7 @@ import statistics
 import time
 
 import torch
+from deepspeed.accelerator import get_accelerator
 from omegaconf import OmegaConf
 
 from launch.cli import set_environment
@@ -47,6 +48,8 @@ def timed(step, batches) -> float:
     start = time.perf_counter()
     for x, y in batches:
         step(x, y)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU work is queued: count it all
     return time.perf_counter() - start
 
 
@@ -65,7 +68,8 @@ def main():
     T, B = cfg.model.block_size, cfg.train.micro_batch
     g = torch.Generator().manual_seed(0)
     tokens = [torch.randint(0, 70, (B, T + 1), generator=g) for _ in range(args.steps)]
-    batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+    device = get_accelerator().current_device_name()
+    batches = [(t[:, :-1].to(device), t[:, 1:].to(device)) for t in tokens]
 
     def engine_for(**train_and_zero):
         variant = OmegaConf.merge(base, OmegaConf.create(train_and_zero))
@@ -74,7 +78,7 @@ def main():
         return engine_step(build_engine(GPT(c.model), c, world_size=1))
 
     torch.manual_seed(0)
-    plain = GPT(cfg.model)
+    plain = GPT(cfg.model).to(device)
     loops = {"plain PyTorch": plain_step(plain, build_optimizer(plain, cfg), cfg.train.grad_clip)}
     for stage in range(4):
         loops[f"DeepSpeed ZeRO-{stage}"] = engine_for(deepspeed={"stage": stage})
@@ -90,7 +94,7 @@ def main():
     n_tokens = args.steps * B * T
     base_rate = n_tokens / statistics.median(times["plain PyTorch"])
     print(f"\nmodel {plain.num_params() / 1e6:.2f}M params, batch {B}x{T}, {args.steps} steps x {args.rounds} "
-          f"rounds, torch {torch.__version__}, {torch.get_num_threads()} threads, one process\n")
+          f"rounds, torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, one process\n")
     print("| loop | tokens/s (median) | vs plain |\n|---|---:|---:|")
     for name, ts in times.items():
         rate = n_tokens / statistics.median(ts)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU check, one short script for a lent GPU machine (CUDA, PyTorch present, no network):
+# the CUDA tests, then tokens/s and MFU of real training runs, then the engine overhead on the GPU.
+#   bash bench/gpu.sh [OUT_DIR]      (wheels of the other dependencies may wait in .whl/)
+# Each part has its own time limit and log, so one failure still leaves the others' numbers.
+set -u
+out=${1:-${OUT:-/tmp/gpu_check}}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export TORCH_EXTENSIONS_DIR=$PWD/.cache/torch_extensions
+
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$out/gpu.txt"
+
+part() {  # part NAME SECONDS CMD...: run with a limit, log to $out/NAME.log, keep going on failure
+    local name=$1 limit=$2; shift 2
+    echo "== $name"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "== $name: exit $? in $((SECONDS - t0)) s"
+    tail -n 25 "$out/$name.log"
+}
+
+part cuda_tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+part mfu 300 python3 bench/mfu.py --steps 100 --json "$out/mfu.json" \
+    --row "shakespeare bf16: conf=shakespeare precision=bf16" \
+    --row "shakespeare bf16 compiled: conf=shakespeare precision=bf16 train.compile=true" \
+    --row "gpt3_small char bf16: conf=shakespeare model=gpt3_small precision=bf16 train.micro_batch=32" \
+    --row "gpt3_small char bf16 compiled: conf=shakespeare model=gpt3_small precision=bf16 train.micro_batch=32 train.compile=true"
+part engine_overhead 120 python3 bench/engine_overhead.py --steps 50 --rounds 3 --no-compile \
+    model.n_layer=6 model.n_head=6 model.d_model=384 model.block_size=256 train.micro_batch=64
