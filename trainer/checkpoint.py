@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -16,6 +17,7 @@ from model import GPT, GPTConfig
 
 # Rank 0's model-states file (it carries the client state): ZeRO-3 names it per partition.
 META = "meta.json"  # step, vocab, model config, world size, ZeRO stage: readable without loading weights
+UNIVERSAL = "universal"  # inside a checkpoint: its conversion for resuming at another world size
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
@@ -123,20 +125,13 @@ def read_meta(where: tuple[Path, str]) -> dict:
     return json.loads(path.read_text())
 
 
-def check_compatible(where: tuple[Path, str], vocab: str, model_cfg: GPTConfig, zero_stage: int,
-                     world_size: int) -> dict:
-    """The checkpoint's meta.json, after checking it fits this run's data, model, ZeRO stage and world
-    size (before any weights load)."""
+def check_compatible(where: tuple[Path, str], vocab: str, model_cfg: GPTConfig, zero_stage: int) -> dict:
+    """The checkpoint's meta.json, after checking it fits this run's data, model and ZeRO stage
+    (before any weights load). Another world size is fine: see needs_universal."""
     meta = read_meta(where)
     if meta["zero_stage"] != zero_stage:
         raise CheckpointError(f"{where[0] / where[1]}: saved with ZeRO-{meta['zero_stage']}, this run uses "
                               f"deepspeed=zero{zero_stage}; resume with deepspeed=zero{meta['zero_stage']}")
-    if zero_stage > 0 and meta["world_size"] != world_size:
-        raise CheckpointError(
-            f"{where[0] / where[1]}: ZeRO-{zero_stage} optimizer state saved by {meta['world_size']} ranks cannot "
-            f"be loaded by {world_size} (DeepSpeed universal checkpoints are not wired in yet); resume with "
-            f"{meta['world_size']} ranks. ZeRO-0 checkpoints resume at any world size."
-        )
     if meta["vocab"] != vocab:
         raise CheckpointError(f"{where[0] / where[1]}: the checkpoint's vocabulary ({len(meta['vocab'])} chars) "
                               f"differs from the data's manifest.json ({len(vocab)} chars)")
@@ -146,6 +141,35 @@ def check_compatible(where: tuple[Path, str], vocab: str, model_cfg: GPTConfig, 
     if differ:
         raise CheckpointError(f"{where[0] / where[1]}: the model differs: {'; '.join(differ)}")
     return meta
+
+
+def needs_universal(meta: dict, world_size: int) -> bool:
+    """ZeRO-1/2/3 optimizer state is partitioned by rank: at another world size it is loaded from a
+    universal (per-parameter) conversion instead. ZeRO-0 state is whole on every rank."""
+    return meta["zero_stage"] > 0 and meta["world_size"] != world_size
+
+
+def to_universal(where: tuple[Path, str]) -> tuple[Path, str]:
+    """Collective. Rank 0 converts the checkpoint with DeepSpeed's ds_to_universal into the `universal`
+    folder inside it (once: later resumes reuse it) while the others wait; returns where to load from."""
+    tag_dir = where[0] / where[1]
+    out, error = tag_dir / UNIVERSAL, None
+    if dist.get_rank() == 0 and not out.is_dir():
+        tmp = tag_dir / (UNIVERSAL + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        print(f"{tag_dir}: saved by other ranks; converting to a universal checkpoint in {out}", flush=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(tmp, out)  # complete or absent, never half-written
+        else:
+            error = f"{tag_dir}: conversion to a universal checkpoint failed: {done.stderr.strip()[-800:]}"
+    from .distributed import broadcast_error
+
+    broadcast_error(error)
+    return tag_dir, UNIVERSAL
 
 
 def load(engine, where: tuple[Path, str]) -> dict:

@@ -7,7 +7,8 @@ import torch
 from .config import Config
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
+    """load_universal: the checkpoint to resume from is a universal (world-size-free) conversion."""
     t, z = cfg.train, cfg.deepspeed
     zero = {"stage": z.stage}
     if z.stage > 0:
@@ -25,6 +26,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "bf16": {"enabled": cfg.precision == "bf16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -42,7 +44,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
                              fused=True if on_cuda and t.fused_adamw else None)
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, world_size: int):
+def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False):
     """The DeepSpeed engine around the model, with the training-time options of train.*."""
     from deepspeed.accelerator import get_accelerator
 
@@ -52,7 +54,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int):
         model.to(device)  # the fused optimizer is built for parameters already on the GPU
         torch.set_float32_matmul_precision("high")  # fp32 runs use TF32 tensor cores (bf16 runs are unaffected)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(model, cfg), config=deepspeed_config(cfg, world_size)
+        model=model, optimizer=build_optimizer(model, cfg), config=deepspeed_config(cfg, world_size, load_universal)
     )
     if cfg.train.compile:
         engine.compile()  # compiles the wrapped module in place: checkpoints keep their parameter names

@@ -82,15 +82,19 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     cfg.model.vocab_size = tokenizer.vocab_size
 
     where = checkpoint.resolve(cfg.resume, cfg.run_dir)
+    universal = False
     if where is not None:  # refuse a checkpoint of another vocabulary or model before building anything
         try:
-            checkpoint.check_compatible(where, tokenizer.vocab, cfg.model, cfg.deepspeed.stage, world)
+            meta = checkpoint.check_compatible(where, tokenizer.vocab, cfg.model, cfg.deepspeed.stage)
         except checkpoint.CheckpointError as e:  # every rank reads the same file: the same error everywhere
             raise RunError(str(e)) from None
+        universal = checkpoint.needs_universal(meta, world)
+        if universal:
+            where = checkpoint.to_universal(where)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = GPT(cfg.model)
-    engine = build_engine(model, cfg, world)
+    engine = build_engine(model, cfg, world, load_universal=universal)
     torch.manual_seed(t.seed * 1000 + rank)  # per-rank dropout streams
 
     on_gpu = engine.device.type == "cuda"
