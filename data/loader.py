@@ -32,8 +32,7 @@ class WindowOrder:
         self.seed = seed
         self.shuffle = shuffle
         self.bucket_frames = bucket_frames
-        self.per_frame = np.array([max(0, (n - block_size) // (block_size + 1)) for n in frame_tokens],
-                                  dtype=np.int64)
+        self.per_frame = np.maximum(0, (np.asarray(frame_tokens, dtype=np.int64) - block_size) // (block_size + 1))
         self.windows_per_epoch = int(self.per_frame.sum())
         self._epoch_cache: OrderedDict[int, tuple] = OrderedDict()
         self._bucket = lru_cache(maxsize=4)(self._bucket_permutation)
@@ -159,8 +158,7 @@ class RankLoader:
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, num_workers: int = 1,
                  num_batches: int | None = None, bucket_frames: int = 8, pin_memory: bool = False):
         self.reader = ShardReader(data_dir, split)
-        self.order = WindowOrder([f.tokens for f in self.reader.frames], block_size, seed, shuffle,
-                                 bucket_frames)
+        self.order = WindowOrder(self.reader.frames.tokens, block_size, seed, shuffle, bucket_frames)
         if self.order.windows_per_epoch < micro_batch * world_size:
             raise ShardError(
                 f"{data_dir}: split {split!r} has {self.reader.num_tokens} tokens, giving "

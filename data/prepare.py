@@ -1,29 +1,65 @@
-"""Source text -> shards, with a progress bar; the one function both prepare.py and train call."""
+"""Source text -> shards: streamed, tokenized by a pool of processes, resumable, with a progress bar.
+
+The main process reads documents in order and hands chunks of them to `data.workers` processes
+(0: it does everything itself), which normalize, tokenize and split them; it then writes their
+tokens, in the source's order, to zstd frames. Output is the same for any number of workers.
+Whenever a shard completes (and every `SAVE_EVERY_S` seconds) the position and the writers' state
+go to prepare_state.json, so an interrupted prepare continues from there: finished shards are
+checked by sha256 and kept.
+"""
 from __future__ import annotations
 
+import json
+import multiprocessing
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from .config import DataConfig
-from .shards import MANIFEST, load_manifest, write_shards
-from .sources import iter_documents
+from .config import AUTO_PREPARED, DataConfig
+from .shards import FORMAT_VERSION, MANIFEST, ShardError, Splitter, SplitWriter, load_manifest, write_manifest
+from .sources import Document, open_source
 from .tokenizer import CharTokenizer
+
+STATE = "prepare_state.json"
+SAVE_EVERY_S = 30.0
+CHUNK_CHARS = 1 << 22  # text per task handed to a worker (~4 MB)
 
 
 def is_prepared(cfg: DataConfig) -> bool:
     return (Path(cfg.dir) / MANIFEST).is_file()
 
 
+def prepare_command(cfg: DataConfig, preset: str) -> str:
+    """The command that prepares cfg's shards (for error messages)."""
+    args = [f"conf={preset}"] if preset else []
+    args += [f"data.source={cfg.source}", f"data.path={cfg.path}", f"data.dir={cfg.dir}"]
+    if cfg.max_documents is not None:
+        args.append(f"data.max_documents={cfg.max_documents}")
+    return "python launch/prepare.py " + " ".join(args)
+
+
+def missing_shards_error(cfg: DataConfig, preset: str) -> str | None:
+    """For sources too large for train to prepare on the fly: what to run, when shards are absent."""
+    if cfg.source in AUTO_PREPARED or is_prepared(cfg):
+        return None
+    partly = " (an earlier prepare was interrupted: running it again resumes it)" \
+        if (Path(cfg.dir) / STATE).is_file() else ""
+    return (f"no prepared shards in data.dir={cfg.dir}{partly}; data.source={cfg.source} is prepared "
+            f"beforehand, with:\n  {prepare_command(cfg, preset)}")
+
+
 def prepare(cfg: DataConfig, show_progress: bool = True) -> dict:
-    tok = CharTokenizer(lowercase=cfg.lowercase)
-    docs = iter_documents(cfg.source, cfg.path)
-    with tqdm(desc=f"prepare {cfg.source}", unit="B", unit_scale=True, disable=not show_progress) as bar:
-        manifest = write_shards(
-            docs, cfg.dir, tok, val_fraction=cfg.val_fraction, frame_tokens=cfg.frame_tokens,
-            source={"source": cfg.source, "path": str(cfg.path)}, progress=bar.update,
-        )
-    return manifest
+    tokenizer = CharTokenizer(lowercase=cfg.lowercase)
+    source = open_source(cfg.source, cfg.path, cfg.subset, cfg.max_documents)
+    return write_corpus(source, cfg.dir, tokenizer, val_fraction=cfg.val_fraction, frame_tokens=cfg.frame_tokens,
+                        shard_tokens=cfg.shard_tokens, workers=cfg.workers, show_progress=show_progress,
+                        source_info={"source": cfg.source, "path": str(cfg.path), "subset": cfg.subset,
+                                     "max_documents": cfg.max_documents})
 
 
 def check_matches(cfg: DataConfig) -> dict:
@@ -43,3 +79,175 @@ def check_matches(cfg: DataConfig) -> dict:
             f"but data.lowercase={cfg.lowercase}; use another data.dir or re-prepare"
         )
     return manifest
+
+
+# --- the pipeline -----------------------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    """One chunk of documents, normalized and tokenized, per split."""
+    documents: int
+    chars: int
+    train: bytes
+    val: bytes
+    train_documents: int
+    val_documents: int
+    val_names: list[str]
+    has_text: bool  # anything but whitespace
+
+
+def encode_chunk(docs: list[Document], tokenizer: CharTokenizer, splitter: Splitter) -> Encoded:
+    train, val, n_train, val_names = [], [], 0, []
+    for doc in docs:
+        text = tokenizer.normalize(doc.text).strip("\n") + "\n\n"
+        train_part, val_part = splitter.split(doc.name, text)
+        if train_part:
+            train.append(train_part)
+            n_train += 1
+        if val_part:
+            val.append(val_part)
+            val_names.append(doc.name)
+    return Encoded(len(docs), sum(len(d.text) for d in docs), tokenizer.encode("".join(train)),
+                   tokenizer.encode("".join(val)), n_train, len(val_names), val_names,
+                   any(d.text.strip() for d in docs))
+
+
+def _chunks(docs: Iterable[Document], chunk_chars: int) -> Iterator[list[Document]]:
+    chunk, size = [], 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc.text)
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _encode_in_order(chunks: Iterator[list[Document]], tokenizer, splitter, workers: int) -> Iterator[Encoded]:
+    """encode_chunk over the chunks, in their order: in this process (workers=0) or in a pool, with
+    at most 2 tasks per worker in flight so the reader never runs ahead of the writer (bounded memory)."""
+    if workers <= 0:
+        for chunk in chunks:
+            yield encode_chunk(chunk, tokenizer, splitter)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        in_flight = deque()
+        for chunk in chunks:
+            in_flight.append(pool.apply_async(encode_chunk, (chunk, tokenizer, splitter)))
+            if len(in_flight) >= 2 * workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
+
+
+def _clear(out_dir: Path) -> None:
+    for path in [*out_dir.glob("train_*.zst*"), *out_dir.glob("val_*.zst*"), out_dir / STATE]:
+        path.unlink(missing_ok=True)
+
+
+def _save_state(out_dir: Path, settings: dict, position: int, writers: dict, val_names: list[str]) -> None:
+    state = {"settings": settings, "position": position, "val_names": val_names,
+             "splits": {s: w.state() for s, w in writers.items()}}
+    tmp = out_dir / (STATE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, out_dir / STATE)
+
+
+def _resume(out_dir: Path, settings: dict, new_writers, log) -> tuple[int, list[str], dict]:
+    """(source position, val names so far, writers) from an interrupted run with the same settings;
+    else the start, with the folder's old shards removed."""
+    path = out_dir / STATE
+    if path.is_file():
+        writers = new_writers()
+        try:
+            state = json.loads(path.read_text())
+            if state["settings"] != settings:
+                raise ShardError("the interrupted prepare had other settings")
+            for split, writer in writers.items():
+                writer.restore(state["splits"][split])
+            log(f"{out_dir}: resuming an interrupted prepare at document {state['position']:,} "
+                f"({sum(len(w.shards) for w in writers.values())} shard(s) kept)")
+            return state["position"], state["val_names"], writers
+        except (ShardError, ValueError, KeyError, OSError) as e:
+            log(f"{out_dir}: cannot resume the interrupted prepare ({e}); starting over")
+    _clear(out_dir)
+    return 0, [], new_writers()
+
+
+def write_corpus(source, out_dir: str | Path, tokenizer: CharTokenizer, val_fraction: float = 0.1,
+                 frame_tokens: int = 1 << 16, shard_tokens: int = 1 << 28, level: int = 3, workers: int = 0,
+                 show_progress: bool = False, source_info: dict | None = None,
+                 chunk_chars: int | None = None) -> dict:
+    """Every document of `source` (see data/sources.py) into train/val shards in out_dir, and the
+    manifest last. Resumes an interrupted call with the same settings."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # a dir without a manifest is "not prepared"
+    shard_frames = shard_tokens // frame_tokens
+    settings = {"format": FORMAT_VERSION, "source": source_info or {}, "lowercase": tokenizer.lowercase,
+                "val_fraction": val_fraction, "frame_tokens": frame_tokens, "shard_tokens": shard_tokens,
+                "level": level}
+    splitter = Splitter(val_fraction, source.names)
+    bar = tqdm(total=source.count, unit=" docs", desc=f"prepare {out_dir.name}", disable=not show_progress,
+               dynamic_ncols=True, smoothing=0.05)
+    def new_writers():
+        return {s: SplitWriter(out_dir, s, frame_tokens, shard_frames, level) for s in ("train", "val")}
+
+    position, val_names, writers = _resume(out_dir, settings, new_writers, bar.write)
+    has_text = position > 0
+    bar.update(position)
+    chars, start, saved = 0, time.perf_counter(), time.perf_counter()
+    try:
+        chunks = _chunks(source.documents(position), chunk_chars or CHUNK_CHARS)
+        for enc in _encode_in_order(chunks, tokenizer, splitter, workers):
+            writers["train"].add(enc.train, enc.train_documents)
+            writers["val"].add(enc.val, enc.val_documents)
+            val_names += enc.val_names
+            has_text = has_text or enc.has_text
+            position += enc.documents
+            chars += enc.chars
+            bar.update(enc.documents)
+            bar.set_postfix_str(f"{chars / 1e6 / (time.perf_counter() - start):.1f} MB/s of text", refresh=False)
+            if any(w.closed_shards for w in writers.values()) or time.perf_counter() - saved > SAVE_EVERY_S:
+                _save_state(out_dir, settings, position, writers, val_names)
+                saved = time.perf_counter()
+    finally:
+        bar.close()
+    if not has_text:
+        _clear(out_dir)
+        raise ShardError(f"empty corpus: the source gave no text to write into {out_dir}")
+    splits = {s: w.finish() for s, w in writers.items()}
+    manifest = {
+        "format": FORMAT_VERSION,
+        "tokenizer": {"kind": "char", "lowercase": tokenizer.lowercase},
+        "vocab": tokenizer.vocab,
+        "frame_tokens": frame_tokens,
+        "shard_tokens": shard_tokens,
+        "source": source_info or {},
+        "val_documents": sorted(val_names),
+        "splits": splits,
+    }
+    write_manifest(out_dir, manifest)
+    (out_dir / STATE).unlink(missing_ok=True)
+    return manifest
+
+
+class ListSource:
+    """Documents already in memory (tests, small corpora) as a source."""
+
+    def __init__(self, docs: Iterable[Document]):
+        self.docs = list(docs)
+        self.names = [d.name for d in self.docs]
+        self.count = len(self.docs)
+
+    def documents(self, skip: int = 0) -> Iterator[Document]:
+        return iter(self.docs[skip:])
+
+
+def write_shards(docs: Iterable[Document], out_dir, tokenizer: CharTokenizer, val_fraction: float = 0.1,
+                 frame_tokens: int = 1 << 16, shard_frames: int = 4096, **kw) -> dict:
+    """write_corpus for a list of documents, with the shard size counted in frames."""
+    return write_corpus(ListSource(docs), out_dir, tokenizer, val_fraction, frame_tokens,
+                        shard_frames * frame_tokens, **kw)
+

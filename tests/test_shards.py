@@ -4,7 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from data.shards import ShardError, ShardReader, load_manifest, write_shards
+from data.prepare import write_shards
+from data.shards import ShardError, ShardReader, load_manifest
 from data.sources import Document
 from data.tokenizer import CharTokenizer
 

@@ -32,3 +32,20 @@ def test_unknown_characters_raise_by_default_and_are_dropped_with_skip():
 def test_vocab_mismatch_is_an_error():
     with pytest.raises(ValueError, match="does not match"):
         CharTokenizer.from_vocab(CharTokenizer(lowercase=False).vocab, lowercase=True)
+
+
+def test_fast_normalize_equals_transliterating_the_whole_text_at_once():
+    """normalize transliterates only the non-ASCII runs: the same as anyascii on everything."""
+    import random
+
+    from anyascii import anyascii
+
+    rng = random.Random(0)
+    alphabet = "abcXYZ \n\t\r.,'\"-" + "éßÆø“”—…中文字한국어Ωπ∑😀\u0301\u00a0\x07"
+    for lowercase in (True, False):
+        tok = CharTokenizer(lowercase=lowercase)
+        for _ in range(300):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+            ref = anyascii(text).replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
+            ref = ref.lower() if lowercase else ref
+            assert tok.normalize(text) == "".join(c for c in ref if c in tok.vocab), repr(text)

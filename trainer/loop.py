@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from data.loader import RankLoader
-from data.prepare import check_matches, is_prepared, prepare
+from data.prepare import check_matches, is_prepared, missing_shards_error, prepare
 from data.shards import ShardReader
 from data.tokenizer import CharTokenizer
 from model import GPT
@@ -46,6 +46,9 @@ def ensure_data(cfg: Config, rank: int) -> dict:
     if rank == 0:
         try:
             if not is_prepared(cfg.data):
+                missing = missing_shards_error(cfg.data, cfg.preset)
+                if missing:
+                    raise RunError(missing)
                 print(f"no shards in {cfg.data.dir}: preparing them from data.source={cfg.data.source}", flush=True)
                 prepare(cfg.data)
             manifest = check_matches(cfg.data)

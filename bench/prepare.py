@@ -1,0 +1,92 @@
+"""Prepare throughput on a generated Wikipedia-shaped corpus, and where the time goes.
+
+    python bench/prepare.py [--mb 200] [--workers 1 2] [--corpus .cache/bench_wikipedia]
+
+Writes (once, then reuses) parquet files of made-up articles with the wikimedia/wikipedia schema,
+then times in one run: each stage alone (parquet -> Python strings, normalize + tokenize, zstd
+frames) and the whole `prepare` with 0 (in-process), 1 and 2 tokenizer processes. Prints MB/s of
+source text and the shards' compression ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import zstandard
+
+from data.config import DataConfig
+from data.prepare import prepare
+from data.synthetic import write_wikipedia_parquet
+from data.tokenizer import CharTokenizer
+from data.wikipedia import WikipediaSource, parquet_files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def corpus(folder: Path, mb: int) -> Path:
+    files = parquet_files(folder) if folder.is_dir() else []
+    marker = folder / f"{mb}MB.done"
+    if not marker.is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"generating ~{mb} MB of articles in {folder} ...", flush=True)
+        articles = mb * 1_000_000 // 2_600  # ~2.6 kB of text an article at mean_words=400
+        write_wikipedia_parquet(folder, articles, files=max(2, mb // 50), mean_words=400, row_group_rows=1000)
+        marker.write_text("")
+        files = parquet_files(folder)
+    return folder if files else corpus(folder, mb)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=200, help="size of the generated corpus (MB of text)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--corpus", default=str(ROOT / ".cache" / "bench_wikipedia"))
+    args = parser.parse_args()
+    folder = corpus(Path(args.corpus), args.mb)
+    source = WikipediaSource(folder, "unused")
+    rows = []
+
+    start = time.perf_counter()
+    texts = [d.text for d in source.documents()]
+    read_s = time.perf_counter() - start
+    text_mb = sum(map(len, texts)) / 1e6
+    rows.append(("read parquet -> str (main process)", read_s))
+    tok = CharTokenizer()
+    start = time.perf_counter()
+    ids = [tok.encode(tok.normalize(t)) for t in texts]
+    rows.append(("normalize + tokenize (one process)", time.perf_counter() - start))
+    del texts
+    blob = b"".join(ids)
+    del ids
+    cctx = zstandard.ZstdCompressor(level=3)
+    start = time.perf_counter()
+    compressed = sum(len(cctx.compress(blob[i:i + 65536])) for i in range(0, len(blob), 65536))
+    rows.append(("zstd level 3, 64 KiB frames", time.perf_counter() - start))
+    del blob
+
+    for workers in args.workers:
+        with tempfile.TemporaryDirectory() as out:
+            cfg = DataConfig(source="wikipedia", path=str(folder), dir=out, val_fraction=0.0005, workers=workers)
+            start = time.perf_counter()
+            manifest = prepare(cfg, show_progress=False)
+            label = "in-process" if workers == 0 else f"{workers} tokenizer process" + "es" * (workers > 1)
+            rows.append((f"prepare, data.workers={workers} ({label})", time.perf_counter() - start))
+    tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
+    size = sum(s["bytes"] for info in manifest["splits"].values() for s in info["shards"])
+
+    import os
+
+    print(f"\n{source.count:,} articles, {text_mb:.0f} MB of text in {len(source.files)} parquet files, "
+          f"{os.cpu_count()} CPUs\n")
+    print("| stage | seconds | MB/s of text |\n|---|---:|---:|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.1f} | {text_mb / seconds:.1f} |")
+    print(f"\nshards: {tokens:,} tokens in {size / 1e6:.1f} MB: compression {tokens / size:.2f}x "
+          f"(frames alone: {tokens / compressed:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
