@@ -52,6 +52,10 @@ bench: setup
 	$(PY) bench/zero_memory.py
 	test -f shards/shakespeare/manifest.json || $(PY) launch/prepare.py conf=baby
 	$(PY) bench/loader.py
+	$(PY) bench/prepare.py --mb 200
+	$(PY) bench/loader.py --data-dir shards/bench_wikipedia
+	$(PY) bench/rank_memory.py --data-dir shards/shakespeare --data-dir shards/bench_wikipedia
+	$(PY) bench/mfu.py
 
 clean:
 	rm -rf outputs shards .pytest_cache

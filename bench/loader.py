@@ -29,15 +29,15 @@ def raw_zstd(reader: ShardReader) -> tuple[float, int]:
 
 
 def loader_rate(data_dir, block_size: int, micro: int, workers: int, batches: int) -> float:
-    """Tokens/s the loader delivers (windows x block_size), after its workers have started."""
+    """Tokens/s the loader delivers to the training loop (windows x block_size, through next() and
+    its prefetch thread), after its workers have started."""
     loader = RankLoader(data_dir, "train", block_size, micro, num_workers=workers)
-    it = iter(loader)
-    next(it)
+    loader.next()
     start = time.perf_counter()
     for _ in range(batches):
-        next(it)
+        loader.next()
     elapsed = time.perf_counter() - start
-    del it
+    loader.close()
     return batches * micro * block_size / elapsed
 
 
@@ -64,17 +64,17 @@ def main():
     cfg = GPTConfig(vocab_size=len(reader.manifest["vocab"]), n_layer=2, n_head=2, d_model=32, block_size=32)
     model = GPT(cfg)
     loader = RankLoader(args.data_dir, "train", cfg.block_size, 8, num_workers=1)
-    it = iter(loader)
-    next(it)
+    loader.next()
     fetch = compute = 0.0
     for _ in range(200):
         t0 = time.perf_counter()
-        x, y = next(it)
+        x, y = loader.next()
         t1 = time.perf_counter()
         _, loss = model(x.long(), y.long())
         loss.backward()
         t2 = time.perf_counter()
         fetch, compute = fetch + t1 - t0, compute + t2 - t1
+    loader.close()
     print(f"\ndebug model (2/2/32, ctx 32, batch 8), 1 worker: taking a batch is {fetch / (fetch + compute):.1%} "
           f"of a step ({fetch / 200 * 1e6:.0f} us of {(fetch + compute) / 200 * 1e3:.2f} ms)")
 

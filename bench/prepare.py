@@ -1,17 +1,19 @@
 """Prepare throughput on a generated Wikipedia-shaped corpus, and where the time goes.
 
-    python bench/prepare.py [--mb 200] [--workers 1 2] [--corpus .cache/bench_wikipedia]
+    python bench/prepare.py [--mb 200] [--workers 0 1 2] [--corpus .cache/bench_wikipedia]
+                            [--out shards/bench_wikipedia]
 
 Writes (once, then reuses) parquet files of made-up articles with the wikimedia/wikipedia schema,
 then times in one run: each stage alone (parquet -> Python strings, normalize + tokenize, zstd
 frames) and the whole `prepare` with 0 (in-process), 1 and 2 tokenizer processes. Prints MB/s of
-source text and the shards' compression ratio.
+source text and the shards' compression ratio. The last prepare's shards stay in --out (for
+bench/loader.py and bench/rank_memory.py).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +34,7 @@ def corpus(folder: Path, mb: int) -> Path:
     if not marker.is_file():
         shutil.rmtree(folder, ignore_errors=True)
         print(f"generating ~{mb} MB of articles in {folder} ...", flush=True)
-        articles = mb * 1_000_000 // 2_600  # ~2.6 kB of text an article at mean_words=400
+        articles = mb * 1_000_000 // 2_400  # ~2.45 kB of text an article at mean_words=400
         write_wikipedia_parquet(folder, articles, files=max(2, mb // 50), mean_words=400, row_group_rows=1000)
         marker.write_text("")
         files = parquet_files(folder)
@@ -44,6 +46,7 @@ def main():
     parser.add_argument("--mb", type=int, default=200, help="size of the generated corpus (MB of text)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--corpus", default=str(ROOT / ".cache" / "bench_wikipedia"))
+    parser.add_argument("--out", default=str(ROOT / "shards" / "bench_wikipedia"))
     args = parser.parse_args()
     folder = corpus(Path(args.corpus), args.mb)
     source = WikipediaSource(folder, "unused")
@@ -68,16 +71,14 @@ def main():
     del blob
 
     for workers in args.workers:
-        with tempfile.TemporaryDirectory() as out:
-            cfg = DataConfig(source="wikipedia", path=str(folder), dir=out, val_fraction=0.0005, workers=workers)
-            start = time.perf_counter()
-            manifest = prepare(cfg, show_progress=False)
-            label = "in-process" if workers == 0 else f"{workers} tokenizer process" + "es" * (workers > 1)
-            rows.append((f"prepare, data.workers={workers} ({label})", time.perf_counter() - start))
+        shutil.rmtree(args.out, ignore_errors=True)
+        cfg = DataConfig(source="wikipedia", path=str(folder), dir=args.out, val_fraction=0.0005, workers=workers)
+        start = time.perf_counter()
+        manifest = prepare(cfg, show_progress=False)
+        label = "in-process" if workers == 0 else f"{workers} tokenizer process" + "es" * (workers > 1)
+        rows.append((f"prepare, data.workers={workers} ({label})", time.perf_counter() - start))
     tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
     size = sum(s["bytes"] for info in manifest["splits"].values() for s in info["shards"])
-
-    import os
 
     print(f"\n{source.count:,} articles, {text_mb:.0f} MB of text in {len(source.files)} parquet files, "
           f"{os.cpu_count()} CPUs\n")

@@ -32,13 +32,12 @@ def pss(proc: psutil.Process) -> int:
 
 
 def rank_trees(launcher: psutil.Process) -> list[psutil.Process]:
-    """The rank processes: the launcher's children that run launch/train.py."""
+    """The rank processes: the children of DeepSpeed's per-node launcher."""
     out = []
     for p in launcher.children(recursive=True):
         try:
-            parent = p.parent()
-            if "launch/train.py" in " ".join(p.cmdline()) and "train.py" not in " ".join(parent.cmdline()):
-                out.append(p)  # a rank (its DataLoader workers are train.py's children)
+            if "deepspeed.launcher.launch" in " ".join(p.parent().cmdline()):
+                out.append(p)  # a rank (its DataLoader workers are the rank's children)
         except psutil.NoSuchProcess:
             pass
     return out

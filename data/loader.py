@@ -91,39 +91,56 @@ class WindowOrder:
 
 
 class RankWindows(IterableDataset):
-    """Yields whole micro-batches of rank `rank`: (micro_batch, block_size + 1) uint8 token ids (the
-    model's caller widens them, on the device); DataLoader workers split batches round-robin."""
+    """Yields groups of `group` consecutive micro-batches of rank `rank`, as one
+    (batches, micro_batch, block_size + 1) uint8 array (the model's caller widens the ids, on the
+    device). DataLoader workers take groups round-robin; a group is one hand-off between processes
+    instead of `group`, which is most of what a batch costs."""
 
     def __init__(self, reader: ShardReader, order: WindowOrder, micro_batch: int, rank: int,
-                 world_size: int, start: int, num_batches: int | None = None, cache_frames: int = 16):
+                 world_size: int, start: int, num_batches: int | None = None, cache_frames: int = 32,
+                 group: int = 8):
         self.reader, self.order = reader, order
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
-        self.start, self.num_batches, self.cache_frames = start, num_batches, cache_frames
+        self.start, self.num_batches, self.cache_frames, self.group = start, num_batches, cache_frames, group
 
     def sample_indices(self, batch: int) -> list[int]:
-        base = self.start + batch * self.micro_batch * self.world_size
-        return [base + m * self.world_size + self.rank for m in range(self.micro_batch)]
+        return self.group_indices(batch, batch + 1).tolist()
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         cache: OrderedDict[int, np.ndarray] = OrderedDict()
         T = self.order.T
-        batch = worker
-        while self.num_batches is None or batch < self.num_batches:
-            rows = []
-            frames, starts = self.order.windows(self.sample_indices(batch))
-            for frame, offset in zip(frames.tolist(), starts.tolist()):
-                tokens = cache.get(frame)
-                if tokens is None:
-                    tokens = cache[frame] = self.reader.read_frame(frame)
-                    if len(cache) > self.cache_frames:
-                        cache.popitem(last=False)
-                else:
-                    cache.move_to_end(frame)
-                rows.append(tokens[offset:offset + T + 1])
-            yield np.stack(rows)  # uint8; a small pickle is the cheapest thing to pass between processes
-            batch += workers
+        first = worker * self.group
+        while self.num_batches is None or first < self.num_batches:
+            last = first + self.group if self.num_batches is None else min(first + self.group, self.num_batches)
+            frames, starts = self.order.windows(self.group_indices(first, last))
+            # one gather for the whole group: the frames it touches, end to end, indexed by window
+            needed, slot = np.unique(frames, return_inverse=True)
+            parts = [self._frame(int(f), cache) for f in needed]
+            where = np.concatenate([[0], np.cumsum([len(p) for p in parts])[:-1]])
+            rows = np.lib.stride_tricks.sliding_window_view(np.concatenate(parts), T + 1)[where[slot] + starts]
+            # uint8; a small pickle is the cheapest thing to pass between processes
+            yield rows.reshape(last - first, self.micro_batch, T + 1)
+            first += workers * self.group
+
+    def group_indices(self, first: int, last: int) -> np.ndarray:
+        """The global sample indices of batches first..last-1 of this rank, in order."""
+        batches = np.arange(first, last, dtype=np.int64)[:, None]
+        within = np.arange(self.micro_batch, dtype=np.int64)[None, :]
+        return (self.start + batches * self.micro_batch * self.world_size + within * self.world_size
+                + self.rank).ravel()
+
+    def _frame(self, frame: int, cache: OrderedDict) -> np.ndarray:
+        """A frame's tokens, from this worker's cache of the most recently used `cache_frames`."""
+        tokens = cache.get(frame)
+        if tokens is None:
+            tokens = cache[frame] = self.reader.read_frame(frame)
+            if len(cache) > self.cache_frames:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(frame)
+        return tokens
 
 
 def _worker_signals(worker_id: int) -> None:
@@ -171,6 +188,7 @@ class RankLoader:
         self.pin_memory = pin_memory  # page-locked batches, so copies to a GPU can overlap compute
         self.consumed = 0
         self._it = None
+        self._ready: list[torch.Tensor] = []  # batches of the current group not yet taken
 
     @property
     def windows_per_epoch(self) -> int:
@@ -181,38 +199,46 @@ class RankLoader:
         return self.consumed / self.order.windows_per_epoch
 
     def dataset(self) -> RankWindows:
+        # groups of ~1 MiB (at most 64 batches): the per-hand-off cost is spread thin, memory stays small
+        group = max(1, min(64, (1 << 20) // (self.micro_batch * (self.order.T + 1))))
         return RankWindows(self.reader, self.order, self.micro_batch, self.rank, self.world_size,
-                           self.consumed, self.num_batches)
+                           self.consumed, self.num_batches, group=group)
 
     def _dataloader(self) -> DataLoader:
         return DataLoader(self.dataset(), batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=False, prefetch_factor=4 if self.num_workers else None,
+                          persistent_workers=False, pin_memory=False, prefetch_factor=2 if self.num_workers else None,
                           worker_init_fn=_worker_signals if self.num_workers else None)
 
-    def _split(self, block: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        block = torch.from_numpy(block)
+    def _batches(self, group: np.ndarray) -> list[torch.Tensor]:
+        group = torch.from_numpy(group)
         if self.pin_memory:
-            block = block.pin_memory()
+            group = group.pin_memory()  # once per group; its slices stay page-locked
+        return list(group.unbind(0))
+
+    def _split(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.consumed += self.micro_batch * self.world_size
         return block[:, :-1], block[:, 1:]
 
     def __iter__(self):
         """The batches from the current position; the loader's position advances as they are taken."""
-        for block in self._dataloader():
-            yield self._split(block)
+        for group in self._dataloader():
+            for block in self._batches(group):
+                yield self._split(block)
 
     def next(self):
         """The next batch, from one long-lived iterator (workers keep prefetching between calls)."""
-        if self._it is None:
-            self._it = iter(self._dataloader())
-        try:
-            block = next(self._it)
-        except ShardError as e:
-            raise _unwrap_worker_error(e) from None
-        return self._split(block)
+        if not self._ready:
+            if self._it is None:
+                self._it = iter(self._dataloader())
+            try:
+                self._ready = self._batches(next(self._it))[::-1]
+            except ShardError as e:
+                raise _unwrap_worker_error(e) from None
+        return self._split(self._ready.pop())
 
     def close(self) -> None:
         """Stop the worker processes now rather than whenever the iterator is collected."""
+        self._ready = []
         if self._it is not None:
             shutdown = getattr(self._it, "_shutdown_workers", None)
             if shutdown is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -124,6 +125,11 @@ def _chunks(docs: Iterable[Document], chunk_chars: int) -> Iterator[list[Documen
         yield chunk
 
 
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the main process, which stops them (no traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _encode_in_order(chunks: Iterator[list[Document]], tokenizer, splitter, workers: int) -> Iterator[Encoded]:
     """encode_chunk over the chunks, in their order: in this process (workers=0) or in a pool, with
     at most 2 tasks per worker in flight so the reader never runs ahead of the writer (bounded memory)."""
@@ -131,7 +137,7 @@ def _encode_in_order(chunks: Iterator[list[Document]], tokenizer, splitter, work
         for chunk in chunks:
             yield encode_chunk(chunk, tokenizer, splitter)
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_sigint) as pool:
         in_flight = deque()
         for chunk in chunks:
             in_flight.append(pool.apply_async(encode_chunk, (chunk, tokenizer, splitter)))

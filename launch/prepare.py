@@ -1,6 +1,7 @@
 """Prepare shards: `python launch/prepare.py data.source=text data.path=book.txt data.dir=shards/book`.
 
-Takes the same overrides as train.py (e.g. conf=shakespeare); training prepares missing data itself.
+Takes the same overrides as train.py (e.g. conf=wiki_full data.path=...). Training prepares missing
+Shakespeare or text shards itself; Wikipedia is prepared here first. Interrupted, it resumes when run again.
 """
 import sys
 
@@ -22,8 +23,12 @@ def main(cfg: DictConfig) -> None:
         exit_on_config_error(e)
     try:
         manifest = prepare(data)
-    except (ShardError, ValueError, OSError, RuntimeError) as e:
+    except (ShardError, ValueError, OSError, RuntimeError, ImportError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished shards are kept in {data.dir}; run the same command again to resume",
+              file=sys.stderr)
+        sys.exit(130)
     for split, info in manifest["splits"].items():
         size = sum(s["bytes"] for s in info["shards"])
         print(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens, {len(info['shards'])} "
