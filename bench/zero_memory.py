@@ -4,10 +4,11 @@ paper's formulas.
     python bench/zero_memory.py [model.n_layer=6 model.d_model=384 ...]
 
 Each stage runs in its own 2-rank job (`deepspeed --num_gpus 2 bench/zero_memory.py --stage S`), so
-nothing one engine leaves behind is counted for the next. In each: one full step (so Adam's state exists), then forward + backward, then every live
-tensor storage of this rank is summed (parameters, gradients, optimizer state, DeepSpeed's buffers).
-Formulas for fp32 Adam, Ψ parameters, N ranks (bytes): ZeRO-0 16Ψ; ZeRO-1 8Ψ + 8Ψ/N (+4Ψ/N: DeepSpeed
-keeps an fp32 copy of each partition); ZeRO-2 4Ψ + 12Ψ/N (+4Ψ/N); ZeRO-3 16Ψ/N.
+nothing one engine leaves behind is counted for the next. In each: one full step (so Adam's state
+exists), then forward + backward, then every live tensor storage of this rank is summed
+(parameters, gradients, optimizer state, DeepSpeed's buffers). Formulas for fp32 Adam, Ψ
+parameters, N ranks (bytes): ZeRO-0 16Ψ; ZeRO-1 8Ψ + 8Ψ/N; ZeRO-2 4Ψ + 12Ψ/N; ZeRO-3 16Ψ/N; each
+plus 4Ψ/N, since DeepSpeed keeps an fp32 copy of each partition even when the model is fp32.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def live_tensor_bytes() -> int:
 
 
 def formula(stage: int, psi: int, n: int) -> float:
-    return {0: 16 * psi, 1: 8 * psi + 12 * psi / n, 2: 4 * psi + 16 * psi / n, 3: 16 * psi / n}[stage]
+    return {0: 16 * psi, 1: 8 * psi + 12 * psi / n, 2: 4 * psi + 16 * psi / n, 3: 20 * psi / n}[stage]
 
 
 def measure(stage: int, overrides: list[str]) -> None:

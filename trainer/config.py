@@ -48,8 +48,9 @@ class DeepSpeedConfig:
     stage: int = 0             # ZeRO stage 0..3
     overlap_comm: bool = False
     contiguous_gradients: bool = True
-    reduce_bucket_size: int = 5_000_000   # elements per gradient bucket: a buffer this big is kept
-    stage3_prefetch_bucket_size: int = 5_000_000   # ZeRO-3: elements of parameters fetched ahead
+    reduce_bucket_size: int | None = None  # elements per gradient bucket (a buffer this big is kept);
+                                           # None: parameters / 16, within [5e5, 5e8]
+    stage3_prefetch_bucket_size: int | None = None  # ZeRO-3: elements of parameters fetched ahead; None: as above
     stage3_param_persistence_threshold: int = 100_000  # ZeRO-3: tensors smaller than this stay whole
 
 

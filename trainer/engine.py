@@ -7,15 +7,21 @@ import torch
 from .config import Config
 
 
-def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
+def auto_bucket(n_params: int) -> int:
+    """ZeRO buffer size sized to the model: a fixed 5e6 elements is most of ZeRO-3's memory for a 10M
+    model, while large models want buckets big enough to keep the links busy."""
+    return int(min(5e8, max(5e5, n_params // 16)))
+
+
+def deepspeed_config(cfg: Config, world_size: int, n_params: int, load_universal: bool = False) -> dict:
     """load_universal: the checkpoint to resume from is a universal (world-size-free) conversion."""
     t, z = cfg.train, cfg.deepspeed
     zero = {"stage": z.stage}
     if z.stage > 0:
         zero.update(overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients,
-                    reduce_bucket_size=z.reduce_bucket_size)
+                    reduce_bucket_size=z.reduce_bucket_size or auto_bucket(n_params))
     if z.stage == 3:
-        zero.update(stage3_prefetch_bucket_size=z.stage3_prefetch_bucket_size,
+        zero.update(stage3_prefetch_bucket_size=z.stage3_prefetch_bucket_size or auto_bucket(n_params),
                     stage3_param_persistence_threshold=z.stage3_param_persistence_threshold)
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch,
@@ -54,7 +60,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_univ
         model.to(device)  # the fused optimizer is built for parameters already on the GPU
         torch.set_float32_matmul_precision("high")  # fp32 runs use TF32 tensor cores (bf16 runs are unaffected)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(model, cfg), config=deepspeed_config(cfg, world_size, load_universal)
+        model=model, optimizer=build_optimizer(model, cfg), config=deepspeed_config(cfg, world_size, sum(p.numel() for p in model.parameters()), load_universal)
     )
     if cfg.train.compile:
         engine.compile()  # compiles the wrapped module in place: checkpoints keep their parameter names
