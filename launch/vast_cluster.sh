@@ -159,11 +159,15 @@ run "$PYTHON" -m launch.cluster --vast-json "$WORK/instances.json" --label "$RUN
 [ -f "$WORK/${RUN}_key" ] || run "$SSH_KEYGEN" -q -t ed25519 -N "" -C "$RUN" -f "$WORK/${RUN}_key"
 
 # 6. code, set-up and data on every node ------------------------------------------------------------
+QUOTED_DATA=""  # the data.* overrides reach prepare too (e.g. data.path, data.workers)
+for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
+  case "$o" in data.*|data=*) QUOTED_DATA+=" $(printf '%q' "$o")" ;; esac
+done
 for i in $(seq 0 $((NODES - 1))); do
   run "$RSYNC" -az --exclude .venv --exclude .git --exclude outputs --exclude shards --exclude .cache/torch_extensions \
     -e "$SSH -F $WORK/ssh_config" "$ROOT/" "node$i:$REMOTE_DIR/"
   run "$RSYNC" -az -e "$SSH -F $WORK/ssh_config" "$WORK/${RUN}_key.pub" "node$i:/tmp/${RUN}_key.pub"
-  remote "node$i" "cat /tmp/${RUN}_key.pub >> ~/.ssh/authorized_keys && cd $REMOTE_DIR && make setup >/tmp/setup.log 2>&1 && .venv/bin/python launch/prepare.py conf=$CONF >/tmp/prepare.log 2>&1 || { tail -20 /tmp/setup.log /tmp/prepare.log; exit 1; }"
+  remote "node$i" "cat /tmp/${RUN}_key.pub >> ~/.ssh/authorized_keys && cd $REMOTE_DIR && make setup >/tmp/setup.log 2>&1 && .venv/bin/python launch/prepare.py conf=$CONF$QUOTED_DATA >/tmp/prepare.log 2>&1 || { tail -20 /tmp/setup.log /tmp/prepare.log; exit 1; }"
 done
 run "$RSYNC" -az -e "$SSH -F $WORK/ssh_config" "$WORK/${RUN}_key" "$HEAD_DIR/ssh_config" "$HEAD_DIR/hostfile" \
   "$HEAD_DIR/.deepspeed_env" node0:/tmp/

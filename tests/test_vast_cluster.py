@@ -146,7 +146,7 @@ def run_name(request):
 
 def test_happy_path_rents_trains_copies_back_and_destroys(fake_env, run_name):
     env, tmp = fake_env
-    proc = _run_script(env, run_name, "--", "train.max_steps=5")
+    proc = _run_script(env, run_name, "--", "train.max_steps=5", "data.workers=0")
     assert proc.returncode == 0, proc.stderr
     assert "total cost: $21.0000/h for 2 nodes (16 GPUs)" in proc.stdout
     vast = [c["args"][:2] for c in _calls(tmp, "vastai")]
@@ -159,7 +159,9 @@ def test_happy_path_rents_trains_copies_back_and_destroys(fake_env, run_name):
     train = [" ".join(c["args"]) for c in _calls(tmp, "ssh") if "launch/train.py" in " ".join(c["args"])]
     assert len(train) == 1
     assert ("deepspeed --hostfile hostfile --launcher pdsh --master_addr 10.1.0.2 launch/train.py conf=debug "
-            f"run_dir=outputs/{run_name} train.cost_per_hour=21.0000 train.max_steps=5") in train[0]
+            f"run_dir=outputs/{run_name} train.cost_per_hour=21.0000 train.max_steps=5 data.workers=0") in train[0]
+    prepares = [" ".join(c["args"]) for c in _calls(tmp, "ssh") if "launch/prepare.py" in " ".join(c["args"])]
+    assert len(prepares) == 2 and all("launch/prepare.py conf=debug data.workers=0 " in p for p in prepares)
     work = ROOT / "outputs" / run_name / "cluster"
     assert (work / "hostfile").read_text() == "node0 slots=8\nnode1 slots=8\n"
     assert "Port 40001" in (work / "ssh_config").read_text()
