@@ -191,3 +191,59 @@ def test_wiki_100_says_how_to_prepare_then_trains_on_what_that_prepared(wiki_dir
     run_train(args)
     curve = losses(run_dir)
     assert sorted(curve) == list(range(1, 21)) and curve[20] < curve[1] - 0.5
+
+
+FAKE_HUB = '''
+"""A stand-in for huggingface_hub: the "Hub" is a local folder (FAKE_HUB_ROOT), every call is logged."""
+import json, os, shutil
+from pathlib import Path
+
+ROOT = Path(os.environ["FAKE_HUB_ROOT"])
+LOG = ROOT / "calls.jsonl"
+
+
+def _log(*args):
+    with open(LOG, "a") as f:
+        f.write(json.dumps(args) + "\\n")
+
+
+class HfApi:
+    def list_repo_files(self, repo_id, repo_type=None):
+        _log("list", repo_id, repo_type)
+        return sorted(str(p.relative_to(ROOT / repo_id)) for p in (ROOT / repo_id).rglob("*") if p.is_file())
+
+
+def hf_hub_download(repo_id, filename, repo_type=None, local_dir=None):
+    _log("download", repo_id, filename, repo_type)
+    target = Path(local_dir) / filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / repo_id / filename, target)
+    return str(target)
+'''
+
+
+def test_an_empty_data_path_is_filled_from_the_hub_with_only_the_files_needed(tmp_path, monkeypatch):
+    """The download logic against a stand-in Hub (tests reach no network): the subset's files only,
+    as many as max_documents needs, and a second call completes a partial download."""
+    hub = tmp_path / "hub"
+    write_wikipedia_parquet(hub / "wikimedia/wikipedia/20231101.en", articles=90, files=3, mean_words=20)
+    write_wikipedia_parquet(hub / "wikimedia/wikipedia/20231101.fr", articles=10, files=1, mean_words=20)
+    (tmp_path / "module").mkdir()
+    (tmp_path / "module" / "huggingface_hub.py").write_text(FAKE_HUB)
+    monkeypatch.syspath_prepend(str(tmp_path / "module"))
+    monkeypatch.delitem(sys.modules, "huggingface_hub", raising=False)
+    monkeypatch.setenv("FAKE_HUB_ROOT", str(hub))
+    local = tmp_path / "local"
+
+    def calls():
+        return [json.loads(line) for line in (hub / "calls.jsonl").read_text().splitlines()]
+
+    first = WikipediaSource(local, "20231101.en", max_documents=40)  # 30 articles a file: two files
+    assert [c[2] for c in calls() if c[0] == "download"] == ["20231101.en/train-00000-of-00003.parquet",
+                                                            "20231101.en/train-00001-of-00003.parquet"]
+    assert all(c[1] == "wikimedia/wikipedia" and c[-1] == "dataset" for c in calls())
+    assert first.count == 40 and len(list(first.documents())) == 40
+    whole = WikipediaSource(local, "20231101.en")  # the rest of the subset, nothing else
+    assert [c[2] for c in calls() if c[0] == "download"][2:] == ["20231101.en/train-00002-of-00003.parquet"]
+    assert whole.count == 90 and not list(local.rglob("*fr*"))
+    assert [d.name for d in whole.documents()] == [str(i) for i in range(1, 91)]
