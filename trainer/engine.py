@@ -59,9 +59,9 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_univ
     if device.startswith("cuda"):
         model.to(device)  # the fused optimizer is built for parameters already on the GPU
         torch.set_float32_matmul_precision("high")  # fp32 runs use TF32 tensor cores (bf16 runs are unaffected)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(model, cfg), config=deepspeed_config(cfg, world_size, sum(p.numel() for p in model.parameters()), load_universal)
-    )
+    n_params = sum(p.numel() for p in model.parameters())
+    config = deepspeed_config(cfg, world_size, n_params, load_universal)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=config)
     if cfg.train.compile:
         engine.compile()  # compiles the wrapped module in place: checkpoints keep their parameter names
     return engine
