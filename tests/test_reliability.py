@@ -232,6 +232,19 @@ def test_a_diverging_run_stops_on_every_rank_with_step_loss_and_grad_norm(tmp_pa
     assert client["step"] == 1 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_between_logging_steps_a_non_finite_loss_is_noted_and_reported_at_the_next_check(tmp_path, shakespeare_dir):
+    """The guard is read only at logging, evaluation and checkpoint steps (no host sync on the other
+    steps): the loss goes non-finite at step 2, the ranks find it together at step 5, and report step 2."""
+    run_dir = tmp_path / "run"
+    proc = run_train(debug_overrides(shakespeare_dir, run_dir, "train.lr=1e30", "train.min_lr=0",
+                                     "train.warmup_tokens=0", "train.ckpt_every=0", "train.eval_every=0",
+                                     "train.log_every=5"), ranks=2, check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert out.count("non-finite loss at step 2 (found at step 5): loss nan") == 2  # both ranks
+    assert not (run_dir / "checkpoints" / "latest").exists() and losses(run_dir) == {}  # nothing logged or saved
+
+
 # 6. checkpoints: atomic, pruned, and a failed write is an error ---------------------------------------
 
 def test_kill_9_during_a_save_leaves_latest_on_the_previous_complete_checkpoint(tmp_path, shakespeare_dir):

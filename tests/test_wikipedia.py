@@ -123,7 +123,7 @@ class _StopsAfter:
 
     def __init__(self, source, after: int):
         self.source, self.after = source, after
-        self.names, self.count = source.names, source.count
+        self.names, self.count, self.unit = source.names, source.count, source.unit
 
     def documents(self, skip=0):
         for i, doc in enumerate(self.source.documents(skip)):

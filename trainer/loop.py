@@ -150,7 +150,9 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
                dynamic_ncols=True)
     meter = Throughput()
     loss_sum = torch.zeros((), device=engine.device)
-    guard = torch.zeros(2, device=engine.device)  # [non-finite loss on some rank, stop requested]
+    # [non-finite loss on some rank, stop requested, -(first non-finite step)], all-reduced with MAX
+    guard = torch.zeros(3, device=engine.device)
+    first_bad = torch.zeros((), device=engine.device)  # first step with a non-finite loss here; 0: none
     norm, last = None, {}
     stop = StopRequest()
     try:
@@ -181,15 +183,25 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
             meter.add(micro_steps=accum, tokens=accum * micro_tokens)
             bar.update(1)
 
-            # One small all-reduce a step, so every rank takes the same decision at the same step.
-            guard[0] = (~torch.isfinite(step_loss)).float()
-            guard[1] = float(stop.requested)
-            dist.all_reduce(guard, op=dist.ReduceOp.MAX)
-            if guard[0]:
+            evaluating = (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
+            saving = (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps
+            # Non-finite losses are noted on the device (no host sync); every rank reads the guard at
+            # the same steps (logging, evaluation, checkpoint: one small all-reduce), so all take the
+            # same decision there, and nothing is saved after a non-finite loss.
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(step_loss), float(step), first_bad)
+            checking = logging or evaluating or saving
+            if checking:
+                guard[0] = (first_bad > 0).float()
+                guard[1] = float(stop.requested)
+                guard[2] = torch.where(first_bad > 0, -first_bad, -1e12)
+                dist.all_reduce(guard, op=dist.ReduceOp.MAX)
+            if checking and guard[0]:
                 gn = norm if own_grad_norm else engine.get_global_grad_norm()
                 dist.all_reduce(step_loss)
+                bad = int(-guard[2].item())
                 raise RunError(
-                    f"non-finite loss at step {step}: loss {step_loss.item() / (accum * world)}, grad norm {gn}; "
+                    f"non-finite loss at step {bad}{f' (found at step {step})' if bad != step else ''}: loss "
+                    f"{step_loss.item() / (accum * world)}, grad norm {gn}; "
                     f"stopped without saving. The last good checkpoint is "
                     f"{checkpoint.latest_tag(checkpoint.checkpoint_dir(run_dir)) or 'none'} (resume=auto restarts "
                     "from it; lower train.lr or raise train.warmup_tokens)"
@@ -211,19 +223,19 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}",
                                 tok_s=f"{last['tokens_per_s']:,.0f}", mfu=f"{last['mfu']:.1%}")
                 loss_sum.zero_()
-            if guard[1]:
+            if checking and guard[1]:
                 save(step)
                 if rank == 0:
                     bar.write(f"stop requested ({stop.signal_name or 'by a peer rank'}): saved the checkpoint of "
                               f"step {step} in {checkpoint.checkpoint_dir(run_dir)}; resume=auto continues")
                 break
-            if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
+            if evaluating:
                 val = run_eval(step)
                 last.update(val)
                 if rank == 0:
                     bar.write(f"step {step}: val loss {val['val_loss']:.4f} | {val['val_bpc']:.3f} bits/char")
                 meter.restart()  # keep eval time out of tokens/s
-            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
+            if saving:
                 save(step)
                 meter.restart()
     finally:
