@@ -195,8 +195,9 @@ def write_corpus(source, out_dir: str | Path, tokenizer: CharTokenizer, val_frac
                 "val_fraction": val_fraction, "frame_tokens": frame_tokens, "shard_tokens": shard_tokens,
                 "level": level}
     splitter = Splitter(val_fraction, source.names)
-    bar = tqdm(total=source.count, unit=" " + source.unit, desc=f"prepare {out_dir.name}", disable=not show_progress,
-               dynamic_ncols=True, smoothing=0.05)
+    bar = tqdm(total=source.count, unit=" " + source.unit, desc=f"prepare {out_dir.name}",
+               disable=not show_progress, dynamic_ncols=True, smoothing=0.05)
+
     def new_writers():
         return {s: SplitWriter(out_dir, s, frame_tokens, shard_frames, level) for s in ("train", "val")}
 
