@@ -23,13 +23,13 @@ from data.config import DataConfig
 from data.prepare import prepare
 from data.synthetic import write_wikipedia_parquet
 from data.tokenizer import CharTokenizer
-from data.wikipedia import WikipediaSource, parquet_files
+from data.wikipedia import WikipediaSource
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def corpus(folder: Path, mb: int) -> Path:
-    files = parquet_files(folder) if folder.is_dir() else []
+    """The generated corpus of ~mb MB in folder, written unless a finished one of that size is there."""
     marker = folder / f"{mb}MB.done"
     if not marker.is_file():
         shutil.rmtree(folder, ignore_errors=True)
@@ -37,8 +37,7 @@ def corpus(folder: Path, mb: int) -> Path:
         articles = mb * 1_000_000 // 2_400  # ~2.45 kB of text an article at mean_words=400
         write_wikipedia_parquet(folder, articles, files=max(2, mb // 50), mean_words=400, row_group_rows=1000)
         marker.write_text("")
-        files = parquet_files(folder)
-    return folder if files else corpus(folder, mb)
+    return folder
 
 
 def main():

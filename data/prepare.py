@@ -92,7 +92,6 @@ class Encoded:
     train: bytes
     val: bytes
     train_documents: int
-    val_documents: int
     val_names: list[str]
     has_text: bool  # anything but whitespace
 
@@ -109,7 +108,7 @@ def encode_chunk(docs: list[Document], tokenizer: CharTokenizer, splitter: Split
             val.append(val_part)
             val_names.append(doc.name)
     return Encoded(len(docs), sum(len(d.text) for d in docs), tokenizer.encode("".join(train)),
-                   tokenizer.encode("".join(val)), n_train, len(val_names), val_names,
+                   tokenizer.encode("".join(val)), n_train, val_names,
                    any(d.text.strip() for d in docs))
 
 
@@ -209,7 +208,7 @@ def write_corpus(source, out_dir: str | Path, tokenizer: CharTokenizer, val_frac
         chunks = _chunks(source.documents(position), chunk_chars or CHUNK_CHARS)
         for enc in _encode_in_order(chunks, tokenizer, splitter, workers):
             writers["train"].add(enc.train, enc.train_documents)
-            writers["val"].add(enc.val, enc.val_documents)
+            writers["val"].add(enc.val, len(enc.val_names))
             val_names += enc.val_names
             has_text = has_text or enc.has_text
             position += enc.documents

@@ -68,6 +68,7 @@ class Splitter:
 
 
 def _read_prefix_hash(path: Path, nbytes: int):
+    """sha256 of a file's first nbytes (a whole shard, or what an interrupted prepare had written)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         left = nbytes
@@ -254,11 +255,7 @@ class ShardReader:
     def verify(self) -> None:
         """Recompute every shard's sha256 against the manifest."""
         for shard, path in zip(self.manifest["splits"][self.split]["shards"], self.files):
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            if h.hexdigest() != shard["sha256"]:
+            if _read_prefix_hash(path, path.stat().st_size).hexdigest() != shard["sha256"]:
                 raise ShardError(f"{path}: sha256 differs from the manifest (the file changed or is corrupt)")
 
     def read_frame(self, index: int) -> np.ndarray:

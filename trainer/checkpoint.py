@@ -166,7 +166,7 @@ def to_universal(where: tuple[Path, str]) -> tuple[Path, str]:
             os.replace(tmp, out)  # complete or absent, never half-written
         else:
             error = f"{tag_dir}: conversion to a universal checkpoint failed: {done.stderr.strip()[-800:]}"
-    from .distributed import broadcast_error
+    from .distributed import broadcast_error  # here: sample.py and eval.py load checkpoints without DeepSpeed
 
     broadcast_error(error)
     return tag_dir, UNIVERSAL
