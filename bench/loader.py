@@ -1,11 +1,13 @@
-"""Data loader throughput beside raw zstd decompression of the same frames, in one run, and the
-loader's share of a training step of the debug model.
+"""Data loader throughput beside raw zstd decompression of the same frames, and the loader's share
+of a training step of the debug model. Each reader covers one epoch of the split (at least 3000 batches, or --batches);
+the rounds are interleaved and the table shows medians, since this machine is noisy.
 
-    python bench/loader.py [--data-dir shards/shakespeare] [--batches 400]
+    python bench/loader.py [--data-dir shards/shakespeare] [--rounds 3] [--batches N]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import zstandard
@@ -13,6 +15,8 @@ import zstandard
 from data.loader import RankLoader
 from data.shards import ShardReader
 from model import GPT, GPTConfig
+
+WORKERS = (0, 1, 2)
 
 
 def raw_zstd(reader: ShardReader) -> tuple[float, int]:
@@ -28,10 +32,11 @@ def raw_zstd(reader: ShardReader) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-def loader_rate(data_dir, block_size: int, micro: int, workers: int, batches: int) -> float:
-    """Tokens/s the loader delivers to the training loop (windows x block_size, through next() and
-    its prefetch thread), after its workers have started."""
+def loader_rate(data_dir, block_size: int, micro: int, workers: int, batches: int | None) -> float:
+    """Tokens/s the loader delivers to the training loop (windows x block_size, through next()),
+    after its workers have started."""
     loader = RankLoader(data_dir, "train", block_size, micro, num_workers=workers)
+    batches = batches or max(loader.windows_per_epoch // micro - 1, 3000)
     loader.next()
     start = time.perf_counter()
     for _ in range(batches):
@@ -44,21 +49,28 @@ def loader_rate(data_dir, block_size: int, micro: int, workers: int, batches: in
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="shards/shakespeare")
-    parser.add_argument("--batches", type=int, default=400)
+    parser.add_argument("--batches", type=int, default=None, help="per measurement; default one epoch, at least 3000")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=64)
     args = parser.parse_args()
     reader = ShardReader(args.data_dir, "train")
-    seconds, tokens = raw_zstd(reader)
-    raw = tokens / seconds
+    raw, rates = [], {w: [] for w in WORKERS}
+    for _ in range(args.rounds):
+        seconds, tokens = raw_zstd(reader)
+        raw.append(tokens / seconds)
+        for workers in WORKERS:
+            rates[workers].append(loader_rate(args.data_dir, args.block_size, args.micro_batch, workers, args.batches))
     compressed = sum(s["bytes"] for s in reader.manifest["splits"]["train"]["shards"])
     print(f"\n{args.data_dir}: {tokens:,} train tokens in {len(reader.frames)} frames, compression "
-          f"{tokens / compressed:.2f}x; windows of {args.block_size + 1}, micro-batch {args.micro_batch}\n")
+          f"{tokens / compressed:.2f}x; windows of {args.block_size + 1}, micro-batch {args.micro_batch}; "
+          f"medians of {args.rounds} rounds\n")
     print("| reader | tokens/s | MB/s of text | vs raw zstd |\n|---|---:|---:|---:|")
-    print(f"| raw zstd, every frame once | {raw:,.0f} | {raw / 1e6:.1f} | 1.00 |")
-    for workers in (0, 1, 2):
-        rate = loader_rate(args.data_dir, args.block_size, args.micro_batch, workers, args.batches)
-        print(f"| RankLoader, {workers} workers | {rate:,.0f} | {rate / 1e6:.1f} | {rate / raw:.2f} |")
+    print(f"| raw zstd, every frame once | {statistics.median(raw):,.0f} | {statistics.median(raw) / 1e6:.1f} | 1.00 |")
+    for workers in WORKERS:
+        rate = statistics.median(rates[workers])
+        ratio = statistics.median(r / base for r, base in zip(rates[workers], raw))
+        print(f"| RankLoader, {workers} workers | {rate:,.0f} | {rate / 1e6:.1f} | {ratio:.2f} |")
 
     # the loader's share of a debug-model step: time to take one batch vs one forward + backward
     cfg = GPTConfig(vocab_size=len(reader.manifest["vocab"]), n_layer=2, n_head=2, d_model=32, block_size=32)

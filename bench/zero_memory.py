@@ -1,14 +1,16 @@
 """Per-rank memory of ZeRO stages 0-3 at 2 ranks, measured from the live tensors, beside the ZeRO
-paper's formulas.
+paper's formulas, in fp32 and in bf16 mixed precision.
 
-    python bench/zero_memory.py [model.n_layer=6 model.d_model=384 ...]
+    python bench/zero_memory.py [--precision fp32|bf16|both] [model.n_layer=6 model.d_model=384 ...]
 
 Each stage runs in its own 2-rank job (`deepspeed --num_gpus 2 bench/zero_memory.py --stage S`), so
 nothing one engine leaves behind is counted for the next. In each: one full step (so Adam's state
 exists), then forward + backward, then every live tensor storage of this rank is summed
-(parameters, gradients, optimizer state, DeepSpeed's buffers). Formulas for fp32 Adam, Ψ
-parameters, N ranks (bytes): ZeRO-0 16Ψ; ZeRO-1 8Ψ + 8Ψ/N; ZeRO-2 4Ψ + 12Ψ/N; ZeRO-3 16Ψ/N; each
-plus 4Ψ/N, since DeepSpeed keeps an fp32 copy of each partition even when the model is fp32.
+(parameters, gradients, optimizer state, DeepSpeed's buffers). Formulas, Ψ parameters, N ranks, in
+bytes: bf16 is the paper's mixed precision (2Ψ weights + 2Ψ gradients + 12Ψ fp32 weights and Adam
+moments): ZeRO-0 16Ψ, ZeRO-1 4Ψ + 12Ψ/N, ZeRO-2 2Ψ + 14Ψ/N, ZeRO-3 16Ψ/N. For fp32 Adam: 16Ψ,
+8Ψ + 8Ψ/N, 4Ψ + 12Ψ/N, 16Ψ/N, each plus 4Ψ/N, since DeepSpeed keeps an fp32 copy of each partition
+even when the model is fp32.
 """
 from __future__ import annotations
 
@@ -43,7 +45,9 @@ def live_tensor_bytes() -> int:
     return total
 
 
-def formula(stage: int, psi: int, n: int) -> float:
+def formula(precision: str, stage: int, psi: int, n: int) -> float:
+    if precision == "bf16":
+        return {0: 16 * psi, 1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n, 3: 16 * psi / n}[stage]
     return {0: 16 * psi, 1: 8 * psi + 12 * psi / n, 2: 4 * psi + 16 * psi / n, 3: 20 * psi / n}[stage]
 
 
@@ -76,24 +80,26 @@ def measure(stage: int, overrides: list[str]) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", type=int, help="(inside the launcher) measure this stage")
+    parser.add_argument("--precision", default="both", choices=["fp32", "bf16", "both"])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(strip_launcher_args(sys.argv)[1:])
     set_environment()
     if args.stage is not None:
         measure(args.stage, args.overrides)
         return
-    rows = []
-    for stage in range(4):
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "bench/zero_memory.py",
-               "--stage", str(stage), *args.overrides]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
-    psi, world, zero0 = rows[0]["params"], rows[0]["world"], rows[0]["bytes"]
-    print(f"\n{psi / 1e6:.2f}M parameters (Ψ), fp32 Adam, {world} ranks; MB per rank (the larger rank)\n")
-    print("| ZeRO stage | measured MB | formula MB | measured / stage 0 |\n|---|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['stage']} | {row['bytes'] / 1e6:.1f} | {formula(row['stage'], psi, world) / 1e6:.1f} | "
-              f"{row['bytes'] / zero0:.2f} |")
+    for precision in ["fp32", "bf16"] if args.precision == "both" else [args.precision]:
+        rows = []
+        for stage in range(4):
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "bench/zero_memory.py",
+                   "--stage", str(stage), *args.overrides, f"precision={precision}"]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+        psi, world, zero0 = rows[0]["params"], rows[0]["world"], rows[0]["bytes"]
+        print(f"\n{psi / 1e6:.2f}M parameters (Ψ), {precision}, Adam, {world} ranks; MB per rank (the larger rank)\n")
+        print("| ZeRO stage | measured MB | formula MB | measured / stage 0 |\n|---|---:|---:|---:|")
+        for row in rows:
+            expected = formula(precision, row["stage"], psi, world)
+            print(f"| {row['stage']} | {row['bytes'] / 1e6:.1f} | {expected / 1e6:.1f} | {row['bytes'] / zero0:.2f} |")
 
 
 if __name__ == "__main__":

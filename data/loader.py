@@ -15,14 +15,33 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .shards import ShardError, ShardReader
+
+
+class Bucket(NamedTuple):
+    """One epoch's bucket: its member frames and, for each of its slots in shuffled order, which
+    member holds the window, where the window starts in that frame, and where it starts in the
+    members' tokens laid end to end."""
+    key: tuple[int, int]
+    members: np.ndarray
+    member: np.ndarray
+    starts: np.ndarray
+    offsets: np.ndarray
+
+
+def _spans(values: np.ndarray):
+    """(lo, hi) of each run of equal adjacent values."""
+    edges = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist(), len(values)]
+    return zip(edges[:-1], edges[1:])
 
 
 class WindowOrder:
@@ -32,10 +51,11 @@ class WindowOrder:
         self.seed = seed
         self.shuffle = shuffle
         self.bucket_frames = bucket_frames
-        self.per_frame = np.maximum(0, (np.asarray(frame_tokens, dtype=np.int64) - block_size) // (block_size + 1))
+        self.frame_tokens = np.asarray(frame_tokens, dtype=np.int64)
+        self.per_frame = np.maximum(0, (self.frame_tokens - block_size) // (block_size + 1))
         self.windows_per_epoch = int(self.per_frame.sum())
         self._epoch_cache: OrderedDict[int, tuple] = OrderedDict()
-        self._bucket = lru_cache(maxsize=4)(self._bucket_permutation)
+        self._bucket = lru_cache(maxsize=4)(self._make_bucket)
 
     def _epoch(self, epoch: int):
         """(frame order, cumulative window counts per bucket, shift) for one epoch."""
@@ -54,34 +74,43 @@ class WindowOrder:
                 self._epoch_cache.popitem(last=False)
         return self._epoch_cache[epoch]
 
-    def _bucket_permutation(self, epoch: int, bucket: int):
-        """(frame id, window index in frame) of each slot in the bucket, in shuffled order."""
-        frames, cum, _ = self._epoch(epoch)
+    def _make_bucket(self, epoch: int, bucket: int) -> Bucket:
+        frames, _, shift = self._epoch(epoch)
         members = frames[bucket * self.bucket_frames:(bucket + 1) * self.bucket_frames]
-        frame_ids = np.repeat(members, self.per_frame[members])
-        within = np.concatenate([np.arange(self.per_frame[f]) for f in members])
+        counts = self.per_frame[members]
+        member = np.repeat(np.arange(len(members)), counts)
+        within = np.arange(len(member)) - np.repeat(np.cumsum(counts) - counts, counts)
         if self.shuffle:
-            perm = np.random.default_rng([self.seed, epoch, bucket]).permutation(len(frame_ids))
-            frame_ids, within = frame_ids[perm], within[perm]
-        return frame_ids, within
+            perm = np.random.default_rng([self.seed, epoch, bucket]).permutation(len(member))
+            member, within = member[perm], within[perm]
+        starts = shift + within * (self.T + 1)
+        lengths = self.frame_tokens[members]
+        return Bucket((epoch, bucket), members, member, starts, (np.cumsum(lengths) - lengths)[member] + starts)
 
-    def windows(self, ks) -> tuple[np.ndarray, np.ndarray]:
-        """(frame ids, start tokens in frame) of global samples ks, vectorized per epoch and bucket."""
+    def runs(self, ks):
+        """Ascending global samples ks split by (epoch, bucket): yields (bucket, the run's slice of ks,
+        slots in the bucket). A rank's consecutive batches give one run or a few."""
         if self.windows_per_epoch == 0:
             raise ValueError("no windows: every frame is shorter than 2 * block_size + 1 tokens")
-        epochs, within_epoch = np.divmod(np.asarray(ks, dtype=np.int64), self.windows_per_epoch)
-        frames = np.empty(len(epochs), dtype=np.int64)
-        starts = np.empty(len(epochs), dtype=np.int64)
-        for epoch in np.unique(epochs):
-            in_epoch = np.flatnonzero(epochs == epoch)
-            _, cum, shift = self._epoch(int(epoch))
-            buckets = np.searchsorted(cum, within_epoch[in_epoch], side="right") - 1
-            for bucket in np.unique(buckets):
-                sel = in_epoch[buckets == bucket]
-                frame_ids, within = self._bucket(int(epoch), int(bucket))
-                slots = within_epoch[sel] - cum[bucket]
-                frames[sel] = frame_ids[slots]
-                starts[sel] = shift + within[slots] * (self.T + 1)
+        ks = np.asarray(ks, dtype=np.int64)
+        if np.any(ks[1:] < ks[:-1]):
+            raise ValueError("sample indices must be in ascending order")
+        epochs, within_epoch = np.divmod(ks, self.windows_per_epoch)
+        for lo, hi in _spans(epochs):
+            epoch = int(epochs[lo])
+            _, cum, _ = self._epoch(epoch)
+            buckets = np.searchsorted(cum, within_epoch[lo:hi], side="right") - 1
+            for b_lo, b_hi in _spans(buckets):
+                bucket = int(buckets[b_lo])
+                run = slice(lo + b_lo, lo + b_hi)
+                yield self._bucket(epoch, bucket), run, within_epoch[run] - cum[bucket]
+
+    def windows(self, ks) -> tuple[np.ndarray, np.ndarray]:
+        """(frame ids, start tokens in frame) of global samples ks."""
+        frames, starts = np.empty(len(ks), dtype=np.int64), np.empty(len(ks), dtype=np.int64)
+        for bucket, sel, slots in self.runs(ks):
+            frames[sel] = bucket.members[bucket.member[slots]]
+            starts[sel] = bucket.starts[slots]
         return frames, starts
 
     def window(self, k: int) -> tuple[int, int]:
@@ -90,18 +119,61 @@ class WindowOrder:
         return int(frames[0]), int(starts[0])
 
 
+PREFETCH = 2  # groups each DataLoader worker may have ready ahead of the rank
+
+
+class GroupRing:
+    """Where workers put their groups: per worker, `slots` buffers in shared memory that the rank
+    maps once, before the workers start. A hand-off is then (worker, group number, batches), a few
+    bytes, instead of a megabyte through a pipe or a fresh shared segment (each cost more than the
+    decompression). A worker reuses a buffer only after the rank has marked the group in it done.
+
+    Slots: a worker's prefetched groups, the rank's current group and the one before it (a caller
+    may still hold its last batch). DataLoader's own prefetch limit then means no worker ever waits;
+    the check makes the ring correct whatever that limit is."""
+
+    slots = PREFETCH + 3
+
+    def __init__(self, workers: int, group: int, micro_batch: int, window: int):
+        self.buffers = torch.empty((max(1, workers), self.slots, group, micro_batch, window), dtype=torch.uint8)
+        self.released = torch.full((max(1, workers),), -1, dtype=torch.int64)  # highest group number done
+        if workers:
+            self.buffers.share_memory_()
+            self.released.share_memory_()
+
+    def slot(self, worker: int, seq: int) -> torch.Tensor:
+        """Worker side: the buffer for group seq, once the group that last used it is done."""
+        parent = os.getppid()
+        while int(self.released[worker]) < seq - self.slots:
+            if os.getppid() != parent:
+                raise RuntimeError("data loader worker: the training process is gone")
+            time.sleep(0.001)
+        return self.buffers[worker, seq % self.slots]
+
+    def group(self, worker: int, seq: int, batches: int) -> torch.Tensor:
+        """Rank side: group seq of a worker."""
+        return self.buffers[worker, seq % self.slots, :batches]
+
+    def release(self, worker: int, seq: int) -> None:
+        self.released[worker] = seq
+
+
 class RankWindows(IterableDataset):
-    """Yields groups of `group` consecutive micro-batches of rank `rank`, as one
-    (batches, micro_batch, block_size + 1) uint8 array (the model's caller widens the ids, on the
-    device). DataLoader workers take groups round-robin; a group is one hand-off between processes
-    instead of `group`, which is most of what a batch costs."""
+    """Fills groups of `group` consecutive micro-batches of rank `rank`, each a
+    (batches, micro_batch, block_size + 1) uint8 block of a GroupRing, and yields (worker, group
+    number, batches). The model's caller widens the ids, on the device. DataLoader workers take
+    groups round-robin; a group is one hand-off between processes instead of `group`.
+
+    Windows are cut from a bucket's frames laid end to end in one array, built once per bucket and
+    kept for the `cache_buckets` most recently used: a group is then one gather per bucket it spans."""
 
     def __init__(self, reader: ShardReader, order: WindowOrder, micro_batch: int, rank: int,
-                 world_size: int, start: int, num_batches: int | None = None, cache_frames: int = 32,
-                 group: int = 8):
-        self.reader, self.order = reader, order
+                 world_size: int, start: int, ring: GroupRing, num_batches: int | None = None,
+                 cache_buckets: int = 4):
+        self.reader, self.order, self.ring = reader, order, ring
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
-        self.start, self.num_batches, self.cache_frames, self.group = start, num_batches, cache_frames, group
+        self.start, self.num_batches, self.cache_buckets = start, num_batches, cache_buckets
+        self.group = ring.buffers.shape[2]
 
     def sample_indices(self, batch: int) -> list[int]:
         return self.group_indices(batch, batch + 1).tolist()
@@ -109,20 +181,19 @@ class RankWindows(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        T = self.order.T
-        first = worker * self.group
+        cache: OrderedDict[tuple, tuple] = OrderedDict()  # key: (buffer, tokens)
+        window = self.order.T + 1
+        first, seq = worker * self.group, 0
         while self.num_batches is None or first < self.num_batches:
-            last = first + self.group if self.num_batches is None else min(first + self.group, self.num_batches)
-            frames, starts = self.order.windows(self.group_indices(first, last))
-            # one gather for the whole group: the frames it touches, end to end, indexed by window
-            needed, slot = np.unique(frames, return_inverse=True)
-            parts = [self._frame(int(f), cache) for f in needed]
-            where = np.concatenate([[0], np.cumsum([len(p) for p in parts])[:-1]])
-            rows = np.lib.stride_tricks.sliding_window_view(np.concatenate(parts), T + 1)[where[slot] + starts]
-            # uint8; a small pickle is the cheapest thing to pass between processes
-            yield rows.reshape(last - first, self.micro_batch, T + 1)
-            first += workers * self.group
+            n = self.group if self.num_batches is None else min(self.group, self.num_batches - first)
+            rows = self.ring.slot(worker, seq)[:n].view(-1, window)
+            for bucket, run, slots in self.order.runs(self.group_indices(first, first + n)):
+                tokens = self._tokens(bucket, cache)
+                # every window of the bucket as a strided view; index_select gathers 4x faster than numpy here
+                windows = tokens.as_strided((len(tokens) - window + 1, window), (1, 1))
+                torch.index_select(windows, 0, torch.from_numpy(bucket.offsets[slots]), out=rows[run])
+            yield worker, seq, n
+            first, seq = first + workers * self.group, seq + 1
 
     def group_indices(self, first: int, last: int) -> np.ndarray:
         """The global sample indices of batches first..last-1 of this rank, in order."""
@@ -131,16 +202,21 @@ class RankWindows(IterableDataset):
         return (self.start + batches * self.micro_batch * self.world_size + within * self.world_size
                 + self.rank).ravel()
 
-    def _frame(self, frame: int, cache: OrderedDict) -> np.ndarray:
-        """A frame's tokens, from this worker's cache of the most recently used `cache_frames`."""
-        tokens = cache.get(frame)
-        if tokens is None:
-            tokens = cache[frame] = self.reader.read_frame(frame)
-            if len(cache) > self.cache_frames:
-                cache.popitem(last=False)
+    def _tokens(self, bucket: Bucket, cache: OrderedDict) -> torch.Tensor:
+        """A bucket's frames end to end, from this worker's cache; a new bucket is decompressed into
+        the buffer of the one it evicts (fresh megabytes cost page faults)."""
+        if bucket.key in cache:
+            cache.move_to_end(bucket.key)
+            return cache[bucket.key][1]
+        if len(cache) < self.cache_buckets:
+            buffer = np.empty(self.order.bucket_frames * int(self.order.frame_tokens.max()), dtype=np.uint8)
         else:
-            cache.move_to_end(frame)
-        return tokens
+            buffer = cache.popitem(last=False)[1][0]
+        end = 0
+        for frame in bucket.members:
+            end += len(self.reader.read_frame(int(frame), out=buffer[end:]))
+        cache[bucket.key] = buffer, torch.from_numpy(buffer[:end])
+        return cache[bucket.key][1]
 
 
 def _worker_signals(worker_id: int) -> None:
@@ -188,7 +264,9 @@ class RankLoader:
         self.pin_memory = pin_memory  # page-locked batches, so copies to a GPU can overlap compute
         self.consumed = 0
         self._it = None
-        self._ready: list[torch.Tensor] = []  # batches of the current group not yet taken
+        self._ready: list[tuple] = []  # batches of the current group not yet taken
+        self._held: deque[tuple[int, int]] = deque()  # (worker, group number) of the groups taken last
+        self._ring_in_use: GroupRing | None = None
 
     @property
     def windows_per_epoch(self) -> int:
@@ -198,32 +276,47 @@ class RankLoader:
     def epoch(self) -> float:
         return self.consumed / self.order.windows_per_epoch
 
-    def dataset(self) -> RankWindows:
+    def dataset(self, ring: GroupRing | None = None) -> RankWindows:
+        return RankWindows(self.reader, self.order, self.micro_batch, self.rank, self.world_size,
+                           self.consumed, ring or self._ring(), self.num_batches)
+
+    def _ring(self) -> GroupRing:
         # groups of ~1 MiB (at most 64 batches): the per-hand-off cost is spread thin, memory stays small
         group = max(1, min(64, (1 << 20) // (self.micro_batch * (self.order.T + 1))))
-        return RankWindows(self.reader, self.order, self.micro_batch, self.rank, self.world_size,
-                           self.consumed, self.num_batches, group=group)
+        return GroupRing(self.num_workers, group, self.micro_batch, self.order.T + 1)
 
     def _dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset(), batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=False, prefetch_factor=2 if self.num_workers else None,
+        self._ring_in_use, self._held = self._ring(), deque()
+        return DataLoader(self.dataset(self._ring_in_use), batch_size=None, collate_fn=_as_is,
+                          num_workers=self.num_workers, persistent_workers=False, pin_memory=False,
+                          prefetch_factor=PREFETCH if self.num_workers else None,
                           worker_init_fn=_worker_signals if self.num_workers else None)
 
-    def _batches(self, group: np.ndarray) -> list[torch.Tensor]:
-        group = torch.from_numpy(group)
+    def _batches(self, item: tuple[int, int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A group's (x, y) pairs, as views: slicing once per group, not per batch. The group two
+        before this one goes back to its worker: a caller may still hold the previous group's last batch."""
+        ring = self._ring_in_use
+        group = ring.group(*item)
+        self._held.append(item[:2])
+        if len(self._held) > 2:
+            ring.release(*self._held.popleft())
         if self.pin_memory:
             group = group.pin_memory()  # once per group; its slices stay page-locked
-        return list(group.unbind(0))
+        return list(zip(group[:, :, :-1].unbind(0), group[:, :, 1:].unbind(0)))
 
-    def _split(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _take(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         self.consumed += self.micro_batch * self.world_size
-        return block[:, :-1], block[:, 1:]
+        return batch
 
     def __iter__(self):
-        """The batches from the current position; the loader's position advances as they are taken."""
-        for group in self._dataloader():
-            for block in self._batches(group):
-                yield self._split(block)
+        """The batches from the current position to num_batches; the position advances as they are taken."""
+        self.close()
+        while True:
+            try:
+                yield self.next()
+            except StopIteration:
+                self.close()
+                return
 
     def next(self):
         """The next batch, from one long-lived iterator (workers keep prefetching between calls)."""
@@ -234,7 +327,7 @@ class RankLoader:
                 self._ready = self._batches(next(self._it))[::-1]
             except ShardError as e:
                 raise _unwrap_worker_error(e) from None
-        return self._split(self._ready.pop())
+        return self._take(self._ready.pop())
 
     def close(self) -> None:
         """Stop the worker processes now rather than whenever the iterator is collected."""

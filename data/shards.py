@@ -258,7 +258,9 @@ class ShardReader:
             if _read_prefix_hash(path, path.stat().st_size).hexdigest() != shard["sha256"]:
                 raise ShardError(f"{path}: sha256 differs from the manifest (the file changed or is corrupt)")
 
-    def read_frame(self, index: int) -> np.ndarray:
+    def read_frame(self, index: int, out: np.ndarray | None = None) -> np.ndarray:
+        """A frame's tokens (read-only), or a copy of them at the start of `out` (uint8, long enough)
+        when given: a caller that reuses one buffer saves the page faults of fresh allocations."""
         ref = self.frames[index]
         if self._pid != os.getpid():  # fresh handles after a fork
             self._handles, self._pid = {}, os.getpid()
@@ -270,10 +272,13 @@ class ShardReader:
         blob = f.read(ref.nbytes)
         if len(blob) != ref.nbytes or zlib.crc32(blob) != ref.crc32:
             raise ShardError(f"{self.files[ref.shard]}: frame at byte {ref.offset} fails its checksum")
-        tokens = self._dctx.decompress(blob, max_output_size=ref.tokens)
+        tokens = np.frombuffer(self._dctx.decompress(blob, max_output_size=ref.tokens), dtype=np.uint8)
         if len(tokens) != ref.tokens:
             raise ShardError(f"{self.files[ref.shard]}: frame at byte {ref.offset} has the wrong length")
-        return np.frombuffer(tokens, dtype=np.uint8)
+        if out is None:
+            return tokens
+        out[:ref.tokens] = tokens
+        return out[:ref.tokens]
 
     def read_all(self) -> np.ndarray:
         return np.concatenate([self.read_frame(i) for i in range(len(self.frames))])

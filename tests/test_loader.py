@@ -1,9 +1,11 @@
 import random
+import threading
+from collections import deque
 
 import pytest
 import torch
 
-from data.loader import RankLoader, WindowOrder
+from data.loader import GroupRing, RankLoader, WindowOrder
 from data.prepare import write_shards
 from data.shards import ShardError
 from data.sources import Document
@@ -111,3 +113,46 @@ def test_resuming_at_other_world_sizes_and_micro_batches_sees_every_window_once(
     expected = [order.reader.read_frame(f)[s:s + T + 1].tobytes() for f, s in map(order.order.window, range(consumed))]
     assert consumed < order.windows_per_epoch and len(seen) == consumed
     assert sorted(seen) == sorted(expected) and len(set(seen)) == consumed
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_stay_intact_while_workers_go_round_their_buffers_many_times(data_dir, workers):
+    """Each worker fills a ring of shared buffers over and over: every batch holds the order's
+    windows, and still holds them a whole group of batches later (what the loader promises)."""
+    micro = 4
+    loader = RankLoader(data_dir, "train", T, micro, seed=1, num_workers=workers)
+    group = loader.dataset().group
+    n = workers * 3 * GroupRing.slots * group  # each worker three times round its ring
+    expected = [loader.reader.read_frame(f)[s:s + T + 1].tobytes()
+                for f, s in map(loader.order.window, range(n * micro))]
+    held = deque()
+    for b in range(n):
+        held.append((b, *loader.next()))
+        if len(held) > group:
+            first, x, y = held.popleft()
+            got = [bytes(torch.cat([row_x, row_y[-1:]]).tolist()) for row_x, row_y in zip(x, y)]
+            assert got == expected[first * micro:(first + 1) * micro], f"batch {first}"
+    loader.close()
+
+
+def test_a_worker_waits_for_the_rank_to_finish_with_a_buffer_before_reusing_it():
+    ring = GroupRing(workers=1, group=2, micro_batch=3, window=5)
+    for seq in range(ring.slots):  # the first round of slots is free
+        ring.slot(0, seq)
+    got = []
+    worker = threading.Thread(target=lambda: got.append(ring.slot(0, ring.slots + 1)))
+    worker.start()
+    worker.join(0.2)
+    assert worker.is_alive() and not got  # group 1's buffer is still the rank's
+    ring.release(0, 0)
+    worker.join(0.2)
+    assert worker.is_alive()  # group 0 done is not enough
+    ring.release(0, 1)
+    worker.join(5)
+    assert not worker.is_alive() and got[0].data_ptr() == ring.group(0, 1, 2).data_ptr()
+
+
+def test_windows_are_asked_for_in_ascending_order(data_dir):
+    order = RankLoader(data_dir, "train", T, 4).order
+    with pytest.raises(ValueError, match="ascending"):
+        list(order.runs([5, 3]))
