@@ -47,7 +47,7 @@ test-system-deps:
 	else echo "pdsh/openssh-server missing and apt-get unavailable: the ssh multi-node test will be skipped"; fi
 
 bench: setup
-	$(PY) bench/engine_overhead.py
+	$(PY) bench/engine_overhead.py --rounds 5
 	for ctx in 64 256 1024; do $(PY) bench/attention.py --ctx $$ctx; done
 	$(PY) bench/zero_memory.py
 	test -f shards/shakespeare/manifest.json || $(PY) launch/prepare.py conf=baby

@@ -42,7 +42,8 @@ def test_shakespeare_preset_and_command_line_overrides():
 
 @pytest.mark.parametrize("args, message", [
     (["model.n_head=3"], "model.d_model=32 is not divisible by model.n_head=3"),
-    (["model.n_kv_head=3", "model.n_head=4", "model.d_model=32"], "model.n_head=4 is not divisible by model.n_kv_head=3"),
+    (["model.n_kv_head=3", "model.n_head=4", "model.d_model=32"],
+     "model.n_head=4 is not divisible by model.n_kv_head=3"),
     (["precision=fp16"], "precision='fp16': choose fp32 or bf16"),
     (["train.micro_batch=0"], "train.micro_batch must be >= 1"),
     (["data.source=web"], "data.source='web'"),

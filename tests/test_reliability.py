@@ -281,7 +281,8 @@ def test_a_failed_checkpoint_write_is_an_error_and_latest_stays_good(tmp_path, s
     run_dir = tmp_path / "run"
     baby = ["model=baby", "train.micro_batch=2", "train.eval_every=0", "train.ckpt_every=2", "train.max_steps=2"]
     run_train(debug_overrides(shakespeare_dir, run_dir, *baby))
-    cmd = [sys.executable, "launch/train.py", *debug_overrides(shakespeare_dir, run_dir, *baby[:-1], "train.max_steps=4")]
+    overrides = debug_overrides(shakespeare_dir, run_dir, *baby[:-1], "train.max_steps=4")
+    cmd = [sys.executable, "launch/train.py", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
                           preexec_fn=_limit_file_size)  # the model's 10 MB checkpoint cannot be written
     assert proc.returncode == 1

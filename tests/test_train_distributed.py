@@ -180,3 +180,14 @@ def test_compile_and_activation_checkpointing_train_like_the_plain_engine(tmp_pa
     assert plain.keys() == fast.keys() == set(range(1, 7))
     for step in plain:
         assert fast[step] == pytest.approx(plain[step], rel=1e-5), step
+
+
+def test_one_rank_accumulating_two_micro_batches_matches_two_ranks(zero0_run, tmp_path, shakespeare_dir):
+    """One rank at ZeRO-0 skips DeepSpeed's gradient all-reduce (an average over one rank); taking
+    the two ranks' windows as two accumulated micro-batches must still give their losses."""
+    run_train(debug_overrides(shakespeare_dir, tmp_path, "deepspeed=zero0", "train.grad_accum=2",
+                              "train.eval_every=0", "train.ckpt_every=0", "train.sample_tokens=0"))
+    two_ranks, one_rank = losses(zero0_run[0]), losses(tmp_path)
+    assert one_rank.keys() == two_ranks.keys() == set(range(1, STEPS + 1))
+    for step in two_ranks:
+        assert one_rank[step] == pytest.approx(two_ranks[step], rel=1e-5, abs=1e-5), step

@@ -27,13 +27,37 @@ def deepspeed_config(cfg: Config, world_size: int, n_params: int, load_universal
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch * t.grad_accum * world_size,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": 0.0 if clips_in_torch(cfg) else t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
+
+
+def clips_in_torch(cfg: Config) -> bool:
+    """fp32 ZeRO-0: DeepSpeed would clip with a loop of per-tensor norms and an all-reduce of the
+    total; torch's foreach clip on the already all-reduced gradients gives the same in a few kernels.
+    Its other optimizers (ZeRO 1-3, bf16) clip their own partitions and are left to."""
+    return cfg.deepspeed.stage == 0 and cfg.precision == "fp32"
+
+
+def _clip_before_each_step(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Clip (when max_norm > 0) and record the global gradient norm before every update; DeepSpeed's
+    engine copies an optimizer's _global_grad_norm into its own after the step, so
+    engine.get_global_grad_norm() means the same for every stage and precision."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def clip(opt, args, kwargs):
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            if max_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+            opt._global_grad_norm = norm
+
+    optimizer.register_step_pre_hook(clip)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -61,7 +85,14 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_univ
         torch.set_float32_matmul_precision("high")  # fp32 runs use TF32 tensor cores (bf16 runs are unaffected)
     n_params = sum(p.numel() for p in model.parameters())
     config = deepspeed_config(cfg, world_size, n_params, load_universal)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=config)
+    optimizer = build_optimizer(model, cfg)
+    if clips_in_torch(cfg):
+        _clip_before_each_step(optimizer, cfg.train.grad_clip)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if world_size == 1 and cfg.deepspeed.stage == 0:
+        # averaging gradients over one rank only copies them into buckets and back (4% of a small
+        # model's step); ZeRO 1-3 keep their reduce path, which also fills their partitions
+        engine.enable_backward_allreduce = False
     if cfg.train.compile:
         engine.compile()  # compiles the wrapped module in place: checkpoints keep their parameter names
     return engine
@@ -70,15 +101,3 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_univ
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-
-
-def grad_norm(engine) -> float | None:
-    """Global gradient norm before clipping; call before engine.step() on the accumulation boundary.
-
-    ZeRO and bf16 optimizers record it themselves (get_global_grad_norm after the step); plain
-    fp32 ZeRO-0 does not, so it is computed here from the already all-reduced gradients.
-    """
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
-        return None
-    return torch.nn.utils.get_total_norm(grads).item()

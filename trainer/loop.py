@@ -20,7 +20,7 @@ from model import GPT
 from . import checkpoint
 from .config import Config
 from .distributed import RunError, broadcast_error, init_distributed, shutdown
-from .engine import build_engine, grad_norm, set_lr
+from .engine import build_engine, set_lr
 from .evaluate import evaluate_engine, sample_text
 from .metrics import MetricsWriter, Throughput
 from .mfu import flops_per_token, peak_flops
@@ -145,7 +145,6 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     if rank == 0:
         print(f"MFU: {flops_token / 1e6:.2f} MFLOPs/token against {peak / 1e12:.3g} TFLOP/s per device "
               f"({peak_source})", flush=True)
-    own_grad_norm = cfg.deepspeed.stage == 0 and cfg.precision == "fp32"  # see engine.grad_norm
     bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=rank != 0 or not t.progress,
                dynamic_ncols=True)
     meter = Throughput()
@@ -153,7 +152,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     # [non-finite loss on some rank, stop requested, -(first non-finite step)], all-reduced with MAX
     guard = torch.zeros(3, device=engine.device)
     first_bad = torch.zeros((), device=engine.device)  # first step with a non-finite loss here; 0: none
-    norm, last = None, {}
+    last = {}
     stop = StopRequest()
     try:
         while step < t.max_steps:
@@ -175,8 +174,6 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
                 y = y.to(engine.device, non_blocking=True).long()
                 _, loss = engine(x, y)
                 engine.backward(loss)
-                if logging and micro == accum - 1 and own_grad_norm:
-                    norm = grad_norm(engine)
                 engine.step()
                 step_loss += loss.detach().float()
             step += 1
@@ -196,7 +193,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
                 guard[2] = torch.where(first_bad > 0, -first_bad, -1e12)
                 dist.all_reduce(guard, op=dist.ReduceOp.MAX)
             if checking and guard[0]:
-                gn = norm if own_grad_norm else engine.get_global_grad_norm()
+                gn = _grad_norm(engine)
                 dist.all_reduce(step_loss)
                 bad = int(-guard[2].item())
                 raise RunError(
@@ -212,10 +209,9 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
                 rates = meter.read()
                 last = {"tokens": train_loader.consumed * cfg.model.block_size,
                         "loss": loss_sum.item() / (rates.pop("micro_steps") * world), "lr": lr,
-                        "grad_norm": norm if own_grad_norm else engine.get_global_grad_norm(),
+                        "grad_norm": _grad_norm(engine),
                         "batch_tokens": accum * micro_tokens, **rates,
                         "mfu": rates["tokens_per_s"] * flops_token / (peak * world)}
-                last["grad_norm"] = float(last["grad_norm"]) if last["grad_norm"] is not None else None
                 if t.cost_per_hour:
                     last.update(usd_per_hour=t.cost_per_hour,
                                 tokens_per_usd=last["tokens_per_s"] * 3600 / t.cost_per_hour)
@@ -251,3 +247,9 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
             print(f"\n--- sample at step {step} ---{text}\n---", flush=True)
     writer.close()
     return {"step": step, "stopped": bool(guard[1]), **last}
+
+
+def _grad_norm(engine) -> float | None:
+    """The last update's gradient norm before clipping (a host sync: logging steps only)."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
