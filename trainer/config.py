@@ -41,6 +41,7 @@ class TrainConfig:
     compile: bool = False      # torch.compile the model (DeepSpeed's engine.compile)
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory
     fused_adamw: bool = True   # torch's fused AdamW kernel on CUDA (ignored elsewhere)
+    profile_steps: int = 0     # torch.profiler over this many steps after the first 6: run_dir/profile/
 
 
 @dataclass
@@ -97,7 +98,7 @@ def validate(c: Config, world_size: int | None = None) -> None:
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
     for key in ("eval_every", "ckpt_every", "keep_ckpts", "warmup_tokens", "sample_tokens", "batch_ramp_tokens",
-                "batch_start_tokens"):
+                "batch_start_tokens", "profile_steps"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
     if t.cost_per_hour < 0:

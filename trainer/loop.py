@@ -24,6 +24,7 @@ from .engine import build_engine, set_lr
 from .evaluate import evaluate_engine, sample_text
 from .metrics import MetricsWriter, Throughput
 from .mfu import flops_per_token, peak_flops
+from .profile import StepProfiler
 from .schedule import accum_at, lr_at, planned_tokens
 from .stopping import StopRequest
 
@@ -154,6 +155,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     first_bad = torch.zeros((), device=engine.device)  # first step with a non-finite loss here; 0: none
     last = {}
     stop = StopRequest()
+    profiler = StepProfiler(run_dir, t.profile_steps, rank)
     try:
         while step < t.max_steps:
             tokens = train_loader.consumed * cfg.model.block_size
@@ -177,6 +179,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
                 engine.step()
                 step_loss += loss.detach().float()
             step += 1
+            profiler.step()
             meter.add(micro_steps=accum, tokens=accum * micro_tokens)
             bar.update(1)
 
@@ -235,6 +238,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
                 save(step)
                 meter.restart()
     finally:
+        profiler.close()
         train_loader.close()
         stop.restore()
         bar.close()
