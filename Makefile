@@ -50,6 +50,8 @@ bench: setup
 	$(PY) bench/engine_overhead.py --rounds 5
 	for ctx in 64 256 1024; do $(PY) bench/attention.py --ctx $$ctx; done
 	$(PY) bench/zero_memory.py
+	$(PY) bench/step_ops.py model.n_layer=12 model.n_head=12 model.d_model=768 model.block_size=64 \
+		model.bias=false model.dropout=0 train.micro_batch=1
 	test -f shards/shakespeare/manifest.json || $(PY) launch/prepare.py conf=baby
 	$(PY) bench/loader.py
 	$(PY) bench/prepare.py --mb 200

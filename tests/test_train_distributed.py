@@ -203,3 +203,27 @@ def test_profile_steps_writes_a_trace_and_an_op_table_of_exactly_those_steps(tmp
     assert steps == {"ProfilerStep#6", "ProfilerStep#7", "ProfilerStep#8"}  # training steps 7-9
     table = (tmp_path / "profile" / "ops_rank0.txt").read_text()
     assert "aten::mm" in table or "aten::addmm" in table  # the model's matmuls are in the op table
+
+
+def test_bf16_at_zero0_is_autocast_over_fp32_weights_and_resumes_bit_identically(zero0_run, tmp_path,
+                                                                                  shakespeare_dir):
+    """precision=bf16 at ZeRO-0: bf16 matmuls (the losses move off the fp32 run's, a little), fp32
+    weights in the checkpoint, and a stop/resume that repeats the uninterrupted run exactly."""
+    import torch
+
+    bf16 = ["deepspeed=zero0", "precision=bf16", "train.sample_tokens=0"]
+    run_train(debug_overrides(shakespeare_dir, tmp_path / "whole", *bf16), ranks=2)
+    whole, fp32 = losses(tmp_path / "whole"), losses(zero0_run[0])
+    assert whole.keys() == fp32.keys() == set(range(1, STEPS + 1))
+    gaps = [abs(whole[step] - fp32[step]) for step in whole]
+    assert 0 < max(gaps) < 0.02
+    states = torch.load(tmp_path / "whole" / "checkpoints" / "step00000015" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)
+    assert {t.dtype for t in states["module"].values()} == {torch.float32}
+
+    run_train(debug_overrides(shakespeare_dir, tmp_path / "resumed", *bf16, "train.max_steps=15"), ranks=2)
+    second = run_train(debug_overrides(shakespeare_dir, tmp_path / "resumed", *bf16), ranks=2)
+    assert "resumed at step 15" in second.stdout
+    resumed = losses(tmp_path / "resumed")
+    for step in range(16, STEPS + 1):
+        assert resumed[step] == whole[step], step

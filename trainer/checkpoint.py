@@ -175,7 +175,15 @@ def to_universal(where: tuple[Path, str]) -> tuple[Path, str]:
 def load(engine, where: tuple[Path, str]) -> dict:
     """Collective: restore engine state and this rank's RNG; returns the client state."""
     directory, tag = where
-    path, client = engine.load_checkpoint(str(directory), tag=tag)
+    try:
+        path, client = engine.load_checkpoint(str(directory), tag=tag)
+    except KeyError as e:
+        if engine.zero_optimization_stage() == 0 and e.args == ("param_groups",):
+            raise CheckpointError(
+                f"{directory / tag}: its optimizer state is that of DeepSpeed's bf16 wrapper, which ZeRO-0 runs "
+                "used before precision=bf16 became torch autocast over fp32 weights; this version cannot resume "
+                "it. The weights still load for sampling and evaluation; resume=never starts over") from None
+        raise
     if path is None:
         raise CheckpointError(f"{directory / tag}: DeepSpeed found no checkpoint to load")
     if client.get("world_size") == dist.get_world_size():

@@ -29,18 +29,27 @@ def deepspeed_config(cfg: Config, world_size: int, n_params: int, load_universal
         "train_batch_size": t.micro_batch * t.grad_accum * world_size,
         "gradient_clipping": 0.0 if clips_in_torch(cfg) else t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "bf16": {"enabled": cfg.precision == "bf16" and not autocasts(cfg)},
+        "torch_autocast": {"enabled": autocasts(cfg), "dtype": "bfloat16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
 
 
+def autocasts(cfg: Config) -> bool:
+    """bf16 at ZeRO-0 is torch autocast over fp32 weights, gradients and AdamW (what a plain PyTorch
+    loop does). DeepSpeed's own bf16 at ZeRO-0 wraps the optimizer in its unfused fp16 optimizer:
+    per-tensor master copies and an overflow check that reads every gradient back to the host, one
+    sync per parameter tensor per step. ZeRO 1-3 keep DeepSpeed's bf16 (flat partitions)."""
+    return cfg.deepspeed.stage == 0 and cfg.precision == "bf16"
+
+
 def clips_in_torch(cfg: Config) -> bool:
-    """fp32 ZeRO-0: DeepSpeed would clip with a loop of per-tensor norms and an all-reduce of the
-    total; torch's foreach clip on the already all-reduced gradients gives the same in a few kernels.
-    Its other optimizers (ZeRO 1-3, bf16) clip their own partitions and are left to."""
-    return cfg.deepspeed.stage == 0 and cfg.precision == "fp32"
+    """ZeRO-0 (fp32 weights, also under bf16 autocast): DeepSpeed would clip with a loop of per-tensor
+    norms and an all-reduce of the total; torch's foreach clip on the already all-reduced gradients
+    gives the same in a few kernels. ZeRO 1-3 clip their own partitions and are left to."""
+    return cfg.deepspeed.stage == 0
 
 
 def _clip_before_each_step(optimizer: torch.optim.Optimizer, max_norm: float) -> None:

@@ -1,0 +1,88 @@
+"""What one optimizer step launches: ops and host reads (each a device sync on a GPU) per step, by
+precision and ZeRO stage, counted with torch.profiler in one process. A GPU pays a launch per op
+and a stall per host read, so these counts are what a CPU can say about GPU step overhead. (Reads
+of torch AdamW's step counters are left out: on CUDA the fused AdamW keeps them on the device.)
+
+    python bench/step_ops.py [model.n_layer=12 model.d_model=768 ...]
+"""
+from __future__ import annotations
+
+import argparse
+
+import deepspeed
+import torch
+from omegaconf import OmegaConf
+from torch.profiler import ProfilerActivity, profile
+
+from launch.cli import set_environment
+from model import GPT
+from trainer.config import to_config
+from trainer.distributed import init_distributed, shutdown
+from trainer.engine import build_engine, build_optimizer, deepspeed_config
+
+HOST_READS = ("aten::_local_scalar_dense",)  # what .item(), bool() and float() of a tensor run
+
+
+def deepspeed_bf16_engine(cfg):
+    """ZeRO-0 with DeepSpeed's own bf16 (bf16 weights, its unfused optimizer wrapper): the path
+    precision=bf16 took at ZeRO-0 before it became torch autocast."""
+    model = GPT(cfg.model)
+    config = deepspeed_config(cfg, 1, sum(p.numel() for p in model.parameters()))
+    config.update(bf16={"enabled": True}, torch_autocast={"enabled": False}, gradient_clipping=cfg.train.grad_clip)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=config)
+    return engine
+
+
+def _in_torch_adamw(event) -> bool:
+    """Host reads inside torch's AdamW here are its CPU step counters: on a GPU the fused AdamW keeps
+    them on the device, so they are not counted."""
+    while event is not None:
+        if event.name.startswith("Optimizer.step#AdamW"):
+            return True
+        event = event.cpu_parent
+    return False
+
+
+def count(engine, x, steps: int = 3) -> tuple[float, float]:
+    """(ops, host reads) per optimizer step."""
+    def step():
+        _, loss = engine(x[:, :-1], x[:, 1:])
+        engine.backward(loss)
+        engine.step()
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.events()
+    ops = sum(1 for e in events if e.name.startswith("aten::"))
+    reads = sum(1 for e in events if e.name in HOST_READS and not _in_torch_adamw(e))
+    return ops / steps, reads / steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="dotted config keys, e.g. model.n_layer=12")
+    args = parser.parse_args()
+    set_environment()
+    init_distributed()
+    base = OmegaConf.merge(OmegaConf.create({"model": {"vocab_size": 70}, "train": {"micro_batch": 4}}),
+                           OmegaConf.from_dotlist(args.overrides))
+    rows = [("fp32", 0), ("bf16", 0), ("bf16, DeepSpeed's bf16 wrapper", 0), ("bf16", 1), ("bf16", 2)]
+    print("\n| precision | ZeRO stage | ops per step | host reads per step |\n|---|---:|---:|---:|")
+    for name, stage in rows:
+        cfg = to_config(OmegaConf.merge(base, {"precision": name.split(",")[0], "deepspeed": {"stage": stage}}))
+        torch.manual_seed(0)
+        engine = deepspeed_bf16_engine(cfg) if "wrapper" in name else build_engine(GPT(cfg.model), cfg, 1)
+        x = torch.randint(0, 70, (cfg.train.micro_batch, cfg.model.block_size + 1))
+        ops, reads = count(engine, x)
+        n = sum(p.numel() for p in engine.module.parameters())
+        tensors = sum(1 for _ in engine.module.parameters())
+        print(f"| {name} | {stage} | {ops:,.0f} | {reads:,.0f} |", flush=True)
+    print(f"\nmodel: {n / 1e6:.2f}M parameters in {tensors} tensors, "
+          f"batch {cfg.train.micro_batch}x{cfg.model.block_size}")
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
