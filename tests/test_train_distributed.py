@@ -227,3 +227,21 @@ def test_bf16_at_zero0_is_autocast_over_fp32_weights_and_resumes_bit_identically
     resumed = losses(tmp_path / "resumed")
     for step in range(16, STEPS + 1):
         assert resumed[step] == whole[step], step
+
+
+def test_a_bf16_zero0_checkpoint_of_deepspeeds_bf16_wrapper_is_refused_with_what_to_do(tmp_path, shakespeare_dir):
+    """Checkpoints written before bf16 at ZeRO-0 became autocast hold the wrapper's optimizer state
+    (its keys, as DeepSpeed 0.19 wrote them); resuming one is a one-line error, not a KeyError."""
+    import torch
+
+    bf16 = ["deepspeed=zero0", "precision=bf16", "train.sample_tokens=0", "train.eval_every=0"]
+    run_train(debug_overrides(shakespeare_dir, tmp_path, *bf16, "train.max_steps=2"))
+    states_file = tmp_path / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt"
+    states = torch.load(states_file, map_location="cpu", weights_only=False)
+    states["optimizer"] = {"dynamic_loss_scale": False, "cur_scale": 1.0, "cur_iter": 2,
+                           "optimizer_state_dict": states["optimizer"], "fp32_groups": []}
+    torch.save(states, states_file)
+    proc = run_train(debug_overrides(shakespeare_dir, tmp_path, *bf16, "train.max_steps=4"), check=False)
+    assert proc.returncode == 1
+    assert "optimizer state is that of DeepSpeed's bf16 wrapper" in proc.stderr.strip().splitlines()[-1]
+    assert "resume=never" in proc.stderr.strip().splitlines()[-1]
