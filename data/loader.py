@@ -245,7 +245,11 @@ def _unwrap_worker_error(error: ShardError) -> ShardError:
 
 
 class RankLoader:
-    """Iterator of this rank's (x, y) micro-batches; its state is (seed, consumed samples)."""
+    """Iterator of this rank's (x, y) micro-batches; its state is (seed, consumed samples).
+
+    Batches are views into buffers that workers reuse: each stays valid until the group after its
+    own has been taken (at least `group` more batches). Copy what you keep longer; the training loop
+    copies every batch to the model's device and dtype at once."""
 
     def __init__(self, data_dir, split: str, block_size: int, micro_batch: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, num_workers: int = 1,
