@@ -1,6 +1,7 @@
 """Data loader throughput beside raw zstd decompression of the same frames, and the loader's share
-of a training step of the debug model. Each reader covers one epoch of the split (at least 3000 batches, or --batches);
-the rounds are interleaved and the table shows medians, since this machine is noisy.
+of a training step of the debug model. Each reader covers one epoch of the split (at least 3000
+batches, or --batches); the rounds are interleaved and the table shows medians, since this machine
+is noisy.
 
     python bench/loader.py [--data-dir shards/shakespeare] [--rounds 3] [--batches N]
 """

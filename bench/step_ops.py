@@ -76,10 +76,9 @@ def main():
         engine = deepspeed_bf16_engine(cfg) if "wrapper" in name else build_engine(GPT(cfg.model), cfg, 1)
         x = torch.randint(0, 70, (cfg.train.micro_batch, cfg.model.block_size + 1))
         ops, reads = count(engine, x)
-        n = sum(p.numel() for p in engine.module.parameters())
-        tensors = sum(1 for _ in engine.module.parameters())
         print(f"| {name} | {stage} | {ops:,.0f} | {reads:,.0f} |", flush=True)
-    print(f"\nmodel: {n / 1e6:.2f}M parameters in {tensors} tensors, "
+    params = list(GPT(cfg.model).parameters())
+    print(f"\nmodel: {sum(p.numel() for p in params) / 1e6:.2f}M parameters in {len(params)} tensors, "
           f"batch {cfg.train.micro_batch}x{cfg.model.block_size}")
     shutdown()
 
