@@ -57,7 +57,8 @@ bench: setup
 	$(PY) bench/prepare.py --mb 200
 	$(PY) bench/loader.py --data-dir shards/bench_wikipedia
 	$(PY) bench/rank_memory.py --data-dir shards/shakespeare --data-dir shards/bench_wikipedia
-	$(PY) bench/mfu.py --steps 20
+	$(PY) bench/mfu.py --steps 400 --row "baby: conf=baby"
+	$(PY) bench/mfu.py --steps 20 --row "shakespeare: conf=shakespeare"  # 8 s a step on 2 cores
 
 clean:
 	rm -rf outputs shards .pytest_cache

@@ -1,7 +1,7 @@
 """What one optimizer step launches: ops and host reads (each a device sync on a GPU) per step, by
 precision and ZeRO stage, counted with torch.profiler in one process. A GPU pays a launch per op
-and a stall per host read, so these counts are what a CPU can say about GPU step overhead. (Reads
-of torch AdamW's step counters are left out: on CUDA the fused AdamW keeps them on the device.)
+and a stall per host read, so these counts are what a CPU can say about GPU step overhead. (Fused
+AdamW's reads of its step counters are left out: its CUDA kernel keeps them on the device.)
 
     python bench/step_ops.py [model.n_layer=12 model.d_model=768 ...]
 """
@@ -34,8 +34,8 @@ def deepspeed_bf16_engine(cfg):
 
 
 def _in_torch_adamw(event) -> bool:
-    """Host reads inside torch's AdamW here are its CPU step counters: on a GPU the fused AdamW keeps
-    them on the device, so they are not counted."""
+    """Host reads inside torch's AdamW here are its CPU kernel reading the step counters: on a GPU
+    they stay on the device, so they are not counted."""
     while event is not None:
         if event.name.startswith("Optimizer.step#AdamW"):
             return True

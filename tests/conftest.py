@@ -71,6 +71,22 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
 
 
+def profiled_events(run_dir: Path) -> list[dict]:
+    """The complete events of rank 0's train.profile_steps trace."""
+    trace = json.loads((Path(run_dir) / "profile" / "trace_rank0.json").read_text())
+    return [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace) if e.get("ph") == "X"]
+
+
+def host_reads(events: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(reads of a device value by the host: .item(), bool(), float() of a tensor, outside optimizer
+    updates; those inside them)."""
+    updates = [e for e in events if e["name"].startswith("Optimizer.step#")]
+    reads = [e for e in events if e["name"] == "aten::_local_scalar_dense"]
+    inside = [e for e in reads if any(u["tid"] == e["tid"] and u["ts"] <= e["ts"] <= u["ts"] + u["dur"]
+                                      for u in updates)]
+    return [e for e in reads if e not in inside], inside
+
+
 STEPS = 30  # of the shared 2-rank reference run
 
 

@@ -1,6 +1,7 @@
-"""The GPU paths: bf16 SDPA/flash against an fp64 reference, cached decoding, and a bf16 DeepSpeed run
-with the fused optimizer, pinned batches and torch.compile. Run on a machine with CUDA (bench/gpu.sh
-does, on a lent GPU); elsewhere they are skipped, since the CPU paths are tested everywhere else."""
+"""The GPU paths: bf16 SDPA/flash against an fp64 reference, cached decoding, a bf16 DeepSpeed run
+with the fused optimizer, pinned batches and torch.compile, and steps that never wait on the GPU.
+Run on a machine with CUDA (bench/gpu.sh does, on a lent GPU); elsewhere they are skipped, since the
+CPU paths are tested everywhere else."""
 import itertools
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from model import GPT, GPTConfig, generate
 
-from conftest import debug_overrides, losses, run_train
+from conftest import debug_overrides, host_reads, losses, profiled_events, run_train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -59,3 +60,14 @@ def test_bf16_training_on_gpu_learns_and_resumes(tmp_path, shakespeare_dir):
     a, b = losses(full), losses(half)
     assert max(a) == 30 and a[30] < a[1] - 0.5
     assert abs(b[30] - a[30]) < 0.1  # compiled and eager bf16 differ by rounding only
+
+
+def test_bf16_steps_on_gpu_read_nothing_back_from_the_device(tmp_path, shakespeare_dir):
+    """The hot loop on a GPU: in profiled steps that do not log, neither the loop, nor the engine, nor
+    the fused AdamW (its step counters live on the device) syncs the host with the GPU."""
+    run_train(debug_overrides(shakespeare_dir, tmp_path, "precision=bf16", "train.max_steps=12",
+                              "train.profile_steps=3", "train.log_every=10", "train.eval_every=0",
+                              "train.ckpt_every=0", "train.sample_tokens=0"))
+    events = profiled_events(tmp_path)
+    assert sum(e["name"].startswith("Optimizer.step#") for e in events) == 3
+    assert host_reads(events) == ([], [])

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ROOT, STEPS, debug_overrides, free_port, losses, read_metrics, run_train,
-                      subprocess_env)
+from conftest import (ROOT, STEPS, debug_overrides, free_port, host_reads, losses, profiled_events, read_metrics,
+                      run_train, subprocess_env)
 
 
 def test_two_rank_run_learns_logs_and_checkpoints(zero0_run):
@@ -194,15 +194,19 @@ def test_one_rank_accumulating_two_micro_batches_matches_two_ranks(zero0_run, tm
 
 
 def test_profile_steps_writes_a_trace_and_an_op_table_of_exactly_those_steps(tmp_path, shakespeare_dir):
+    """Also the hot loop's promise: steps that do not log read nothing back from the device."""
     proc = run_train(debug_overrides(shakespeare_dir, tmp_path, "train.max_steps=12", "train.profile_steps=3",
-                                     "train.eval_every=0", "train.ckpt_every=0", "train.sample_tokens=0"))
+                                     "train.log_every=10", "train.eval_every=0", "train.ckpt_every=0",
+                                     "train.sample_tokens=0"))
     assert "profile of 3 steps" in proc.stdout
-    trace = json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    steps = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
+    events = profiled_events(tmp_path)
+    steps = {e["name"] for e in events if e["name"].startswith("ProfilerStep#")}
     assert steps == {"ProfilerStep#6", "ProfilerStep#7", "ProfilerStep#8"}  # training steps 7-9
     table = (tmp_path / "profile" / "ops_rank0.txt").read_text()
     assert "aten::mm" in table or "aten::addmm" in table  # the model's matmuls are in the op table
+    outside, in_adamw = host_reads(events)
+    assert in_adamw  # AdamW's CPU kernel reads its step counters (its CUDA kernel keeps them on the device)
+    assert outside == []
 
 
 def test_bf16_at_zero0_is_autocast_over_fp32_weights_and_resumes_bit_identically(zero0_run, tmp_path,
