@@ -7,8 +7,9 @@ setup(
     python_requires=">=3.10",
     packages=["model", "data", "trainer", "launch"],
     install_requires=[
-        "torch>=2.1",
-        "deepspeed>=0.16",
+        "torch>=2.6",         # torch.nn.utils.get_total_norm; fused AdamW on CPU (2.4)
+        "deepspeed>=0.19.6",  # the oldest release the test suite passes with: 0.17.2, 0.19.0, 0.19.4
+                              # and 0.19.5 fail it (0.19.5 halves a gradient accumulated over 2 micro-batches)
         "hydra-core>=1.3",
         "einops>=0.7",
         "zstandard>=0.22",
