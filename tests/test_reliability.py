@@ -216,6 +216,19 @@ def test_more_config_faults_name_their_keys(tmp_path, shakespeare_dir, args, mes
     assert proc.returncode == 1 and message in proc.stderr.strip().splitlines()[-1]
 
 
+def test_a_deepspeed_older_than_setup_py_allows_is_refused_saying_what_to_install():
+    """setup.py's pin, checked again at start for environments that skipped `pip install -e .`."""
+    import deepspeed
+
+    from trainer.distributed import MIN_DEEPSPEED, RunError, check_deepspeed
+
+    assert f'"deepspeed>={MIN_DEEPSPEED}"' in (ROOT / "setup.py").read_text()  # the same version in both
+    with pytest.raises(RunError, match=r"DeepSpeed 0\.19\.5 is installed; .* pip install 'deepspeed>=0\.19\.6'"):
+        check_deepspeed("0.19.5")
+    check_deepspeed(MIN_DEEPSPEED)
+    check_deepspeed(deepspeed.__version__)  # the one the suite runs with
+
+
 # 5. non-finite loss ---------------------------------------------------------------------------------
 
 def test_a_diverging_run_stops_on_every_rank_with_step_loss_and_grad_norm(tmp_path, shakespeare_dir):

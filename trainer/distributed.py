@@ -6,6 +6,9 @@ import socket
 
 import deepspeed
 import torch.distributed as dist
+from packaging.version import Version
+
+MIN_DEEPSPEED = "0.19.6"  # as in setup.py: older releases halve a gradient accumulated over micro-batches
 
 
 def _free_port() -> int:
@@ -14,8 +17,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_deepspeed(version: str | None = None) -> None:
+    """Refuse a DeepSpeed too old for this trainer (an environment that skipped `pip install -e .`)."""
+    version = version or deepspeed.__version__
+    if Version(version) < Version(MIN_DEEPSPEED):
+        raise RunError(f"DeepSpeed {version} is installed; this trainer needs {MIN_DEEPSPEED} or newer, since "
+                       "older releases halve a gradient accumulated over micro-batches: "
+                       f"pip install 'deepspeed>={MIN_DEEPSPEED}'")
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world size); without the launcher this process becomes a world of one."""
+    check_deepspeed()
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
