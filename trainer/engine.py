@@ -73,8 +73,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     """Torch AdamW (DeepSpeed then JIT-builds no optimizer op); weight decay on matrices only.
 
     train.fused_adamw: torch's fused kernel, on CPU as on CUDA. It updates every tensor in one pass
-    (4x faster than the default per-tensor loop on 2 CPU cores) and keeps its step counters beside
-    the parameters, so an update never reads a number back to the host.
+    (4x faster than the default per-tensor loop on 2 CPU cores); on CUDA it keeps its step counters
+    on the device, so an update never waits for the GPU.
     """
     t = cfg.train
     decay = [p for p in model.parameters() if p.dim() >= 2]

@@ -190,15 +190,17 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
             # same decision there, and nothing is saved after a non-finite loss.
             first_bad = torch.where((first_bad == 0) & ~torch.isfinite(step_loss), float(step), first_bad)
             checking = logging or evaluating or saving
+            non_finite = stopping = False
             if checking:
                 guard[0] = (first_bad > 0).float()
                 guard[1] = float(stop.requested)
                 guard[2] = torch.where(first_bad > 0, -first_bad, -1e12)
                 dist.all_reduce(guard, op=dist.ReduceOp.MAX)
-            if checking and guard[0]:
+                non_finite, stopping, neg_first_bad = guard.tolist()  # the one host read of the check
+            if non_finite:
                 gn = _grad_norm(engine)
                 dist.all_reduce(step_loss)
-                bad = int(-guard[2].item())
+                bad = int(-neg_first_bad)
                 raise RunError(
                     f"non-finite loss at step {bad}{f' (found at step {step})' if bad != step else ''}: loss "
                     f"{step_loss.item() / (accum * world)}, grad norm {gn}; "
@@ -222,7 +224,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}",
                                 tok_s=f"{last['tokens_per_s']:,.0f}", mfu=f"{last['mfu']:.1%}")
                 loss_sum.zero_()
-            if checking and guard[1]:
+            if stopping:
                 save(step)
                 if rank == 0:
                     bar.write(f"stop requested ({stop.signal_name or 'by a peer rank'}): saved the checkpoint of "
