@@ -72,9 +72,11 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def profiled_events(run_dir: Path) -> list[dict]:
-    """The complete events of rank 0's train.profile_steps trace."""
+    """The host's complete events in rank 0's train.profile_steps trace (on a GPU the trace also holds
+    the device's timeline: kernels, copies, and a twin of each annotation; those stay out)."""
     trace = json.loads((Path(run_dir) / "profile" / "trace_rank0.json").read_text())
-    return [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace) if e.get("ph") == "X"]
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return [e for e in events if e.get("ph") == "X" and not str(e.get("cat", "")).startswith(("gpu_", "kernel"))]
 
 
 def host_reads(events: list[dict]) -> tuple[list[dict], list[dict]]:

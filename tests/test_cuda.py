@@ -62,12 +62,18 @@ def test_bf16_training_on_gpu_learns_and_resumes(tmp_path, shakespeare_dir):
     assert abs(b[30] - a[30]) < 0.1  # compiled and eager bf16 differ by rounding only
 
 
-def test_bf16_steps_on_gpu_read_nothing_back_from_the_device(tmp_path, shakespeare_dir):
+def test_bf16_steps_on_gpu_never_wait_for_the_device(tmp_path, shakespeare_dir):
     """The hot loop on a GPU: in profiled steps that do not log, neither the loop, nor the engine, nor
-    the fused AdamW (its step counters live on the device) syncs the host with the GPU."""
+    the fused AdamW (its step counters live on the device) reads a value back or synchronizes: the
+    host stays ahead, queueing the next step while the GPU runs this one."""
     run_train(debug_overrides(shakespeare_dir, tmp_path, "precision=bf16", "train.max_steps=12",
                               "train.profile_steps=3", "train.log_every=10", "train.eval_every=0",
                               "train.ckpt_every=0", "train.sample_tokens=0"))
     events = profiled_events(tmp_path)
     assert sum(e["name"].startswith("Optimizer.step#") for e in events) == 3
     assert host_reads(events) == ([], [])
+    steps = [e for e in events if e["name"].startswith("ProfilerStep#")]
+    waits = [(s["name"], e["name"], round(e["ts"] - s["ts"])) for e in events for s in steps
+             if e.get("cat") == "cuda_runtime" and "Synchronize" in e["name"]
+             and s["ts"] <= e["ts"] <= s["ts"] + s["dur"]]
+    assert len(steps) == 3 and waits == []  # (step, call, microseconds into the step)

@@ -216,6 +216,43 @@ def test_profile_steps_writes_a_trace_and_an_op_table_of_exactly_those_steps(tmp
     assert outside == []
 
 
+def test_zero0_engine_steps_never_wait_for_the_device(monkeypatch):
+    """DeepSpeed's engine synchronizes the device through its accelerator (on a GPU the host then
+    waits for every queued kernel, and the GPU idles while the next step is queued). A CPU's
+    synchronize does nothing, so the calls are counted in-process: none in ZeRO-0 steps, fp32 or bf16.
+    (One process group for both: DeepSpeed keeps its groups, so a process initializes only once.)"""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from omegaconf import OmegaConf
+
+    from model import GPT
+    from trainer.config import to_config
+    from trainer.distributed import init_distributed, shutdown
+    from trainer.engine import build_engine
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port()), **subprocess_env()).items():
+        monkeypatch.setenv(key, value)
+    syncs = []
+    monkeypatch.setattr(get_accelerator(), "synchronize", lambda *args, **kwargs: syncs.append(args))
+    init_distributed()
+    try:
+        for precision in ("fp32", "bf16"):
+            cfg = to_config(OmegaConf.create({"model": {"vocab_size": 70, "n_layer": 1, "n_head": 2, "d_model": 32,
+                                                        "block_size": 16}, "train": {"micro_batch": 2},
+                                              "precision": precision}))
+            engine = build_engine(GPT(cfg.model), cfg, world_size=1)
+            syncs.clear()
+            x = torch.randint(0, 70, (2, 17))
+            for _ in range(5):  # DeepSpeed's throughput timer starts synchronizing at its third step
+                _, loss = engine(x[:, :-1], x[:, 1:])
+                engine.backward(loss)
+                engine.step()
+            assert engine.global_steps == 5 and syncs == [], precision
+    finally:
+        shutdown()
+
+
 def test_bf16_at_zero0_is_autocast_over_fp32_weights_and_resumes_bit_identically(zero0_run, tmp_path,
                                                                                   shakespeare_dir):
     """precision=bf16 at ZeRO-0: bf16 matmuls (the losses move off the fp32 run's, a little), fp32

@@ -33,6 +33,9 @@ def deepspeed_config(cfg: Config, world_size: int, n_params: int, load_universal
         "torch_autocast": {"enabled": autocasts(cfg), "dtype": "bfloat16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer waits for the device at every forward and every step (a GPU
+        # then idles while the host queues the next step); the loop's own meter keeps time instead
+        "timers": {"throughput": {"enabled": False}},
         "checkpoint": {"load_universal": load_universal},
     }
 

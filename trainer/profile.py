@@ -36,8 +36,11 @@ class StepProfiler:
     def _write(self, prof) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.out / f"trace_rank{self.rank}.json"))
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=sort, row_limit=30)
+        ops, on_gpu = prof.key_averages(), torch.cuda.is_available()
+        tables = [ops.table(sort_by="self_cuda_time_total", row_limit=30)] if on_gpu else []
+        # the host's time too: on a GPU it tells a step the host cannot queue fast enough from a busy GPU
+        tables.append(ops.table(sort_by="self_cpu_time_total", row_limit=15 if on_gpu else 30))
+        table = "\n".join(tables)
         (self.out / f"ops_rank{self.rank}.txt").write_text(table + "\n")
         if self.rank == 0:
             print(f"profile of {self.steps} steps (trace and op table per rank in {self.out}):\n{table}", flush=True)
