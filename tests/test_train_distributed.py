@@ -230,9 +230,10 @@ def test_zero0_engine_steps_never_wait_for_the_device(monkeypatch):
     from trainer.distributed import init_distributed, shutdown
     from trainer.engine import build_engine
 
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", subprocess_env()["TORCH_EXTENSIONS_DIR"])
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(free_port()), **subprocess_env()).items():
-        monkeypatch.setenv(key, value)
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)  # restored afterwards, unlike init_distributed's own defaults
     syncs = []
     monkeypatch.setattr(get_accelerator(), "synchronize", lambda *args, **kwargs: syncs.append(args))
     init_distributed()

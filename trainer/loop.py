@@ -154,6 +154,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     guard = torch.zeros(3, device=engine.device)
     first_bad = torch.zeros((), device=engine.device)  # first step with a non-finite loss here; 0: none
     last = {}
+    non_finite = stopping = False  # read back at checks; either one ends the loop
     stop = StopRequest()
     profiler = StepProfiler(run_dir, t.profile_steps, rank)
     try:
@@ -190,7 +191,6 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
             # same decision there, and nothing is saved after a non-finite loss.
             first_bad = torch.where((first_bad == 0) & ~torch.isfinite(step_loss), float(step), first_bad)
             checking = logging or evaluating or saving
-            non_finite = stopping = False
             if checking:
                 guard[0] = (first_bad > 0).float()
                 guard[1] = float(stop.requested)
@@ -252,7 +252,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
         if rank == 0:
             print(f"\n--- sample at step {step} ---{text}\n---", flush=True)
     writer.close()
-    return {"step": step, "stopped": bool(guard[1]), **last}
+    return {"step": step, "stopped": bool(stopping), **last}
 
 
 def _grad_norm(engine) -> float | None:
