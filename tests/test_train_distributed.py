@@ -216,11 +216,13 @@ def test_profile_steps_writes_a_trace_and_an_op_table_of_exactly_those_steps(tmp
     assert outside == []
 
 
-def test_zero0_engine_steps_never_wait_for_the_device(monkeypatch):
+def test_zero0_engine_steps_never_wait_for_the_device_nor_walk_the_model(monkeypatch):
     """DeepSpeed's engine synchronizes the device through its accelerator (on a GPU the host then
     waits for every queued kernel, and the GPU idles while the next step is queued). A CPU's
     synchronize does nothing, so the calls are counted in-process: none in ZeRO-0 steps, fp32 or bf16.
-    (One process group for both: DeepSpeed keeps its groups, so a process initializes only once.)"""
+    Nor does a step walk the module tree (DeepSpeed's zero_grad did, the most host time the engine
+    added to a small model's step). (One process group for both precisions: DeepSpeed keeps its
+    groups, so a process initializes only once.)"""
     import torch
     from deepspeed.accelerator import get_accelerator
     from omegaconf import OmegaConf
@@ -234,8 +236,13 @@ def test_zero0_engine_steps_never_wait_for_the_device(monkeypatch):
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(key, value)  # restored afterwards, unlike init_distributed's own defaults
-    syncs = []
+    syncs, walks = [], []
     monkeypatch.setattr(get_accelerator(), "synchronize", lambda *args, **kwargs: syncs.append(args))
+    named_modules = torch.nn.Module.named_modules
+
+    def counted_named_modules(module, *args, **kwargs):
+        walks.append(type(module).__name__)
+        return named_modules(module, *args, **kwargs)
     init_distributed()
     try:
         for precision in ("fp32", "bf16"):
@@ -245,11 +252,14 @@ def test_zero0_engine_steps_never_wait_for_the_device(monkeypatch):
             engine = build_engine(GPT(cfg.model), cfg, world_size=1)
             syncs.clear()
             x = torch.randint(0, 70, (2, 17))
-            for _ in range(5):  # DeepSpeed's throughput timer starts synchronizing at its third step
-                _, loss = engine(x[:, :-1], x[:, 1:])
-                engine.backward(loss)
-                engine.step()
-            assert engine.global_steps == 5 and syncs == [], precision
+            with monkeypatch.context() as walking:
+                walking.setattr(torch.nn.Module, "named_modules", counted_named_modules)
+                for _ in range(5):  # DeepSpeed's throughput timer starts synchronizing at its third step
+                    _, loss = engine(x[:, :-1], x[:, 1:])
+                    engine.backward(loss)
+                    engine.step()
+            assert engine.global_steps == 5 and syncs == [] and walks == [], precision
+            assert all(p.grad is None for p in engine.module.parameters()), precision  # cleared after each step
     finally:
         shutdown()
 

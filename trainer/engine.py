@@ -72,6 +72,20 @@ def _clip_before_each_step(optimizer: torch.optim.Optimizer, max_norm: float) ->
     optimizer.register_step_pre_hook(clip)
 
 
+def _zero_grad_from_a_list(engine, model: torch.nn.Module) -> None:
+    """DeepSpeed's ZeRO-0 step ends in engine.zero_grad(), which walks the whole module tree through
+    named_parameters() to set each gradient to None: the largest part of the engine's host time per
+    step (CPU, tiny 6-layer model: about 180 us a step over a plain loop's, 80 us with this list).
+    ZeRO 1-3 clear their own flat buffers and keep theirs."""
+    params = list(model.parameters())
+
+    def zero_grad():
+        for p in params:
+            p.grad = None
+
+    engine.zero_grad = zero_grad
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """Torch AdamW (DeepSpeed then JIT-builds no optimizer op); weight decay on matrices only.
 
@@ -105,6 +119,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_univ
         # averaging gradients over one rank only copies them into buckets and back (4% of a small
         # model's step); ZeRO 1-3 keep their reduce path, which also fills their partitions
         engine.enable_backward_allreduce = False
+    if cfg.deepspeed.stage == 0:
+        _zero_grad_from_a_list(engine, model)
     if cfg.train.compile:
         engine.compile()  # compiles the wrapped module in place: checkpoints keep their parameter names
     return engine
