@@ -1,11 +1,13 @@
 """Tokens/s of one model in a plain PyTorch loop vs the DeepSpeed engine at ZeRO 0-3 and with the
 training options (activation checkpointing, torch.compile, unfused AdamW), in one process, as ratios.
 
-    python bench/engine_overhead.py [--steps 100] [--rounds 3] [--no-compile] [model.d_model=...]
+    python bench/engine_overhead.py [--steps 100] [--rounds 3] [--no-compile] [--zero0-only] [model.d_model=...]
 
 Every loop runs the same model, batches and clipping, and fused AdamW except in the row that says
 otherwise; they alternate in rounds and the median of each is reported, so the ratios are measured
-under the same machine load.
+under the same machine load. precision=bf16 autocasts the plain loop's forward as the ZeRO-0 engine
+does. --zero0-only keeps the goal's pair (plain, ZeRO-0): for a large model on a GPU, where the
+other rows would cost minutes and memory.
 """
 from __future__ import annotations
 
@@ -24,9 +26,12 @@ from trainer.distributed import init_distributed, shutdown
 from trainer.engine import build_engine, build_optimizer, set_lr
 
 
-def plain_step(model, opt, clip):
+def plain_step(model, opt, clip, bf16: bool):
+    device_type = next(model.parameters()).device.type
+
     def step(x, y):
-        _, loss = model(x, y)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         for g in opt.param_groups:
@@ -59,6 +64,7 @@ def main():
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (slow to build)")
+    parser.add_argument("--zero0-only", action="store_true", help="only the plain loop and the ZeRO-0 engine")
     parser.add_argument("overrides", nargs="*", help="dotted config keys, e.g. model.n_layer=6")
     args = parser.parse_args()
     set_environment()
@@ -80,12 +86,14 @@ def main():
 
     torch.manual_seed(0)
     plain = GPT(cfg.model).to(device)
-    loops = {"plain PyTorch": plain_step(plain, build_optimizer(plain, cfg), cfg.train.grad_clip)}
-    for stage in range(4):
+    bf16 = cfg.precision == "bf16"
+    loops = {"plain PyTorch": plain_step(plain, build_optimizer(plain, cfg), cfg.train.grad_clip, bf16)}
+    for stage in range(1 if args.zero0_only else 4):
         loops[f"DeepSpeed ZeRO-{stage}"] = engine_for(deepspeed={"stage": stage})
-    loops["ZeRO-0 + activation checkpointing"] = engine_for(train={"activation_checkpointing": True})
-    loops["ZeRO-0, AdamW not fused"] = engine_for(train={"fused_adamw": False})
-    if not args.no_compile:
+    if not args.zero0_only:
+        loops["ZeRO-0 + activation checkpointing"] = engine_for(train={"activation_checkpointing": True})
+        loops["ZeRO-0, AdamW not fused"] = engine_for(train={"fused_adamw": False})
+    if not args.no_compile and not args.zero0_only:
         loops["ZeRO-0 + torch.compile"] = engine_for(train={"compile": True})
     for step in loops.values():
         timed(step, batches[:5])  # warm-up (and compilation)
@@ -96,7 +104,8 @@ def main():
     n_tokens = args.steps * B * T
     base_rate = n_tokens / statistics.median(times["plain PyTorch"])
     print(f"\nmodel {plain.num_params() / 1e6:.2f}M params, batch {B}x{T}, {args.steps} steps x {args.rounds} "
-          f"rounds, torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, one process\n")
+          f"rounds, {cfg.precision}, torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
+          "one process\n")
     print("| loop | tokens/s (median) | vs plain |\n|---|---:|---:|")
     for name, ts in times.items():
         rate = n_tokens / statistics.median(ts)

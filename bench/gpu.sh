@@ -4,7 +4,7 @@
 # overhead on the GPU.
 #   bash bench/gpu.sh [OUT_DIR]      (wheels of the other dependencies may wait in .whl/)
 # Each part has its own time limit and log, so one failure still leaves the others' numbers. The
-# limits add up to 470 s: with the wheel install the check fits one device call of timeout_s=500
+# limits add up to 515 s: with the wheel install the check fits one device call of timeout_s=545
 # (the CUDA tests took 95 s on one H200 and over 130 s on another).
 set -u
 out=${1:-${OUT:-/tmp/gpu_check}}
@@ -41,3 +41,7 @@ part profile 60 python3 launch/train.py conf=shakespeare model=gpt3_small precis
 cp /tmp/gpu_profile_run/profile/ops_rank0.txt "$out/profile_ops.txt" 2>/dev/null
 part engine_overhead 70 python3 bench/engine_overhead.py --steps 50 --rounds 3 --no-compile \
     model.n_layer=6 model.n_head=6 model.d_model=384 model.block_size=256 train.micro_batch=64
+# the same pair at the 124M-class shape in bf16, where the GPU, not the host, sets the pace
+part engine_overhead_124m 45 python3 bench/engine_overhead.py --steps 20 --rounds 3 --zero0-only precision=bf16 \
+    model.n_layer=12 model.n_head=12 model.d_model=768 model.block_size=1024 model.bias=false model.dropout=0 \
+    train.micro_batch=16
