@@ -27,13 +27,16 @@ from trainer.engine import build_engine, build_optimizer, set_lr
 
 
 def plain_step(model, opt, clip, bf16: bool):
-    device_type = next(model.parameters()).device.type
+    """A tight plain loop: the parameter list is made once (model.parameters() walks the module tree,
+    ~60 us a call here), as the engine's clipping does, so the ratio is the engine's own cost."""
+    params = list(model.parameters())
+    device_type = params[0].device.type
 
     def step(x, y):
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             _, loss = model(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        torch.nn.utils.clip_grad_norm_(params, clip)
         for g in opt.param_groups:
             g["lr"] = 1e-3
         opt.step()
