@@ -96,8 +96,8 @@ def main():
     if not args.zero0_only:
         loops["ZeRO-0 + activation checkpointing"] = engine_for(train={"activation_checkpointing": True})
         loops["ZeRO-0, AdamW not fused"] = engine_for(train={"fused_adamw": False})
-    if not args.no_compile and not args.zero0_only:
-        loops["ZeRO-0 + torch.compile"] = engine_for(train={"compile": True})
+        if not args.no_compile:
+            loops["ZeRO-0 + torch.compile"] = engine_for(train={"compile": True})
     for step in loops.values():
         timed(step, batches[:5])  # warm-up (and compilation)
     times = {name: [] for name in loops}

@@ -40,7 +40,7 @@ class TrainConfig:
     record_batches: bool = False  # audit trail: a hash of every training window, per rank, in run_dir
     compile: bool = False      # torch.compile the model (DeepSpeed's engine.compile)
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory
-    fused_adamw: bool = True   # torch's fused AdamW kernel (CPU and CUDA); false: its per-tensor loop
+    fused_adamw: bool = True   # fused AdamW (CPU, CUDA); false: torch's default (CPU: a loop per tensor; CUDA: foreach)
     profile_steps: int = 0     # torch.profiler over this many steps after the first 6: run_dir/profile/
 
 
