@@ -216,13 +216,27 @@ def test_profile_steps_writes_a_trace_and_an_op_table_of_exactly_those_steps(tmp
     assert outside == []
 
 
-def test_zero0_engine_steps_never_wait_for_the_device_nor_walk_the_model(monkeypatch):
+def _aten_ops_per_step(step, x, steps: int = 3) -> float:
+    """Ops a training step runs, counted by torch.profiler (on a GPU, each one a kernel launch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step(x[:, :-1], x[:, 1:])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(x[:, :-1], x[:, 1:])
+    return sum(e.name.startswith("aten::") for e in prof.events()) / steps
+
+
+def test_zero0_engine_steps_never_wait_for_the_device_nor_walk_the_model_nor_add_ops(monkeypatch):
     """DeepSpeed's engine synchronizes the device through its accelerator (on a GPU the host then
     waits for every queued kernel, and the GPU idles while the next step is queued). A CPU's
     synchronize does nothing, so the calls are counted in-process: none in ZeRO-0 steps, fp32 or bf16.
     Nor does a step walk the module tree (DeepSpeed's zero_grad did, the most host time the engine
-    added to a small model's step). (One process group for both precisions: DeepSpeed keeps its
-    groups, so a process initializes only once.)"""
+    added to a small model's step). And a step runs the ops of a plain PyTorch loop (the same model,
+    fused AdamW and clipping) plus a few for the loss's division by the accumulation steps: nothing
+    per parameter tensor, like a one-rank all-reduce's bucket copies or per-tensor norms, each a
+    kernel launch on a GPU. (One process group for both precisions: DeepSpeed keeps its groups, so a
+    process initializes only once.)"""
     import torch
     from deepspeed.accelerator import get_accelerator
     from omegaconf import OmegaConf
@@ -230,7 +244,7 @@ def test_zero0_engine_steps_never_wait_for_the_device_nor_walk_the_model(monkeyp
     from model import GPT
     from trainer.config import to_config
     from trainer.distributed import init_distributed, shutdown
-    from trainer.engine import build_engine
+    from trainer.engine import build_engine, build_optimizer
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", subprocess_env()["TORCH_EXTENSIONS_DIR"])
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -246,20 +260,36 @@ def test_zero0_engine_steps_never_wait_for_the_device_nor_walk_the_model(monkeyp
     init_distributed()
     try:
         for precision in ("fp32", "bf16"):
-            cfg = to_config(OmegaConf.create({"model": {"vocab_size": 70, "n_layer": 1, "n_head": 2, "d_model": 32,
+            cfg = to_config(OmegaConf.create({"model": {"vocab_size": 70, "n_layer": 2, "n_head": 2, "d_model": 32,
                                                         "block_size": 16}, "train": {"micro_batch": 2},
                                               "precision": precision}))
             engine = build_engine(GPT(cfg.model), cfg, world_size=1)
             syncs.clear()
             x = torch.randint(0, 70, (2, 17))
+
+            def engine_step(inputs, targets):
+                engine.backward(engine(inputs, targets)[1])
+                engine.step()
             with monkeypatch.context() as walking:
                 walking.setattr(torch.nn.Module, "named_modules", counted_named_modules)
                 for _ in range(5):  # DeepSpeed's throughput timer starts synchronizing at its third step
-                    _, loss = engine(x[:, :-1], x[:, 1:])
-                    engine.backward(loss)
-                    engine.step()
+                    engine_step(x[:, :-1], x[:, 1:])
             assert engine.global_steps == 5 and syncs == [] and walks == [], precision
             assert all(p.grad is None for p in engine.module.parameters()), precision  # cleared after each step
+
+            plain = GPT(cfg.model)
+            params, opt = list(plain.parameters()), build_optimizer(plain, cfg)
+            tensors = len(params)
+
+            def plain_step(inputs, targets):
+                with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+                    loss = plain(inputs, targets)[1]
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            added = _aten_ops_per_step(engine_step, x) - _aten_ops_per_step(plain_step, x)
+            assert 0 <= added < tensors, (precision, added, tensors)
     finally:
         shutdown()
 
