@@ -49,8 +49,29 @@ def test_gpu_peak_table_matches_device_names():
     assert gpu_peak("NVIDIA H200", "bf16") == 989e12
     assert gpu_peak("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
     assert gpu_peak("NVIDIA A10", "bf16") == 125e12
-    assert gpu_peak("NVIDIA L40S", "fp32") == 91.6e12
     assert gpu_peak("Some Future GPU", "bf16") is None
+    # a name holding a shorter entry is not taken for it: the longest whole-word entry wins, or none
+    assert gpu_peak("NVIDIA H200 NVL", "bf16") == 835e12
+    assert gpu_peak("NVIDIA L40", "bf16") == 181e12 and gpu_peak("NVIDIA L40S", "bf16") == 362e12
+    assert gpu_peak("NVIDIA A10G", "bf16") is None
+
+
+def test_an_fp32_run_on_tensor_cores_is_measured_against_the_tf32_peak(monkeypatch):
+    """The trainer lets fp32 matmuls use TF32 on a GPU; against the plain fp32 peak (7x lower on an
+    H100) its MFU would pass 100%. The peak follows torch's matmul precision at the time."""
+    assert gpu_peak("NVIDIA L40S", "fp32") == 183e12
+    assert gpu_peak("NVIDIA L40S", "fp32", tf32=False) == 91.6e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    before = torch.get_float32_matmul_precision()
+    try:
+        peaks = {}
+        for setting in ("high", "highest"):
+            torch.set_float32_matmul_precision(setting)
+            peaks[setting] = peak_flops(torch.device("cuda", 0), "fp32")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert peaks == {"high": (494.7e12, "datasheet NVIDIA H100 80GB HBM3"),
+                     "highest": (67e12, "datasheet NVIDIA H100 80GB HBM3")}
 
 
 def test_cpu_peak_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):

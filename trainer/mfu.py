@@ -3,13 +3,16 @@
 FLOPs per token (forward and backward) = 6·N + 12·L·H·Q·T, with N the non-embedding parameters,
 L layers, H heads, Q head dim, T context (the PaLM paper's count, appendix B). Peaks are dense
 (no sparsity) from the vendors' datasheets for known GPUs; elsewhere a matmul is timed once and the
-result cached, so the CPU figure means "share of what this machine's BLAS reaches".
+result cached, so the CPU figure means "share of what this machine's BLAS reaches". An fp32 run's
+matmuls use TF32 tensor cores on a GPU when torch allows it (the trainer does), so its peak is the
+TF32 one then: against the plain fp32 peak, 7x lower on an H100, MFU would pass 100%.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -17,17 +20,21 @@ import torch
 
 from model import GPTConfig
 
-# name fragment (as torch.cuda.get_device_name prints it) -> (bf16 tensor-core, fp32 non-tensor) FLOP/s
+# name fragment (as torch.cuda.get_device_name prints it) -> dense FLOP/s of (bf16 tensor cores,
+# TF32 tensor cores, fp32 without tensor cores): the datasheets' figures, halved where they are given
+# with sparsity
 GPU_PEAKS = {
-    "H200": (989e12, 67e12),
-    "H100 SXM": (989e12, 67e12),
-    "H100 80GB HBM3": (989e12, 67e12),   # the SXM part's device name
-    "H100 PCIe": (756e12, 51e12),
-    "H100 NVL": (835e12, 60e12),
-    "A100": (312e12, 19.5e12),
-    "L40S": (362e12, 91.6e12),
-    "L4": (121e12, 30.3e12),
-    "A10": (125e12, 31.2e12),
+    "H200": (989e12, 494.7e12, 67e12),
+    "H200 NVL": (835e12, 417.5e12, 60e12),
+    "H100 SXM": (989e12, 494.7e12, 67e12),
+    "H100 80GB HBM3": (989e12, 494.7e12, 67e12),   # the SXM part's device name
+    "H100 PCIe": (756e12, 378e12, 51e12),
+    "H100 NVL": (835e12, 417.5e12, 60e12),
+    "A100": (312e12, 156e12, 19.5e12),
+    "L40S": (362e12, 183e12, 91.6e12),
+    "L40": (181e12, 90.5e12, 90.5e12),
+    "L4": (121e12, 60e12, 30.3e12),
+    "A10": (125e12, 62.5e12, 31.2e12),
 }
 
 
@@ -35,11 +42,16 @@ def flops_per_token(cfg: GPTConfig, non_embedding_params: int) -> float:
     return 6 * non_embedding_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
 
 
-def gpu_peak(name: str, precision: str) -> float | None:
-    for fragment, (bf16, fp32) in GPU_PEAKS.items():
-        if fragment in name:
-            return bf16 if precision == "bf16" else fp32
-    return None
+def gpu_peak(name: str, precision: str, tf32: bool = True) -> float | None:
+    """The longest fragment found in the name as a whole word, so an "A10G" or an "A100" is not
+    taken for an "A10", nor an "H200 NVL" for an "H200"; None for a GPU not in the table."""
+    found = [f for f in GPU_PEAKS if re.search(rf"(?<!\w){re.escape(f)}(?!\w)", name)]
+    if not found:
+        return None
+    bf16, tensor_fp32, plain_fp32 = GPU_PEAKS[max(found, key=len)]
+    if precision == "bf16":
+        return bf16
+    return tensor_fp32 if tf32 else plain_fp32
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, trials: int = 5,
@@ -81,13 +93,15 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the figure comes from)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = gpu_peak(name, precision)
+        peak = gpu_peak(name, precision, tf32=torch.get_float32_matmul_precision() != "highest")
         if peak is not None:
             return peak, f"datasheet {name}"
     else:
         name = _cpu_name()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     key = f"{device.type}|{name}|{torch.get_num_threads()} threads|{dtype}"
+    if device.type == "cuda" and dtype == torch.float32:  # the timing itself uses TF32 when allowed
+        key += f"|matmul precision {torch.get_float32_matmul_precision()}"
     path = _cache_file()
     cache = json.loads(path.read_text()) if path.is_file() else {}
     if key not in cache:
