@@ -229,6 +229,43 @@ def test_a_deepspeed_older_than_setup_py_allows_is_refused_saying_what_to_instal
     check_deepspeed(deepspeed.__version__)  # the one the suite runs with
 
 
+def test_each_rank_binds_its_own_gpu_before_any_collective_and_too_many_ranks_are_refused(monkeypatch):
+    """On a GPU node torch runs the start-up checks' object collectives on the current device, GPU 0
+    for every rank until DeepSpeed's engine binds one: each rank binds GPU LOCAL_RANK first. The
+    accelerator's answers are set here (this machine has no GPU); CPU ranks bind nothing."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from trainer.distributed import RunError, bind_device, init_distributed
+
+    accelerator, bound = get_accelerator(), []
+    monkeypatch.setattr(accelerator, "set_device", bound.append)
+    bind_device(5)  # the CPU accelerator: processes, no devices
+    assert bound == []
+    monkeypatch.setattr(accelerator, "device_name", lambda *index: "cuda")
+    monkeypatch.setattr(accelerator, "device_count", lambda: 4)
+    for local_rank in range(4):
+        bind_device(local_rank)
+    assert bound == [0, 1, 2, 3]
+    with pytest.raises(RunError, match=r"LOCAL_RANK=4, but this node shows 4 cuda device\(s\): start at most 4"):
+        bind_device(4)
+    assert bound == [0, 1, 2, 3]
+
+    class ProcessGroupStarts(Exception):
+        pass
+
+    def start_process_group(*args, **kwargs):
+        bound.append("process group")
+        raise ProcessGroupStarts  # where the first collective could follow
+    monkeypatch.setattr(deepspeed, "init_distributed", start_process_group)
+    for key, value in dict(RANK="7", LOCAL_RANK="3", WORLD_SIZE="8", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(key, value)
+    bound.clear()
+    with pytest.raises(ProcessGroupStarts):
+        init_distributed()
+    assert bound == [3, "process group"]
+
+
 # 5. non-finite loss ---------------------------------------------------------------------------------
 
 def test_a_diverging_run_stops_on_every_rank_with_step_loss_and_grad_norm(tmp_path, shakespeare_dir):

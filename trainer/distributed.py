@@ -6,6 +6,7 @@ import socket
 
 import deepspeed
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from packaging.version import Version
 
 MIN_DEEPSPEED = "0.19.6"  # as in setup.py: older releases halve a gradient accumulated over micro-batches
@@ -26,12 +27,30 @@ def check_deepspeed(version: str | None = None) -> None:
                        f"pip install 'deepspeed>={MIN_DEEPSPEED}'")
 
 
+def bind_device(local_rank: int) -> None:
+    """Make this rank's own GPU (LOCAL_RANK) the current device before the first collective. Torch
+    runs object collectives on the current device, which is GPU 0 for every rank of a node until
+    DeepSpeed's engine sets it: the start-up checks would put all of a node's ranks on one GPU. CPU
+    ranks are processes and have nothing to bind."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return
+    count = accelerator.device_count()
+    if not 0 <= local_rank < count:
+        raise RunError(f"LOCAL_RANK={local_rank}, but this node shows {count} {accelerator.device_name()} "
+                       f"device(s): start at most {count} ranks on it (deepspeed --num_gpus, or the hostfile's "
+                       "slots=)")
+    accelerator.set_device(local_rank)
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world size); without the launcher this process becomes a world of one."""
     check_deepspeed()
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if "LOCAL_RANK" in os.environ:  # else (MPI discovery) DeepSpeed's engine binds it later
+        bind_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed()
     _unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
