@@ -60,6 +60,9 @@ def test_bf16_training_on_gpu_learns_and_resumes(tmp_path, shakespeare_dir):
     a, b = losses(full), losses(half)
     assert max(a) == 30 and a[30] < a[1] - 0.5
     assert abs(b[30] - a[30]) < 0.1  # compiled and eager bf16 differ by rounding only
+    latest = (half / "checkpoints" / "latest").read_text().strip()
+    client = torch.load(half / "checkpoints" / latest / "mp_rank_00_model_states.pt", weights_only=False)
+    assert isinstance(client["rng"][0]["cuda"], torch.Tensor)  # the rank's own GPU's generator only
 
 
 def test_bf16_steps_on_gpu_never_wait_for_the_device(tmp_path, shakespeare_dir):

@@ -26,14 +26,19 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def rng_state() -> dict:
+    """This rank's generators: the CPU's and, on a GPU, its own device's. (Every visible GPU's, as
+    before, could not be restored on a node that shows fewer GPUs.)"""
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, list):  # written before 2026-11-26: one state per visible GPU
+            cuda = cuda[torch.cuda.current_device()]
+        torch.cuda.set_rng_state(cuda)
 
 
 class CheckpointError(RuntimeError):
