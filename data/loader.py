@@ -249,7 +249,7 @@ class RankLoader:
 
     Batches are views into buffers that workers reuse: each stays valid until the group after its
     own has been taken (at least `group` more batches). Copy what you keep longer; the training loop
-    copies every batch to the model's device and dtype at once."""
+    copies every batch's windows (next_windows) to the model's device and dtype at once."""
 
     def __init__(self, data_dir, split: str, block_size: int, micro_batch: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, num_workers: int = 1,
@@ -296,21 +296,18 @@ class RankLoader:
                           prefetch_factor=PREFETCH if self.num_workers else None,
                           worker_init_fn=_worker_signals if self.num_workers else None)
 
-    def _batches(self, item: tuple[int, int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A group's (x, y) pairs, as views: slicing once per group, not per batch. The group two
-        before this one goes back to its worker: a caller may still hold the previous group's last batch."""
+    def _batches(self, item: tuple[int, int, int]) -> list[torch.Tensor]:
+        """A group's window blocks, as views. The group two before this one goes back to its worker:
+        a caller may still hold the previous group's last batch."""
         ring = self._ring_in_use
         group = ring.group(*item)
         self._held.append(item[:2])
         if len(self._held) > 2:
             ring.release(*self._held.popleft())
         if self.pin_memory:
-            group = group.pin_memory()  # once per group; its slices stay page-locked
-        return list(zip(group[:, :, :-1].unbind(0), group[:, :, 1:].unbind(0)))
+            group = group.pin_memory()  # once per group; each block of it stays page-locked
+        return list(group.unbind(0))
 
-    def _take(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        self.consumed += self.micro_batch * self.world_size
-        return batch
 
     def __iter__(self):
         """The batches from the current position to num_batches; the position advances as they are taken."""
@@ -322,8 +319,16 @@ class RankLoader:
                 self.close()
                 return
 
-    def next(self):
-        """The next batch, from one long-lived iterator (workers keep prefetching between calls)."""
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch (x, y): views of next_windows()."""
+        windows = self.next_windows()
+        return windows[:, :-1], windows[:, 1:]
+
+    def next_windows(self) -> torch.Tensor:
+        """The next micro-batch as its windows of block_size + 1 tokens, (micro_batch, block_size + 1):
+        one contiguous block, page-locked with pin_memory, so it goes to a GPU in one asynchronous
+        copy (x and y, its slices, are not contiguous: each would be copied through pageable memory).
+        From one long-lived iterator: workers keep prefetching between calls."""
         if not self._ready:
             if self._it is None:
                 self._it = iter(self._dataloader())
@@ -331,7 +336,8 @@ class RankLoader:
                 self._ready = self._batches(next(self._it))[::-1]
             except ShardError as e:
                 raise _unwrap_worker_error(e) from None
-        return self._take(self._ready.pop())
+        self.consumed += self.micro_batch * self.world_size
+        return self._ready.pop()
 
     def close(self) -> None:
         """Stop the worker processes now rather than whenever the iterator is collected."""

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from data.loader import RankLoader
 from model import GPT, GPTConfig, generate
 
 from conftest import debug_overrides, host_reads, losses, profiled_events, run_train
@@ -49,6 +50,13 @@ def test_cached_decoding_on_gpu_equals_full_recompute():
     cached = generate(model, prompt, 40, temperature=0, use_cache=True)
     plain = generate(model, prompt, 40, temperature=0, use_cache=False)  # recomputes the whole context
     assert cached.shape == (1, 50) and torch.equal(cached, plain)
+
+
+def test_training_batches_reach_the_gpu_in_one_page_locked_copy(shakespeare_dir):
+    loader = RankLoader(shakespeare_dir, "train", 256, 8, num_workers=1, pin_memory=True)
+    windows = loader.next_windows()
+    loader.close()
+    assert windows.is_pinned() and windows.is_contiguous() and windows.shape == (8, 257)
 
 
 def test_bf16_training_on_gpu_learns_and_resumes(tmp_path, shakespeare_dir):

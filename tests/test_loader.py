@@ -35,6 +35,22 @@ def _windows(loader: RankLoader, n_batches: int) -> list[bytes]:
     return out
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_next_windows_is_one_contiguous_block_whose_slices_are_next(data_dir, workers):
+    """The training loop copies next_windows() to the device in one go (page-locked on a GPU): a
+    contiguous (micro_batch, T + 1) block whose slices are what next() gives, in the same order."""
+    a = RankLoader(data_dir, "train", T, 4, seed=3, num_workers=workers)
+    b = RankLoader(data_dir, "train", T, 4, seed=3, num_workers=workers)
+    for _ in range(150):  # past two group boundaries (64 batches a group here)
+        windows = a.next_windows()
+        x, y = b.next()
+        assert windows.shape == (4, T + 1) and windows.is_contiguous()
+        assert torch.equal(windows[:, :-1], x) and torch.equal(windows[:, 1:], y)
+    assert a.consumed == b.consumed == 150 * 4
+    a.close()
+    b.close()
+
+
 def test_order_is_a_permutation_per_epoch_and_changes_with_epoch(data_dir):
     loader = RankLoader(data_dir, "train", T, 4)
     order = loader.order

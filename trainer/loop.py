@@ -169,13 +169,12 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
             step_loss = torch.zeros((), device=engine.device)
             for micro in range(accum):
                 engine.set_gradient_accumulation_boundary(micro == accum - 1)
-                x, y = train_loader.next()
+                windows = train_loader.next_windows()
                 if batch_log is not None:
-                    batch_log.write(f"{step + 1} " + " ".join(window_hash(row) for row in torch.cat([x, y[:, -1:]], 1))
-                                    + "\n")
-                x = x.to(engine.device, non_blocking=True).long()  # uint8 ids widened on the device
-                y = y.to(engine.device, non_blocking=True).long()
-                _, loss = engine(x, y)
+                    batch_log.write(f"{step + 1} " + " ".join(window_hash(row) for row in windows) + "\n")
+                # one copy (page-locked on a GPU: asynchronous), uint8 ids widened on the device
+                windows = windows.to(engine.device, non_blocking=True).long()
+                _, loss = engine(windows[:, :-1], windows[:, 1:])
                 engine.backward(loss)
                 engine.step()
                 step_loss += loss.detach().float()
