@@ -34,14 +34,14 @@ def raw_zstd(reader: ShardReader) -> tuple[float, int]:
 
 
 def loader_rate(data_dir, block_size: int, micro: int, workers: int, batches: int | None) -> float:
-    """Tokens/s the loader delivers to the training loop (windows x block_size, through next()),
-    after its workers have started."""
+    """Tokens/s the loader delivers to the training loop (windows x block_size, through
+    next_windows()), after its workers have started."""
     loader = RankLoader(data_dir, "train", block_size, micro, num_workers=workers)
     batches = batches or max(loader.windows_per_epoch // micro - 1, 3000)
-    loader.next()
+    loader.next_windows()
     start = time.perf_counter()
     for _ in range(batches):
-        loader.next()
+        loader.next_windows()
     elapsed = time.perf_counter() - start
     loader.close()
     return batches * micro * block_size / elapsed
@@ -77,13 +77,14 @@ def main():
     cfg = GPTConfig(vocab_size=len(reader.manifest["vocab"]), n_layer=2, n_head=2, d_model=32, block_size=32)
     model = GPT(cfg)
     loader = RankLoader(args.data_dir, "train", cfg.block_size, 8, num_workers=1)
-    loader.next()
+    loader.next_windows()
     fetch = compute = 0.0
     for _ in range(200):
         t0 = time.perf_counter()
-        x, y = loader.next()
+        windows = loader.next_windows()
         t1 = time.perf_counter()
-        _, loss = model(x.long(), y.long())
+        windows = windows.long()
+        _, loss = model(windows[:, :-1], windows[:, 1:])
         loss.backward()
         t2 = time.perf_counter()
         fetch, compute = fetch + t1 - t0, compute + t2 - t1
