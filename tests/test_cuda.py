@@ -59,6 +59,21 @@ def test_training_batches_reach_the_gpu_in_one_page_locked_copy(shakespeare_dir)
     assert windows.is_pinned() and windows.is_contiguous() and windows.shape == (8, 257)
 
 
+def test_evaluation_queues_its_batches_without_waiting_for_the_gpu(shakespeare_dir):
+    """Torch's sync debug mode turns any call that waits for the GPU into an error: evaluating
+    queues every batch (copies and forward) and its sums stay on the device."""
+    from trainer.evaluate import evaluate
+
+    model = GPT(GPTConfig(vocab_size=256, n_layer=2, n_head=2, d_model=64, block_size=64)).cuda().eval()
+    loader = RankLoader(shakespeare_dir, "val", 64, 4, shuffle=False, num_workers=0, num_batches=5)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = evaluate(model, loader, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stats[3].item() == 5 * 4 * 64  # tokens scored
+
+
 def test_bf16_training_on_gpu_learns_and_resumes(tmp_path, shakespeare_dir):
     """The debug preset in bf16 on the GPU, compiled: the loss falls, and a resumed run continues it."""
     full, half = tmp_path / "full", tmp_path / "half"

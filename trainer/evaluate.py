@@ -20,7 +20,8 @@ def batch_stats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     return torch.stack([nll.double(), (top5[:, 0] == targets).sum().double(),
                         (top5 == targets[:, None]).any(-1).sum().double(),
-                        torch.tensor(float(targets.numel()), dtype=torch.float64, device=logits.device)])
+                        # a fill, not a copy from the host (on a GPU, torch.tensor(...) would wait for it)
+                        torch.full((), float(targets.numel()), dtype=torch.float64, device=logits.device)])
 
 
 def summarize(stats: torch.Tensor) -> dict:
@@ -35,7 +36,8 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable,
     """Summed batch_stats of forward(x) -> logits over the batches (this rank's share)."""
     stats = torch.zeros(4, dtype=torch.float64, device=device)
     for x, y in batches:
-        x, y = x.to(device).long(), y.to(device).long()
+        # non_blocking: a blocking copy to a GPU waits for all queued work, once per batch
+        x, y = x.to(device, non_blocking=True).long(), y.to(device, non_blocking=True).long()
         stats += batch_stats(forward(x), y)
     return stats
 
