@@ -308,7 +308,6 @@ class RankLoader:
             group = group.pin_memory()  # once per group; each block of it stays page-locked
         return list(group.unbind(0))
 
-
     def __iter__(self):
         """The batches from the current position to num_batches; the position advances as they are taken."""
         self.close()

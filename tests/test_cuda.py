@@ -9,6 +9,7 @@ import torch
 
 from data.loader import RankLoader
 from model import GPT, GPTConfig, generate
+from trainer.evaluate import evaluate
 
 from conftest import debug_overrides, host_reads, losses, profiled_events, run_train
 
@@ -62,8 +63,6 @@ def test_training_batches_reach_the_gpu_in_one_page_locked_copy(shakespeare_dir)
 def test_evaluation_queues_its_batches_without_waiting_for_the_gpu(shakespeare_dir):
     """Torch's sync debug mode turns any call that waits for the GPU into an error: evaluating
     queues every batch (copies and forward) and its sums stay on the device."""
-    from trainer.evaluate import evaluate
-
     model = GPT(GPTConfig(vocab_size=256, n_layer=2, n_head=2, d_model=64, block_size=64)).cuda().eval()
     loader = RankLoader(shakespeare_dir, "val", 64, 4, shuffle=False, num_workers=0, num_batches=5)
     torch.cuda.set_sync_debug_mode("error")
