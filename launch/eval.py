@@ -21,6 +21,7 @@ def main(argv: list[str]) -> None:
 
     import torch
     from omegaconf import OmegaConf
+    from tqdm import tqdm
 
     from data.loader import RankLoader
     from data.shards import ShardError
@@ -46,7 +47,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"eval.py: {data_dir}/manifest.json: vocab differs from the checkpoint's")
     batches = loader.windows_per_epoch // args.batch_size
     loader.num_batches = min(batches, args.max_batches) if args.max_batches else batches
-    stats = evaluate(model, loader, device)
+    bar = tqdm(loader, total=loader.num_batches, desc=f"eval {args.split}", unit=" batch", file=sys.stderr,
+               disable=None)  # on a terminal only; stdout stays one JSON object
+    stats = evaluate(model, bar, device)
     print(json.dumps({"split": args.split, "step": client["step"], **summarize(stats)}))
 
 
