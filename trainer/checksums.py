@@ -1,0 +1,105 @@
+"""The sha256 list of a checkpoint's files, kept in its meta.json, and the check against it.
+
+Standard library only: the cluster driver verifies fetched checkpoints on a laptop without torch.
+A checkpoint's pickled files can run code when loaded, so nothing here opens them as anything but
+bytes; they are handed to torch or DeepSpeed only once their sums match a meta.json you trust.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+META = "meta.json"  # step, vocab, model config, world size, ZeRO stage, and every file's sum
+# the only names a checkpoint's file list may hold: DeepSpeed's per-rank files, flat in the tag dir
+FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+\.pt$")
+
+
+class ChecksumError(ValueError):
+    """A checkpoint file is missing, of another size, or of other content than its meta.json says."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_files(tag_dir: Path) -> dict[str, dict]:
+    """{name: {"sha256", "bytes"}} of the checkpoint files present in tag_dir (this disk's share)."""
+    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(Path(tag_dir).iterdir()) if p.is_file() and FILE_NAME.match(p.name)}
+
+
+def merge(shares: list[dict[str, dict]]) -> dict[str, dict]:
+    """One file list from every node's share; a file two nodes both hold must be the same bytes."""
+    files: dict[str, dict] = {}
+    for node, share in enumerate(shares):
+        for name, entry in share.items():
+            if name in files and files[name] != entry:
+                raise ChecksumError(f"{name}: node {node} holds other bytes than an earlier node "
+                                    f"(sha256 {entry['sha256'][:12]} vs {files[name]['sha256'][:12]})")
+            files[name] = entry
+    return dict(sorted(files.items()))
+
+
+def read_meta(tag_dir: Path) -> dict:
+    path = Path(tag_dir) / META
+    if not path.is_file():
+        raise ChecksumError(f"{path}: missing (not a checkpoint written by this trainer, or incomplete)")
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ChecksumError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ChecksumError(f"{path}: not a JSON object")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ChecksumError(f"{path}: no `files` list of sha256 sums (written by an older version of this "
+                            "trainer, or not by it): its files cannot be checked before loading")
+    for name, entry in files.items():
+        if not (isinstance(name, str) and FILE_NAME.match(name) and isinstance(entry, dict)
+                and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
+                and isinstance(entry.get("bytes"), int) and entry["bytes"] >= 0):
+            raise ChecksumError(f"{path}: files[{name!r}] is not a checkpoint file name with a sha256 and a size")
+    return meta
+
+
+def verify(tag_dir: Path, names: list[str] | None = None) -> dict:
+    """Check `names` (default: every file meta.json lists) against meta.json; returns the meta.
+
+    Raises ChecksumError naming the first file that is missing, of another size or other content.
+    """
+    tag_dir = Path(tag_dir)
+    meta = read_meta(tag_dir)
+    files = meta["files"]
+    for name in names if names is not None else files:
+        if name not in files:
+            raise ChecksumError(f"{tag_dir / META}: lists no {name} (a checkpoint of another world size or stage?)")
+        path, entry = tag_dir / name, files[name]
+        if not path.is_file():
+            raise ChecksumError(f"{path}: missing (each node holds only its own ranks' files: copy it here from "
+                                "the node that wrote it)")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ChecksumError(f"{path}: {size} bytes, but {META} says {entry['bytes']} (truncated or replaced "
+                                "in transit?)")
+        if sha256_file(path) != entry["sha256"]:
+            raise ChecksumError(f"{path}: sha256 differs from {META} (changed in transit or on the host that "
+                                "held it): refusing to load it")
+    return meta
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file, fsync, rename: a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
