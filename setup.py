@@ -19,8 +19,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "pyarrow>=14"],
-        "wiki": ["pyarrow>=14", "huggingface_hub>=0.20"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "pyarrow>=14.0.1"],
+        "wiki": ["pyarrow>=14.0.1", "huggingface_hub>=0.20"],
         "vast": ["vastai"],
     },
 )

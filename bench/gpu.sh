@@ -9,9 +9,10 @@
 set -u
 out=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$out"
+work=$(mktemp -d)  # private scratch: a fixed /tmp path on PYTHONPATH could hold anyone's modules
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" .whl/*.whl || exit 1
+    export PYTHONPATH=$work/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export TORCH_EXTENSIONS_DIR=$PWD/.cache/torch_extensions
@@ -38,8 +39,8 @@ part mfu 160 python3 bench/mfu.py --steps 100 --json "$out/mfu.json" \
 # where the fixed per-step time of the 124M-class run goes: the op table (self CUDA time) of 4 steps
 part profile 60 python3 launch/train.py conf=shakespeare model=gpt3_small precision=bf16 train.micro_batch=64 \
     train.compile=true train.max_steps=12 train.profile_steps=4 train.eval_every=0 train.ckpt_every=0 \
-    train.sample_tokens=0 train.progress=false resume=never run_dir=/tmp/gpu_profile_run
-cp /tmp/gpu_profile_run/profile/ops_rank0.txt "$out/profile_ops.txt" 2>/dev/null
+    train.sample_tokens=0 train.progress=false resume=never run_dir="$work/profile_run"
+cp "$work/profile_run/profile/ops_rank0.txt" "$out/profile_ops.txt" 2>/dev/null
 part engine_overhead 70 python3 bench/engine_overhead.py --steps 50 --rounds 3 --no-compile \
     model.n_layer=6 model.n_head=6 model.d_model=384 model.block_size=256 train.micro_batch=64
 # the same pair at the 124M-class shape in bf16, where the GPU, not the host, sets the pace
