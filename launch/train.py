@@ -5,17 +5,26 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from launch.cli import CONF_DIR, exit_on_config_error, set_environment, strip_launcher_args
-from trainer.config import ConfigError, register_presets, to_config
+from launch.cli import CONF_DIR, compose, exit_on_config_error, set_environment, strip_launcher_args
+from trainer.config import Config, ConfigError, register_presets, to_config
 
 
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> None:
-    world = os.environ.get("WORLD_SIZE")  # set by the launcher: the global batch is checked before any work
+def _world_size() -> int:
+    """The launcher's WORLD_SIZE: the global batch is checked against it before any work."""
+    world = os.environ.get("WORLD_SIZE")
+    return int(world) if world else 1
+
+
+def load_config(overrides: list[str], world_size: int = 1) -> Config:
+    """The run's typed config from `key=value` overrides; any config error, Hydra's own included,
+    exits with one line starting with `config error:`."""
     try:
-        config = to_config(OmegaConf.to_container(cfg, resolve=True), int(world) if world else 1)
+        return to_config(OmegaConf.to_container(compose(overrides), resolve=True), world_size)
     except ConfigError as e:
         exit_on_config_error(e)
+
+
+def run(config: Config) -> None:
     from data.prepare import missing_shards_error
 
     missing = missing_shards_error(config.data, config.preset)  # before any process group or model
@@ -32,8 +41,21 @@ def main(cfg: DictConfig) -> None:
         sys.exit(f"error: {e}")
 
 
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
+def hydra_main(cfg: DictConfig) -> None:
+    """Only for Hydra's own flags (--cfg job, --help, --info, -m)."""
+    try:
+        config = to_config(OmegaConf.to_container(cfg, resolve=True), _world_size())
+    except ConfigError as e:
+        exit_on_config_error(e)
+    run(config)
+
+
 if __name__ == "__main__":
     set_environment()
     register_presets(CONF_DIR)
     sys.argv = strip_launcher_args(sys.argv)
-    main()
+    if any(arg.startswith("-") for arg in sys.argv[1:]):
+        hydra_main()
+    else:
+        run(load_config(sys.argv[1:], _world_size()))

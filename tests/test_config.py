@@ -1,25 +1,30 @@
-"""Presets and config errors, through the real entry point (no process group is started)."""
+"""Presets and config errors, composed in-process with Hydra's compose API as the entry point
+composes them (launch/train.py's load_config), and one real entry-point process."""
 import math
 import subprocess
 import sys
 
 import pytest
-import yaml
+from omegaconf import OmegaConf
 
 from conftest import ROOT, subprocess_env
-from trainer.config import Config, ConfigError, to_config
+from launch.cli import CONF_DIR, compose
+from launch.train import load_config
+from trainer.config import Config, ConfigError, register_presets, to_config
 from trainer.schedule import accum_at, lr_at, planned_tokens
 
-
-def _train_py(*args):
-    return subprocess.run([sys.executable, "launch/train.py", *args], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=120)
+PRESETS = register_presets(CONF_DIR)
 
 
 def _resolved(*args) -> dict:
-    proc = _train_py(*args, "--cfg", "job", "--resolve")
-    assert proc.returncode == 0, proc.stderr
-    return yaml.safe_load(proc.stdout)
+    return OmegaConf.to_container(compose(list(args)), resolve=True)
+
+
+def _config_error(*args, world_size: int = 1) -> str:
+    """What the entry point prints (its whole stderr) for these overrides; it must exit."""
+    with pytest.raises(SystemExit) as exit_:
+        load_config(list(args), world_size)
+    return exit_.value.code  # sys.exit(str): printed to stderr, exit status 1
 
 
 def test_baby_preset_is_the_documented_cpu_recipe():
@@ -28,7 +33,7 @@ def test_baby_preset_is_the_documented_cpu_recipe():
         {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 64, "dropout": 0.0}
     t = cfg["train"]
     assert (t["micro_batch"], t["max_steps"], t["lr"], t["min_lr"]) == (12, 2000, 1e-3, 1e-4)
-    assert cfg["run_dir"] == "outputs/baby" and cfg["deepspeed"]["stage"] == 0
+    assert cfg["run_dir"] == "outputs/baby" and cfg["deepspeed"]["stage"] == 0 and cfg["preset"] == "baby"
 
 
 def test_shakespeare_preset_and_command_line_overrides():
@@ -40,30 +45,55 @@ def test_shakespeare_preset_and_command_line_overrides():
     to_config(cfg)  # valid
 
 
-@pytest.mark.parametrize("args, message", [
-    (["model.n_head=3"], "model.d_model=32 is not divisible by model.n_head=3"),
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_into_a_valid_config(preset):
+    config = load_config([f"conf={preset}"])
+    assert config.preset == preset and config.run_dir == f"outputs/{preset}"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["model.n_head=3"], "config error: model.d_model=32 is not divisible by model.n_head=3"),
     (["model.n_kv_head=3", "model.n_head=4", "model.d_model=32"],
-     "model.n_head=4 is not divisible by model.n_kv_head=3"),
-    (["precision=fp16"], "precision='fp16': choose fp32 or bf16"),
-    (["train.micro_batch=0"], "train.micro_batch must be >= 1"),
-    (["data.source=web"], "data.source='web'"),
+     "config error: model.n_head=4 is not divisible by model.n_kv_head=3 (n_kv_head must be a divisor of n_head "
+     "between 1 and n_head)"),
+    (["model.pos_emb=rope", "model.d_model=36", "model.n_head=4"],
+     "config error: model.pos_emb=rope needs an even head dim, but model.d_model=36 / model.n_head=4 = 9"),
+    (["precision=fp16"], "config error: precision='fp16': choose fp32 or bf16"),
+    (["train.micro_batch=0"], "config error: train.micro_batch must be >= 1, got 0"),
+    (["data=text"], "config error: data.path is required for data.source=text (a file or a folder)"),
 ])
-def test_bad_values_are_one_line_errors_naming_the_key(args, message):
-    proc = _train_py("conf=debug", *args)
+def test_bad_values_are_one_line_errors_naming_the_key(args, line):
+    assert _config_error("conf=debug", *args) == line
+
+
+@pytest.mark.parametrize("args, line", [
+    (["conf=nope"], "config error: conf=nope: no such option; choose one of " + ", ".join(PRESETS)),
+    (["deepspeed=zero9"], "config error: deepspeed=zero9: no such option; choose one of zero0, zero1, zero2, zero3"),
+    (["model.n_layr=2"], "config error: model.n_layr: Key 'n_layr' not in 'GPTConfig'"),
+    (["+foo=1"], "config error: config: Key 'foo' not in 'Config' (key: foo)"),
+    (["train.max_steps=many"],
+     "config error: train.max_steps: Value 'many' of type 'str' could not be converted to Integer"),
+    (["model.n_layer"], "config error: Error parsing override 'model.n_layer'; missing EQUAL at '<EOF>'"),
+])
+def test_hydras_own_errors_are_one_line_too(args, line):
+    """An unknown preset, option or key, a wrong type, bad syntax: Hydra's multi-line reports become
+    one line at the entry point."""
+    assert _config_error(*args) == line
+
+
+def test_global_batch_is_checked_against_the_world_size():
+    line = _config_error("conf=debug", "train.global_batch=8", world_size=2)
+    assert line == "config error: train.global_batch=8 but train.micro_batch=8 x train.grad_accum=1 x 2 ranks = 16"
+    assert load_config(["conf=debug", "train.global_batch=16"], world_size=2).train.global_batch == 16
+
+
+def test_the_entry_point_prints_one_line_and_exits_1():
+    """The one real process: what a user sees for a misspelt key is exactly one line on stderr."""
+    proc = subprocess.run([sys.executable, "launch/train.py", "conf=debug", "model.n_layr=2"], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("config error: ") and message in last
-    assert "Traceback" not in proc.stderr
-
-
-@pytest.mark.parametrize("args, message", [
-    (["conf=nope"], "Could not find 'conf/nope'"),
-    (["model.n_layr=2"], "n_layr"),
-    (["train.max_steps=many"], "train.max_steps"),
-])
-def test_unknown_presets_keys_and_wrong_types_are_rejected(args, message):
-    proc = _train_py(*args)
-    assert proc.returncode == 1 and message in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["config error: model.n_layr: Key 'n_layr' not in 'GPTConfig'"]
+    assert proc.stdout == ""
 
 
 def test_typed_schema_rejects_wrong_types_in_code():
@@ -104,10 +134,3 @@ def test_batch_ramp_grows_linearly_then_stays_full():
     small = to_config({"train": {"grad_accum": 4, "max_steps": 5, "batch_ramp_tokens": 4000,
                                  "batch_start_tokens": 1000}}).train
     assert planned_tokens(small, micro) == 1000 + 2000 + 3000 + 4000 + 4000
-
-
-def test_text_source_needs_a_path():
-    proc = _train_py("conf=debug", "data=text")
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "config error: data.path is required for data.source=text (a file or a folder)")
