@@ -51,6 +51,20 @@ class Node:
     private_addr: str  # how the other nodes reach it (rendezvous, NCCL)
 
 
+# what may follow `HostName` in an ssh config: a DNS name or an IPv4/IPv6 address, never a leading
+# '-' (an option to ssh), a space or a newline (another config line: a ProxyCommand runs locally)
+_SAFE_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]+)$")
+_SAFE_USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_./:,=+@%-]*$")  # DeepSpeed exports .deepspeed_env values unquoted
+
+
+def _check_host(where: str, field: str, value) -> str:
+    if not isinstance(value, str) or not _SAFE_HOST.match(value.strip(" ")) or ".." in value:
+        raise ClusterError(f"{where}: {field} {value!r} is not a hostname or IP address (refused: it would "
+                           "reach an ssh config)")
+    return value.strip(" ")
+
+
 _HOST_LINE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>[^:\s@]+)(?::(?P<port>\d+))?\s+(?P<slots>\S+)$")
 
 
@@ -73,6 +87,9 @@ def parse_host_list(text: str, source: str = "host list", default_user: str = "r
         if key in seen:
             raise ClusterError(f"{where}: duplicate host {m['host']}:{port} (first on line {seen[key]})")
         seen[key] = number
+        _check_host(where, "host", m["host"])
+        if m["user"] and not _SAFE_USER.match(m["user"]):
+            raise ClusterError(f"{where}: user {m['user']!r} is not a user name")
         nodes.append(Node(f"node{len(nodes)}", m["host"], port, m["user"] or default_user,
                           int(m["slots"]), m["host"]))
     if not nodes:
@@ -80,29 +97,43 @@ def parse_host_list(text: str, source: str = "host list", default_user: str = "r
     return nodes
 
 
-def nodes_from_vast(instances: list[dict], label: str | None = None) -> list[Node]:
-    """Running instances (with `label`, if given), in id order. Prefers the direct public port to the proxy."""
-    chosen = [i for i in instances if label is None or i.get("label") == label]
+def nodes_from_vast(instances: list[dict], label: str | None = None, ids: list[int] | None = None) -> list[Node]:
+    """Running instances, in id order (with `label`, if given), or exactly `ids` in that order (node0
+    first; a driver that recorded the ids it created must not pick nodes by label, which anyone's
+    instance can carry). Prefers the direct public port to the proxy. Every string is validated."""
+    if ids is not None:
+        by_id = {i.get("id"): i for i in instances}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ClusterError(f"instances {missing} are not in the instance list")
+        chosen = [by_id[i] for i in ids]
+    else:
+        chosen = sorted((i for i in instances if label is None or i.get("label") == label),
+                        key=lambda i: i.get("id", 0))
     if not chosen:
         raise ClusterError(f"no vast.ai instances{' labelled ' + repr(label) if label else ''}")
     nodes = []
-    for inst in sorted(chosen, key=lambda i: i.get("id", 0)):
+    for inst in chosen:
         name = f"instance {inst.get('id', '?')}"
         status = inst.get("actual_status")
         if status != "running":
             raise ClusterError(f"{name}: status {status!r}, not running")
         direct = (inst.get("ports") or {}).get("22/tcp") or []
         if inst.get("public_ipaddr") and direct and direct[0].get("HostPort"):
-            host, port = inst["public_ipaddr"].strip(), int(direct[0]["HostPort"])
+            host, port = _check_host(name, "public_ipaddr", inst["public_ipaddr"]), direct[0]["HostPort"]
         elif inst.get("ssh_host") and inst.get("ssh_port"):
-            host, port = inst["ssh_host"], int(inst["ssh_port"])
+            host, port = _check_host(name, "ssh_host", inst["ssh_host"]), inst["ssh_port"]
         else:
             raise ClusterError(f"{name}: no ssh address (neither ports['22/tcp'] nor ssh_host/ssh_port)")
+        if not str(port).strip().isdigit() or not 0 < int(str(port).strip()) < 65536:
+            raise ClusterError(f"{name}: ssh port {port!r} is not a port number")
+        port = int(str(port).strip())
         slots = int(inst.get("num_gpus") or 0)
         if slots < 1:
             raise ClusterError(f"{name}: num_gpus is {inst.get('num_gpus')!r}, need >= 1")
         private = (inst.get("local_ipaddrs") or "").split()
-        nodes.append(Node(f"node{len(nodes)}", host, port, "root", slots, private[0] if private else host))
+        private_addr = _check_host(name, "local_ipaddrs", private[0]) if private else host
+        nodes.append(Node(f"node{len(nodes)}", host, port, "root", slots, private_addr))
     if len({(n.host, n.port) for n in nodes}) != len(nodes):
         raise ClusterError("two vast.ai instances share an ssh address")
     return nodes
@@ -112,11 +143,18 @@ def hostfile(nodes: list[Node]) -> str:
     return "".join(f"{n.alias} slots={n.slots}\n" for n in nodes)
 
 
-def ssh_config(nodes: list[Node], identity: str) -> str:
+def ssh_config(nodes: list[Node], identity: str, known_hosts: str | None = None) -> str:
+    """One Host block per node. `known_hosts`: a per-run UserKnownHostsFile, so a rented address reused
+    with a new host key is a new entry there, not a clash with the user's own ~/.ssh/known_hosts."""
+    for value in (identity, known_hosts or ""):
+        if any(c.isspace() for c in value) or value.startswith("-"):
+            raise ClusterError(f"ssh config: path {value!r} holds a space or starts with '-'")
     blocks = []
     for n in nodes:
+        _check_host(n.alias, "host", n.host)
+        extra = [f"  UserKnownHostsFile {known_hosts}"] if known_hosts else []
         lines = [f"Host {n.alias}", f"  HostName {n.host}", f"  Port {n.port}", f"  User {n.user}",
-                 f"  IdentityFile {identity}"] + [f"  {k} {v}" for k, v in SSH_OPTIONS.items()]
+                 f"  IdentityFile {identity}"] + extra + [f"  {k} {v}" for k, v in SSH_OPTIONS.items()]
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
 
@@ -124,17 +162,20 @@ def ssh_config(nodes: list[Node], identity: str) -> str:
 def deepspeed_env(extra: dict[str, str], pythonpath: str | None) -> str:
     env = {**DEFAULT_ENV, **({"PYTHONPATH": pythonpath} if pythonpath else {}), **extra}
     for key, value in env.items():
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or "\n" in value:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or not _SAFE_VALUE.match(value):
             raise ClusterError(f".deepspeed_env: bad entry {key}={value!r}")
     return "".join(f"{k}={v}\n" for k, v in env.items())
 
 
 def write(nodes: list[Node], out: Path, identity: str, master_addr: str | None = None,
-          env: dict[str, str] | None = None, pythonpath: str | None = None) -> dict[str, Path]:
+          env: dict[str, str] | None = None, pythonpath: str | None = None,
+          known_hosts: str | None = None) -> dict[str, Path]:
+    if master_addr is not None:
+        _check_host("--master-addr", "address", master_addr)
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "hostfile": hostfile(nodes),
-        "ssh_config": ssh_config(nodes, identity),
+        "ssh_config": ssh_config(nodes, identity, known_hosts),
         ".deepspeed_env": deepspeed_env(env or {}, pythonpath),
         "master_addr": (master_addr or nodes[0].private_addr) + "\n",
     }

@@ -1,23 +1,114 @@
-"""JSON handling for launch/vast_cluster.sh: pick offers, read contract ids, check instance states.
+"""vast.ai for the cluster driver: the official `vastai` SDK behind a small Provider, offer picking,
+and the checks every string from the provider or the user passes before it reaches a file, an ssh
+config or a command line.
 
-    python -m launch.vast pick-offers --nodes N < offers.json      -> "CLUSTER_ID TOTAL_DPH OFFER..."
-    python -m launch.vast contract-id < create_output              -> the new instance id
-    python -m launch.vast all-running --ids 1,2 < instances.json   -> exit 0 when all are running
+The SDK (`from vastai import VastAI`) is used, not the CLI: the 1.9.1 CLI has its overlay commands
+switched off and prints Python reprs, while the SDK calls the REST API and returns its JSON.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+import ipaddress
+import os
+import re
+import secrets
+import time
 from collections import defaultdict
 
+RUN_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")   # the client keeps `-n NAME` only in [a-z0-9-]
+CONF_NAME = re.compile(r"^[a-z0-9_]{1,64}$")
+HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+# Hydra overrides travel through two shells (ssh to node0, then pdsh to every node, where DeepSpeed
+# quotes only arguments holding a space): these characters are refused outright; the rest are quoted.
+OVERRIDE = re.compile(r"^[A-Za-z0-9_+~][^\s;&|$`\\<>()!#'\"]*$")
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_VALUE = re.compile(r"^[A-Za-z0-9_./:,=+@%-]*$")   # exported unquoted by DeepSpeed's ssh launchers
 
-class VastError(ValueError):
-    pass
+
+class VastError(RuntimeError):
+    """The provider refused or returned something unusable; names the call or the instance."""
+
+
+class UnsafeInput(ValueError):
+    """A string from the provider or the command line that must not reach a shell, file or config."""
+
+
+def new_run_name(now: float | None = None) -> str:
+    return time.strftime("st-%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(3)
+
+
+def check_run_name(name: str) -> str:
+    if not isinstance(name, str) or not RUN_NAME.match(name):
+        raise UnsafeInput(f"--run {name!r}: a run name is 1-63 of a-z, 0-9 and '-', starting with a letter or "
+                          "digit (it names the overlay network, whose name the client drops otherwise, and "
+                          "the folder outputs/RUN)")
+    return name
+
+
+def check_conf(name: str) -> str:
+    if not isinstance(name, str) or not CONF_NAME.match(name):
+        raise UnsafeInput(f"--conf {name!r}: a preset name is made of a-z, 0-9 and '_' (see conf/*.yaml)")
+    return name
+
+
+def check_override(text: str) -> str:
+    if not OVERRIDE.match(text) or not ("=" in text or text.startswith("~")):
+        raise UnsafeInput(f"override {text!r}: an override is KEY=VALUE without spaces or any of "
+                          "; & | $ ` \\ < > ( ) ! # ' \" (it is re-read by a shell on every node)")
+    return text
+
+
+def check_env(env: dict[str, str]) -> dict[str, str]:
+    for key, value in env.items():
+        if not ENV_KEY.match(key) or not isinstance(value, str) or not ENV_VALUE.match(value):
+            raise UnsafeInput(f".deepspeed_env: {key}={value!r}: keys are shell names, values only "
+                              "letters, digits and _ . / : , = + @ % - (DeepSpeed exports them unquoted)")
+    return env
+
+
+def _host(inst_id, field: str, value) -> str:
+    if not isinstance(value, str):
+        raise UnsafeInput(f"instance {inst_id}: {field} {value!r} is not a string")
+    value = value.strip(" ")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not HOSTNAME.match(value) or ".." in value:
+        raise UnsafeInput(f"instance {inst_id}: {field} {value!r} is not a hostname or IP address "
+                          "(refused: it would reach an ssh config)")
+    return value
+
+
+def _port(inst_id, field: str, value) -> int:
+    text = str(value).strip()
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise UnsafeInput(f"instance {inst_id}: {field} {value!r} is not a port number")
+    return int(text)
+
+
+def instance_id(value) -> int:
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+        raise UnsafeInput(f"instance id {value!r} is not a whole number")
+    number = int(value)
+    if number <= 0:
+        raise UnsafeInput(f"instance id {value!r} is not positive")
+    return number
+
+
+def ssh_route(inst: dict) -> tuple[str, int]:
+    """(host, port) to reach an instance over ssh, validated: the direct port when open, else the proxy."""
+    inst_id = instance_id(inst.get("id"))
+    direct = (inst.get("ports") or {}).get("22/tcp") or []
+    if inst.get("public_ipaddr") and direct and isinstance(direct[0], dict) and direct[0].get("HostPort"):
+        return _host(inst_id, "public_ipaddr", inst["public_ipaddr"]), _port(inst_id, "ports[22/tcp]",
+                                                                           direct[0]["HostPort"])
+    if inst.get("ssh_host") and inst.get("ssh_port"):
+        return _host(inst_id, "ssh_host", inst["ssh_host"]), _port(inst_id, "ssh_port", inst["ssh_port"])
+    raise VastError(f"instance {inst_id}: no ssh address yet (neither ports['22/tcp'] nor ssh_host/ssh_port)")
 
 
 def pick_offers(offers: list[dict], nodes: int) -> tuple[int, float, list[dict]]:
-    """The cheapest `nodes` offers that share one physical cluster (for the overlay network)."""
+    """The cheapest `nodes` offers on distinct machines of one physical cluster (for the overlay)."""
     by_cluster: dict[int, list[dict]] = defaultdict(list)
     for offer in offers:
         if offer.get("cluster_id") is not None:
@@ -26,7 +117,7 @@ def pick_offers(offers: list[dict], nodes: int) -> tuple[int, float, list[dict]]
     for cluster, group in by_cluster.items():
         machines, picked = set(), []
         for offer in sorted(group, key=lambda o: o["dph_total"]):
-            if offer.get("machine_id") not in machines or offer.get("machine_id") is None:
+            if offer.get("machine_id") is None or offer.get("machine_id") not in machines:
                 machines.add(offer.get("machine_id"))
                 picked.append(offer)
         if len(picked) >= nodes:
@@ -36,58 +127,63 @@ def pick_offers(offers: list[dict], nodes: int) -> tuple[int, float, list[dict]]
     if best is None:
         sizes = {c: len(g) for c, g in by_cluster.items()}
         raise VastError(f"no cluster offers {nodes} machines matching the search (offers per cluster: {sizes})")
-    return best
+    cluster, cost, picked = best
+    for offer in picked:
+        instance_id(offer.get("id"))
+    return int(cluster), float(cost), picked
 
 
-def contract_id(text: str) -> int:
-    """The id in `vastai create instance` output: {"success": true, "new_contract": ID} (JSON or Python repr)."""
-    cleaned = text.strip().replace("'", '"').replace("True", "true").replace("False", "false")
-    start = cleaned.find("{")
-    try:
-        data = json.loads(cleaned[start:]) if start >= 0 else None
-    except json.JSONDecodeError:
-        data = None
-    if not data or not data.get("success") or "new_contract" not in data:
-        raise VastError(f"create instance did not succeed: {text.strip()[:300]!r}")
-    return int(data["new_contract"])
+class Provider:
+    """The calls the driver makes, through the SDK. The key comes from VAST_API_KEY or the client's key
+    file (the SDK resolves it); it is never printed, written or put on a command line."""
 
-
-def states(instances: list[dict], ids: list[int]) -> dict[int, str]:
-    found = {i.get("id"): i.get("actual_status") or "unknown" for i in instances}
-    return {i: found.get(i, "missing") for i in ids}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.vast")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    po = sub.add_parser("pick-offers")
-    po.add_argument("--nodes", type=int, required=True)
-    sub.add_parser("contract-id")
-    ar = sub.add_parser("all-running")
-    ar.add_argument("--ids", required=True)
-    args = p.parse_args(argv)
-    text = sys.stdin.read()
-    try:
-        if args.cmd == "contract-id":
-            print(contract_id(text))
-            return 0
+    def __init__(self):
+        from vastai import VastAI  # the [vast] extra
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise VastError(f"vastai printed no JSON ({e}): {text.strip()[:200]!r}") from None
-        if args.cmd == "pick-offers":
-            cluster, cost, offers = pick_offers(data if isinstance(data, list) else data.get("offers", []),
-                                                args.nodes)
-            print(cluster, f"{cost:.4f}", *[o["id"] for o in offers])
-            return 0
-        ids = [int(i) for i in args.ids.split(",") if i]
-        st = states(data if isinstance(data, list) else data.get("instances", []), ids)
-        print(" ".join(f"{i}:{s}" for i, s in st.items()))
-        return 0 if all(s == "running" for s in st.values()) else 1
-    except VastError as e:
-        print(f"launch.vast: {e}", file=sys.stderr)
-        return 2
+            # the SDK reads VAST_URL once, at import; read it here too, so the driver follows it
+            self.sdk = VastAI(server_url=os.environ.get("VAST_URL") or None, retry=3)
+        except RuntimeError as e:
+            raise VastError(f"no vast.ai API key: set VAST_API_KEY or run `vastai set api-key` ({e})") from None
 
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VastError:
+            raise
+        except Exception as e:  # requests' HTTPError/ConnectionError, or a reply the SDK could not read
+            text = str(e)
+            key = getattr(self.sdk.client, "api_key", None)
+            if key:
+                text = text.replace(key, "<key>")
+            raise VastError(f"{what} failed: {type(e).__name__}: {text[:300]}") from None
 
-if __name__ == "__main__":
-    sys.exit(main())
+    def search_offers(self, gpus: int, gpu_name: str, max_dph: float) -> list[dict]:
+        query = (f"cluster_id!=None num_gpus={int(gpus)} gpu_name={gpu_name} dph_total<={float(max_dph)} "
+                 "rentable=true")
+        offers = self._call("search offers", self.sdk.search_offers, query=query, order="dph_total")
+        if not isinstance(offers, list):
+            raise VastError(f"search offers returned {type(offers).__name__}, not a list")
+        return offers
+
+    def create_overlay(self, cluster_id: int, name: str) -> dict:
+        return self._call("create overlay", self.sdk.create_overlay, int(cluster_id), check_run_name(name))
+
+    def delete_overlay(self, name: str) -> dict:
+        return self._call("delete overlay", self.sdk.delete_overlay, check_run_name(name))
+
+    def create_instance(self, offer_id: int, image: str, disk: int, label: str, overlay: str) -> int:
+        reply = self._call(f"create instance from offer {offer_id}", self.sdk.create_instance, int(offer_id),
+                           image=image, disk=disk, label=check_run_name(label), env=f"-n {check_run_name(overlay)}",
+                           ssh=True, direct=True)
+        if not isinstance(reply, dict) or not reply.get("success") or "new_contract" not in reply:
+            raise VastError(f"create instance from offer {offer_id} did not succeed: {str(reply)[:300]}")
+        return instance_id(reply["new_contract"])
+
+    def instances(self) -> list[dict]:
+        rows = self._call("show instances", self.sdk.show_instances)
+        if not isinstance(rows, list):
+            raise VastError(f"show instances returned {type(rows).__name__}, not a list")
+        return [r for r in rows if isinstance(r, dict)]
+
+    def destroy_instance(self, inst_id: int) -> None:
+        self._call(f"destroy instance {inst_id}", self.sdk.destroy_instance, instance_id(inst_id))
