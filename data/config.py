@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .shards import MAX_FRAME_TOKENS
+
 SOURCES = ("shakespeare", "text", "wikipedia")
 AUTO_PREPARED = ("shakespeare", "text")  # small enough for train to prepare itself when shards are missing
 
@@ -31,8 +33,8 @@ class DataConfig:
             raise ValueError(f"data.path is required for data.source={self.source} (a file or a folder)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.frame_tokens < 256:
-            raise ValueError(f"data.frame_tokens must be >= 256, got {self.frame_tokens}")
+        if not 256 <= self.frame_tokens <= MAX_FRAME_TOKENS:
+            raise ValueError(f"data.frame_tokens must be in [256, {MAX_FRAME_TOKENS}], got {self.frame_tokens}")
         if self.shard_tokens < self.frame_tokens or self.shard_tokens % self.frame_tokens:
             raise ValueError(f"data.shard_tokens={self.shard_tokens} must be a multiple of "
                              f"data.frame_tokens={self.frame_tokens}")

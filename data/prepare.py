@@ -9,6 +9,8 @@ checked by sha256 and kept.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import multiprocessing
 import os
@@ -22,7 +24,8 @@ from typing import Iterable, Iterator
 from tqdm import tqdm
 
 from .config import AUTO_PREPARED, DataConfig
-from .shards import FORMAT_VERSION, MANIFEST, ShardError, Splitter, SplitWriter, load_manifest, write_manifest
+from .shards import (FORMAT_VERSION, MANIFEST, SHA256, SPLITS, JsonFields, ShardError, Splitter, SplitWriter,
+                     load_manifest, write_manifest)
 from .sources import Document, open_source
 from .tokenizer import CharTokenizer
 
@@ -159,25 +162,78 @@ def _save_state(out_dir: Path, settings: dict, position: int, writers: dict, val
     os.replace(tmp, out_dir / STATE)
 
 
-def _resume(out_dir: Path, settings: dict, new_writers, log) -> tuple[int, list[str], dict]:
+def read_state(out_dir: Path, settings: dict, by_position: bool) -> dict:
+    """The interrupted prepare's state, every field checked against what state() writes (JsonFields:
+    shard names, frames, sums) before any file it names is opened; its settings must be `settings`.
+    by_position: the source is one document, cut into both splits (Splitter)."""
+    fields = JsonFields(out_dir / STATE)
+    state = fields.load()
+    if fields.get(state, "", "settings", dict) != settings:
+        raise ShardError(f"{fields.path}: the interrupted prepare had other settings")
+    frame_tokens, shard_frames = settings["frame_tokens"], settings["shard_tokens"] // settings["frame_tokens"]
+    vocab_size = CharTokenizer(lowercase=settings["lowercase"]).vocab_size
+    position = fields.integer(state, "", "position", 0)
+    val_names = fields.strings(state, "", "val_names")
+    splits = fields.get(state, "", "splits", dict)
+    fields.equal("splits (keys)", sorted(splits), sorted(SPLITS), "one entry per split")
+    for split in SPLITS:
+        where = f"splits.{split}"
+        info = fields.get(splits, "splits", split, dict)
+        documents = fields.integer(info, where, "documents", 0, position)
+        partial = info.get("partial_sha256")
+        if partial is not None and (type(partial) is not str or not SHA256.fullmatch(partial)):
+            raise fields.error(f"{where}.partial_sha256", partial, "null or 64 lowercase hex digits")
+        shards = fields.get(info, where, "shards", list)
+        if partial is not None and not shards:
+            raise fields.error(f"{where}.partial_sha256", partial, "null (the split has no shard yet)")
+        for i, shard in enumerate(shards):
+            open_shard = partial is not None and i == len(shards) - 1  # every frame of a state is full
+            fields.shard(shard, f"{where}.shards[{i}]", split, i, frame_tokens,
+                         (1, shard_frames - 1) if open_shard else (shard_frames, shard_frames),
+                         short_last=False, finished=not open_shard)
+        pending = fields.get(info, where, "pending", str)
+        try:
+            ids = base64.b64decode(pending, validate=True)
+        except binascii.Error:
+            raise fields.error(f"{where}.pending", pending, "base64 of the tokens not yet in a frame") from None
+        if len(ids) >= frame_tokens or any(i >= vocab_size for i in set(ids)):
+            raise fields.error(f"{where}.pending", pending, f"fewer than frame_tokens={frame_tokens} token ids, "
+                                                            f"each below the vocabulary size {vocab_size}")
+        if split == "val":
+            fields.equal(f"{where}.documents", documents, len(val_names), "one per name in val_names")
+    counts = [splits[split]["documents"] for split in SPLITS]
+    read = max(counts) if by_position else sum(counts)  # each document went to one split, or cut, to both
+    fields.equal("position", position, read, "the documents the splits hold")
+    return state
+
+
+def _resume(out_dir: Path, settings: dict, by_position: bool, new_writers, log) -> tuple[int, list[str], dict]:
     """(source position, val names so far, writers) from an interrupted run with the same settings;
     else the start, with the folder's old shards removed."""
-    path = out_dir / STATE
-    if path.is_file():
+    if (out_dir / STATE).is_file():
         writers = new_writers()
         try:
-            state = json.loads(path.read_text())
-            if state["settings"] != settings:
-                raise ShardError("the interrupted prepare had other settings")
+            state = read_state(out_dir, settings, by_position)
             for split, writer in writers.items():
                 writer.restore(state["splits"][split])
             log(f"{out_dir}: resuming an interrupted prepare at document {state['position']:,} "
                 f"({sum(len(w.shards) for w in writers.values())} shard(s) kept)")
             return state["position"], state["val_names"], writers
-        except (ShardError, ValueError, KeyError, OSError) as e:
+        except (ShardError, OSError) as e:
             log(f"{out_dir}: cannot resume the interrupted prepare ({e}); starting over")
     _clear(out_dir)
     return 0, [], new_writers()
+
+
+def empty_split_message(out_dir: Path, split: str, documents: int, val_fraction: float) -> str:
+    """What to change when a split of a prepare ends up with no document (training needs both)."""
+    if split == "train":
+        return (f"{out_dir}: the train split is empty: all {documents:,} documents went to val at "
+                f"data.val_fraction={val_fraction}; lower data.val_fraction")
+    hint = min(0.5, float(f"{3 / documents:.1g}"))  # about 3 expected val documents
+    return (f"{out_dir}: the val split is empty: none of the {documents:,} documents went to val at "
+            f"data.val_fraction={val_fraction}; raise data.val_fraction (e.g. data.val_fraction={hint}) "
+            "or prepare more documents")
 
 
 def write_corpus(source, out_dir: str | Path, tokenizer: CharTokenizer, val_fraction: float = 0.1,
@@ -200,7 +256,7 @@ def write_corpus(source, out_dir: str | Path, tokenizer: CharTokenizer, val_frac
     def new_writers():
         return {s: SplitWriter(out_dir, s, frame_tokens, shard_frames, level) for s in ("train", "val")}
 
-    position, val_names, writers = _resume(out_dir, settings, new_writers, bar.write)
+    position, val_names, writers = _resume(out_dir, settings, splitter.by_position, new_writers, bar.write)
     has_text = position > 0
     bar.update(position)
     chars, start, saved = 0, time.perf_counter(), time.perf_counter()
@@ -224,6 +280,10 @@ def write_corpus(source, out_dir: str | Path, tokenizer: CharTokenizer, val_frac
         _clear(out_dir)
         raise ShardError(f"empty corpus: the source gave no text to write into {out_dir}")
     splits = {s: w.finish() for s, w in writers.items()}
+    empty = [split for split in SPLITS if not splits[split]["tokens"]]
+    if empty:
+        _clear(out_dir)
+        raise ShardError(empty_split_message(out_dir, empty[0], position, val_fraction))
     manifest = {
         "format": FORMAT_VERSION,
         "tokenizer": {"kind": "char", "lowercase": tokenizer.lowercase},

@@ -12,6 +12,8 @@ import base64
 import hashlib
 import json
 import os
+import re
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +25,165 @@ from .tokenizer import CharTokenizer
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+SHARD_NAME = re.compile(r"(train|val)_\d{5}\.zst")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_FRAME_TOKENS = 1 << 24  # tokens a frame may hold: what one read of a frame may allocate
+MAX_VOCAB = 256             # ids are uint8
+MAX_JSON_BYTES = 1 << 30    # a manifest or prepare state larger than this is not one we wrote
+_MAX_INT = (1 << 63) - 1    # what the frame table's int64 holds
 
 
 class ShardError(RuntimeError):
     """A prepared data dir is missing, damaged, or does not match what the run expects."""
+
+
+# --- checking what a data dir's JSON files say, before any file they name is opened -----------------
+
+class JsonFields:
+    """One JSON file of a data dir (manifest.json, prepare_state.json), read field by field with each
+    field's type and range checked. A field that is missing, of another type or out of range raises
+    one ShardError naming the file, the field and the value. Booleans are not integers here."""
+
+    KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "true or false"}
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict:
+        """The file's top-level object (its size checked before it is read)."""
+        if not self.path.is_file():
+            raise ShardError(f"{self.path}: missing")
+        size = self.path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise ShardError(f"{self.path}: {size} bytes, more than any file this code writes ({MAX_JSON_BYTES})")
+        try:
+            doc = json.loads(self.path.read_bytes())
+        except (ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8; RecursionError: deep nesting
+            raise ShardError(f"{self.path}: not valid JSON ({type(e).__name__}: {e})") from None
+        return self.check("(top level)", doc, dict)
+
+    def error(self, field: str, value, expected: str) -> ShardError:
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        return ShardError(f"{self.path}: {field} = {shown}, expected {expected}")
+
+    def check(self, field: str, value, kind: type):
+        if type(value) is not kind:
+            raise self.error(field, value, self.KINDS[kind])
+        return value
+
+    def get(self, obj: dict, where: str, key: str, kind: type):
+        """obj[key] (obj being the field `where`), of JSON type kind."""
+        field = f"{where}.{key}" if where else key
+        if key not in obj:
+            raise ShardError(f"{self.path}: {field} is missing")
+        return self.check(field, obj[key], kind)
+
+    def integer(self, obj: dict, where: str, key: str, lo: int, hi: int = _MAX_INT) -> int:
+        value = self.get(obj, where, key, int)
+        if not lo <= value <= hi:
+            raise self.error(f"{where}.{key}" if where else key, value, f"an integer in [{lo}, {hi}]")
+        return value
+
+    def string(self, obj: dict, where: str, key: str, pattern: re.Pattern | None = None,
+               expected: str = "") -> str:
+        value = self.get(obj, where, key, str)
+        if pattern is not None and not pattern.fullmatch(value):
+            raise self.error(f"{where}.{key}" if where else key, value, expected or f"to match {pattern.pattern}")
+        return value
+
+    def strings(self, obj: dict, where: str, key: str) -> list[str]:
+        values = self.get(obj, where, key, list)
+        for i, value in enumerate(values):
+            self.check(f"{where}.{key}[{i}]" if where else f"{key}[{i}]", value, str)
+        return values
+
+    def equal(self, field: str, value, expected_value, why: str) -> None:
+        if type(value) is not type(expected_value) or value != expected_value:
+            raise self.error(field, value, f"{expected_value!r} ({why})")
+
+    def shard(self, shard, where: str, split: str, index: int, frame_tokens: int, frames: tuple[int, int],
+              short_last: bool, finished: bool) -> int:
+        """One shard entry {file, tokens, bytes, sha256, frames} at position `index` of `split`: its name
+        is the one the writer gives it, it has frames[0] to frames[1] frames, which lie end to end from
+        byte 0 and hold frame_tokens tokens each (the last one 1 to frame_tokens if short_last), and its
+        totals are their sums. Returns its token count."""
+        self.check(where, shard, dict)
+        name = self.string(shard, where, "file", SHARD_NAME, f"a name matching {SHARD_NAME.pattern}")
+        self.equal(f"{where}.file", name, f"{split}_{index:05d}.zst", f"shard {index} of split {split}")
+        sha256 = self.get(shard, where, "sha256", str)
+        if not (SHA256.fullmatch(sha256) if finished else sha256 == ""):
+            raise self.error(f"{where}.sha256", sha256,
+                             "64 lowercase hex digits" if finished else "'' (the shard is unfinished)")
+        table = self.get(shard, where, "frames", list)
+        if not frames[0] <= len(table) <= frames[1]:
+            raise self.error(f"{where}.frames (count)", len(table), f"{frames[0]} to {frames[1]} frames")
+        offset = tokens = 0
+        for j, frame in enumerate(table):
+            field = f"{where}.frames[{j}]"
+            if type(frame) is not list or len(frame) != 4 or any(type(x) is not int for x in frame):
+                raise self.error(field, frame, "[offset, nbytes, tokens, crc32], four integers")
+            at, nbytes, count, crc = frame
+            if at != offset:
+                raise self.error(field, frame, f"offset {offset} (frames lie end to end from byte 0)")
+            if not 1 <= nbytes <= _MAX_INT - offset:
+                raise self.error(field, frame, "nbytes >= 1")
+            if not 0 < count <= frame_tokens:
+                raise self.error(field, frame, f"0 < tokens <= frame_tokens={frame_tokens}")
+            if count != frame_tokens and not (short_last and j == len(table) - 1):
+                raise self.error(field, frame, f"tokens = frame_tokens={frame_tokens} (only a split's last "
+                                               "frame holds fewer)")
+            if not 0 <= crc < 1 << 32:
+                raise self.error(field, frame, "a crc32 in [0, 2**32)")
+            offset, tokens = offset + nbytes, tokens + count
+        self.equal(f"{where}.bytes", self.integer(shard, where, "bytes", 0), offset, "the sum of its frames' nbytes")
+        self.equal(f"{where}.tokens", self.integer(shard, where, "tokens", 0), tokens,
+                   "the sum of its frames' tokens")
+        return tokens
+
+
+def check_manifest(fields: JsonFields, manifest: dict) -> dict:
+    """Every field of a manifest that a reader uses, checked (see JsonFields); returns it."""
+    fields.equal("format", manifest.get("format"), FORMAT_VERSION, "the format this code reads")
+    tokenizer = fields.get(manifest, "", "tokenizer", dict)
+    fields.equal("tokenizer (keys)", sorted(tokenizer), ["kind", "lowercase"], "the char tokenizer's settings")
+    fields.string(tokenizer, "tokenizer", "kind", re.compile("char"), "'char' (the only tokenizer kind)")
+    lowercase = fields.get(tokenizer, "tokenizer", "lowercase", bool)
+    vocab = fields.get(manifest, "", "vocab", str)
+    if not 1 <= len(vocab) <= MAX_VOCAB or len(set(vocab)) != len(vocab):
+        raise fields.error("vocab", vocab, f"1 to {MAX_VOCAB} distinct characters")
+    fields.equal("vocab", vocab, CharTokenizer(lowercase=lowercase).vocab,
+                 f"the char tokenizer's vocabulary with lowercase={lowercase}")
+    frame_tokens = fields.integer(manifest, "", "frame_tokens", 1, MAX_FRAME_TOKENS)
+    shard_tokens = fields.integer(manifest, "", "shard_tokens", frame_tokens)
+    if shard_tokens % frame_tokens:
+        raise fields.error("shard_tokens", shard_tokens, f"a multiple of frame_tokens={frame_tokens}")
+    source = fields.get(manifest, "", "source", dict)
+    for key, value in source.items():
+        if value is not None and type(value) not in (str, int):
+            raise fields.error(f"source.{key}", value, "a string, an integer or null")
+    val_documents = fields.strings(manifest, "", "val_documents")
+    splits = fields.get(manifest, "", "splits", dict)
+    fields.equal("splits (keys)", sorted(splits), sorted(SPLITS), "one entry per split")
+    for split in SPLITS:
+        where = f"splits.{split}"
+        info = fields.get(splits, "splits", split, dict)
+        shards = fields.get(info, where, "shards", list)
+        tokens, shard_frames = 0, shard_tokens // frame_tokens
+        for i, shard in enumerate(shards):
+            last = i == len(shards) - 1  # only the last shard and its last frame may be short
+            tokens += fields.shard(shard, f"{where}.shards[{i}]", split, i, frame_tokens,
+                                   (1 if last else shard_frames, shard_frames), short_last=last, finished=True)
+        fields.equal(f"{where}.tokens", fields.integer(info, where, "tokens", 0), tokens,
+                     "the sum of its shards' tokens")
+        documents = fields.integer(info, where, "documents", 0)
+        if (documents == 0) != (tokens == 0):
+            raise fields.error(f"{where}.documents", documents, f"0 exactly when the split has no tokens ({tokens})")
+        if split == "val":
+            fields.equal(f"{where}.documents", documents, len(val_documents), "one per name in val_documents")
+    return manifest
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -67,18 +224,29 @@ class Splitter:
         return ("", text) if self.is_val(name) else (text, "")
 
 
-def _read_prefix_hash(path: Path, nbytes: int):
-    """sha256 of a file's first nbytes (a whole shard, or what an interrupted prepare had written)."""
-    h = hashlib.sha256()
+def _declared_tokens(blob: bytes) -> int | None:
+    """The size a zstd frame's header declares (what decompressing it would allocate); None if none."""
+    try:
+        return zstandard.frame_content_size(blob)
+    except zstandard.ZstdError:
+        return None
+
+
+def hash_frames(path: Path, frames) -> tuple["hashlib._Hash", str | None]:
+    """(sha256, first problem or None) of a shard file's frames: (offset, nbytes, tokens, crc32) rows
+    lying end to end from byte 0 (a whole shard, or what an interrupted prepare had written). Each
+    frame's crc32 and the token count its header declares are checked in the same pass."""
+    h, problem = hashlib.sha256(), None
     with open(path, "rb") as f:
-        left = nbytes
-        while left:
-            block = f.read(min(left, 1 << 20))
-            if not block:
-                break
-            h.update(block)
-            left -= len(block)
-    return h
+        for offset, nbytes, tokens, crc in frames:
+            blob = f.read(nbytes)
+            h.update(blob)
+            if problem is None and (len(blob) != nbytes or zlib.crc32(blob) != crc):
+                problem = f"{path}: frame at byte {offset} fails its checksum"
+            elif problem is None and _declared_tokens(blob) != tokens:
+                problem = (f"{path}: frame at byte {offset} declares {_declared_tokens(blob)} tokens, "
+                           f"the manifest {tokens}")
+    return h, problem
 
 
 class SplitWriter:
@@ -138,27 +306,31 @@ class SplitWriter:
                 "pending": base64.b64encode(bytes(self.pending)).decode()}
 
     def restore(self, state: dict) -> None:
-        """Continue from state(): finished shards must match their sha256 and the unfinished one its
-        prefix's (it is cut back to what the state recorded); raises ShardError if not."""
+        """Continue from state() (as checked by prepare's read_state): finished shards must match their
+        sha256 and the unfinished one its prefix's (it is cut back to what the state recorded); raises
+        ShardError if not."""
         self.shards = state["shards"]
         self.documents = state["documents"]
         self.pending = bytearray(base64.b64decode(state["pending"]))
         finished = self.shards[:-1] if state["partial_sha256"] else self.shards
         for shard in finished:
             path = self.out_dir / shard["file"]
-            if not path.is_file() or path.stat().st_size != shard["bytes"] or \
-                    _read_prefix_hash(path, shard["bytes"]).hexdigest() != shard["sha256"]:
-                raise ShardError(f"{path}: missing or not the shard the interrupted run wrote")
+            if regular_file_size(path) != shard["bytes"]:
+                raise ShardError(f"{path}: missing or not the size the interrupted run recorded")
+            h, problem = hash_frames(path, shard["frames"])
+            if problem or h.hexdigest() != shard["sha256"]:
+                raise ShardError(problem or f"{path}: not the shard the interrupted run wrote (sha256 differs)")
         if state["partial_sha256"]:
             shard = self.shards[-1]
             tmp, done = self.out_dir / (shard["file"] + ".tmp"), self.out_dir / shard["file"]
-            if not tmp.is_file() and done.is_file():  # stopped between the rename and the state's update
-                os.replace(done, tmp)
-            if not tmp.is_file() or tmp.stat().st_size < shard["bytes"]:
+            if regular_file_size(tmp) is None and regular_file_size(done) is not None:
+                os.replace(done, tmp)  # stopped between the rename and the state's update
+            size = regular_file_size(tmp)
+            if size is None or size < shard["bytes"]:
                 raise ShardError(f"{tmp}: shorter than the interrupted run recorded")
-            h = _read_prefix_hash(tmp, shard["bytes"])
-            if h.hexdigest() != state["partial_sha256"]:
-                raise ShardError(f"{tmp}: its first {shard['bytes']} bytes differ from what was recorded")
+            h, problem = hash_frames(tmp, shard["frames"])
+            if problem or h.hexdigest() != state["partial_sha256"]:
+                raise ShardError(problem or f"{tmp}: its first {shard['bytes']} bytes differ from what was recorded")
             self._file = open(tmp, "r+b")
             self._file.truncate(shard["bytes"])
             self._file.seek(shard["bytes"])
@@ -223,22 +395,21 @@ class ShardReader:
         self.data_dir = Path(data_dir)
         self.split = split
         self.manifest = load_manifest(self.data_dir)
-        if split not in self.manifest["splits"]:
+        if split not in SPLITS:
             raise ShardError(f"{self.data_dir / MANIFEST}: has no split {split!r}")
         info = self.manifest["splits"][split]
         self.files = [self.data_dir / s["file"] for s in info["shards"]]
+        for shard, path in zip(info["shards"], self.files):
+            size = regular_file_size(path)
+            if size is None:
+                raise ShardError(f"{path}: shard listed in the manifest is missing")
+            if size != shard["bytes"]:
+                raise ShardError(f"{path}: size {size} bytes, manifest says {shard['bytes']} (truncated?)")
         # one int64 row per frame (shard, offset, nbytes, tokens, crc32): ~40 bytes a frame, not the
         # ~400 of Python lists, and the manifest's lists are dropped (Wikipedia: ~300k frames)
         self.frames = FrameTable(np.array([(i, *f) for i, s in enumerate(info["shards"]) for f in s.pop("frames")],
                                           dtype=np.int64).reshape(-1, 5))
         self.num_tokens = info["tokens"]
-        for shard, path in zip(info["shards"], self.files):
-            if not path.is_file():
-                raise ShardError(f"{path}: shard listed in the manifest is missing")
-            if path.stat().st_size != shard["bytes"]:
-                raise ShardError(
-                    f"{path}: size {path.stat().st_size} bytes, manifest says {shard['bytes']} (truncated?)"
-                )
         self._handles: dict[int, object] = {}
         self._pid = None
         self._dctx = None
@@ -253,10 +424,14 @@ class ShardReader:
         return CharTokenizer.from_vocab(self.manifest["vocab"], self.manifest["tokenizer"]["lowercase"])
 
     def verify(self) -> None:
-        """Recompute every shard's sha256 against the manifest."""
-        for shard, path in zip(self.manifest["splits"][self.split]["shards"], self.files):
-            if _read_prefix_hash(path, path.stat().st_size).hexdigest() != shard["sha256"]:
+        """Recompute every shard's sha256 against the manifest (and every frame's crc32 and size)."""
+        for i, (shard, path) in enumerate(zip(self.manifest["splits"][self.split]["shards"], self.files)):
+            frames = self.frames.table[self.frames.table[:, 0] == i, 1:].tolist()
+            h, problem = hash_frames(path, frames)
+            if h.hexdigest() != shard["sha256"]:
                 raise ShardError(f"{path}: sha256 differs from the manifest (the file changed or is corrupt)")
+            if problem:
+                raise ShardError(problem)
 
     def read_frame(self, index: int, out: np.ndarray | None = None) -> np.ndarray:
         """A frame's tokens (read-only), or a copy of them at the start of `out` (uint8, long enough)
@@ -270,11 +445,17 @@ class ShardReader:
             f = self._handles[ref.shard] = open(self.files[ref.shard], "rb")
         f.seek(ref.offset)
         blob = f.read(ref.nbytes)
+        where = f"{self.files[ref.shard]}: frame at byte {ref.offset}"
         if len(blob) != ref.nbytes or zlib.crc32(blob) != ref.crc32:
-            raise ShardError(f"{self.files[ref.shard]}: frame at byte {ref.offset} fails its checksum")
-        tokens = np.frombuffer(self._dctx.decompress(blob, max_output_size=ref.tokens), dtype=np.uint8)
+            raise ShardError(f"{where} fails its checksum")
+        if _declared_tokens(blob) != ref.tokens:  # what decompress() would allocate
+            raise ShardError(f"{where} declares {_declared_tokens(blob)} tokens, the manifest {ref.tokens}")
+        try:
+            tokens = np.frombuffer(self._dctx.decompress(blob, max_output_size=ref.tokens), dtype=np.uint8)
+        except zstandard.ZstdError as e:
+            raise ShardError(f"{where} does not decompress ({e})") from None
         if len(tokens) != ref.tokens:
-            raise ShardError(f"{self.files[ref.shard]}: frame at byte {ref.offset} has the wrong length")
+            raise ShardError(f"{where} has the wrong length")
         if out is None:
             return tokens
         out[:ref.tokens] = tokens
@@ -284,14 +465,22 @@ class ShardReader:
         return np.concatenate([self.read_frame(i) for i in range(len(self.frames))])
 
 
+def regular_file_size(path: Path) -> int | None:
+    """The size of a shard file named by a checked manifest or state, before anything opens it; None if
+    it is absent. A link or a folder in its place is an error: shards are plain files in the data dir."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        raise ShardError(f"{path}: not a regular file (a link or a folder); shards are plain files in the data dir")
+    return info.st_size
+
+
 def load_manifest(data_dir: str | Path) -> dict:
+    """The data dir's manifest, every field checked (check_manifest) before any shard is opened."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise ShardError(f"{path}: no manifest; prepare the data first (python launch/prepare.py ...)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ShardError(f"{path}: format {manifest.get('format')!r}, this code reads {FORMAT_VERSION}")
-    return manifest
+    fields = JsonFields(path)
+    return check_manifest(fields, fields.load())

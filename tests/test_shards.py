@@ -103,3 +103,81 @@ def test_manifest_is_plain_json_with_frame_table(tmp_path):
     shard = manifest["splits"]["train"]["shards"][0]
     assert sum(f[2] for f in shard["frames"]) == shard["tokens"]
     assert shard["frames"][-1][0] + shard["frames"][-1][1] == shard["bytes"]
+
+
+def _rewrite_manifest(data_dir, change) -> None:
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    change(manifest)
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_shard_name_reaching_outside_the_data_dir_is_refused_naming_file_field_and_value(tmp_path):
+    data_dir = tmp_path / "data"
+    _write(data_dir)
+    (tmp_path / "secret").write_bytes(b"x" * 1234)
+    for name in ("../secret", str(tmp_path / "secret"), "train_00001.zst"):
+        _rewrite_manifest(data_dir, lambda m: m["splits"]["train"]["shards"][0].update(file=name))
+        with pytest.raises(ShardError) as caught:
+            ShardReader(data_dir, "train")
+        assert str(caught.value).startswith(f"{data_dir / 'manifest.json'}: splits.train.shards[0].file = {name!r}")
+        assert "1234" not in str(caught.value)  # nothing about the file it names leaks
+
+
+def test_frames_claiming_more_tokens_than_a_frame_holds_are_refused_before_any_allocation(tmp_path):
+    _write(tmp_path)
+
+    def lie(manifest):  # a consistent lie: the frame, its shard and the split all claim 10**15 tokens
+        shard = manifest["splits"]["train"]["shards"][0]
+        extra = 10 ** 15 - shard["frames"][0][2]
+        shard["frames"][0][2] += extra
+        shard["tokens"] += extra
+        manifest["splits"]["train"]["tokens"] += extra
+
+    _rewrite_manifest(tmp_path, lie)
+    with pytest.raises(ShardError, match=r"splits\.train\.shards\[0\]\.frames\[0\] = \[0, \d+, 1000000000000000, "
+                                         r"\d+\], expected 0 < tokens <= frame_tokens=256"):
+        load_manifest(tmp_path)
+
+
+def test_a_frame_whose_header_declares_other_than_the_manifest_says_is_named(tmp_path):
+    """The last frame of a split may be short: claiming fewer tokens than its zstd header declares passes
+    the manifest's checks, and is refused by verify() and by the read, before decompressing."""
+    manifest, _ = _write(tmp_path)
+    last = manifest["splits"]["val"]["shards"][-1]
+    claimed = last["frames"][-1][2] - 1
+
+    def lie(manifest):
+        shard = manifest["splits"]["val"]["shards"][-1]
+        shard["frames"][-1][2] -= 1
+        shard["tokens"] -= 1
+        manifest["splits"]["val"]["tokens"] -= 1
+
+    _rewrite_manifest(tmp_path, lie)
+    reader = ShardReader(tmp_path, "val")
+    message = (f"{last['file']}: frame at byte {last['frames'][-1][0]} declares {claimed + 1} tokens, "
+               f"the manifest {claimed}")
+    with pytest.raises(ShardError, match=message):
+        reader.verify()
+    with pytest.raises(ShardError, match=message):
+        reader.read_frame(len(reader.frames) - 1)
+
+
+def test_a_shard_that_is_a_link_is_not_followed(tmp_path):
+    manifest, _ = _write(tmp_path / "data")
+    first = tmp_path / "data" / manifest["splits"]["train"]["shards"][0]["file"]
+    (tmp_path / "elsewhere.zst").write_bytes(first.read_bytes())
+    first.unlink()
+    first.symlink_to(tmp_path / "elsewhere.zst")
+    with pytest.raises(ShardError, match=f"{first.name}: not a regular file"):
+        ShardReader(tmp_path / "data", "train")
+
+
+def test_a_split_left_empty_is_reported_by_prepare_naming_val_fraction(tmp_path):
+    with pytest.raises(ShardError, match=r"the val split is empty: none of the 12 documents went to val at "
+                                         r"data\.val_fraction=0\.0; raise data\.val_fraction \(e\.g\. "
+                                         r"data\.val_fraction=0\.2\)"):
+        _write(tmp_path / "a", val_fraction=0.0)
+    assert list((tmp_path / "a").iterdir()) == []  # no manifest, no shards, no state
+    with pytest.raises(ShardError, match=r"the train split is empty: all 1 documents went to val at "
+                                         r"data\.val_fraction=0\.9; lower data\.val_fraction"):
+        _write(tmp_path / "b", [Document("short", "ab")], val_fraction=0.9)

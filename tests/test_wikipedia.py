@@ -153,6 +153,25 @@ def test_a_damaged_finished_shard_makes_the_resume_start_over(wiki_dir, tmp_path
     assert _shard_hashes(out) == _shard_hashes(tmp_path / "whole")
 
 
+def test_wiki_full_on_a_few_hundred_articles_stops_at_prepare_saying_val_is_empty(wiki_dir, tmp_path):
+    """conf=wiki_full holds out 0.0005 of the articles: none of these 300; prepare says so, naming the knob,
+    instead of training failing later; the share it suggests then gives val its articles."""
+    ids = [d.name for d in WikipediaSource(wiki_dir, "unused").documents()]
+    assert not any(_hash_below(i, 0.0005) for i in ids)
+    out = tmp_path / "shards"
+    done = subprocess.run([sys.executable, "launch/prepare.py", "conf=wiki_full", f"data.path={wiki_dir}",
+                           f"data.dir={out}", "data.workers=0"], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {out}: the val split is empty: none of the 300 documents went to val at "
+                           "data.val_fraction=0.0005; raise data.val_fraction (e.g. data.val_fraction="), last
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.zst*"))
+    hint = float(last.split("(e.g. data.val_fraction=")[1].split(")")[0])
+    manifest = prepare(_cfg(wiki_dir, out, val_fraction=hint), show_progress=False)
+    assert manifest["splits"]["val"]["documents"] == sum(_hash_below(i, hint) for i in ids) > 0
+
+
 def test_missing_optional_packages_name_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes `import huggingface_hub` fail
     empty = tmp_path / "empty"
