@@ -1,13 +1,21 @@
-"""Checkpoints saved by every rank through DeepSpeed, with what resuming exactly needs beside them."""
+"""Checkpoints saved by every rank through DeepSpeed, with what resuming exactly needs beside them.
+
+Nodes share no disk. Each node keeps its own ranks' files (and, at ZeRO 0-2, its own copy of the
+model states: DeepSpeed's `use_node_local_storage`), and its own `latest` and meta.json. meta.json
+is the same on every node: it lists every file of the whole checkpoint with its sha256, so a rank
+checks its files before DeepSpeed unpickles them, and a machine that gathered every node's files
+can tell the checkpoint is complete.
+"""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -15,10 +23,24 @@ import torch.distributed as dist
 
 from model import GPT, GPTConfig
 
-# Rank 0's model-states file (it carries the client state): ZeRO-3 names it per partition.
-META = "meta.json"  # step, vocab, model config, world size, ZeRO stage: readable without loading weights
+from . import checksums
+from .checksums import META, ChecksumError
+from .errors import CheckpointError, RunError
+
 UNIVERSAL = "universal"  # inside a checkpoint: its conversion for resuming at another world size
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+TAG = re.compile(r"^step\d{8}$")
+RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")  # a file of one data-parallel rank's partition
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    directory: Path  # the checkpoints dir, holding `latest`
+    tag: str         # e.g. step00000500
+
+    @property
+    def path(self) -> Path:
+        return self.directory / self.tag
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -26,8 +48,8 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def rng_state() -> dict:
-    """This rank's generators: the CPU's and, on a GPU, its own device's. (Every visible GPU's, as
-    before, could not be restored on a node that shows fewer GPUs.)"""
+    """This rank's generators: the CPU's and, on a GPU, its own device's (not every visible GPU's,
+    which a node showing fewer GPUs could not restore)."""
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
@@ -36,13 +58,9 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
-        if isinstance(cuda, list):  # written before 2026-11-26: one state per visible GPU
+        if isinstance(cuda, list):  # older checkpoints: one state per visible GPU
             cuda = cuda[torch.cuda.current_device()]
         torch.cuda.set_rng_state(cuda)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; `latest` still names the last complete one."""
 
 
 def latest_tag(directory: Path) -> str | None:
@@ -50,63 +68,78 @@ def latest_tag(directory: Path) -> str | None:
     if not path.is_file():
         return None
     tag = path.read_text().strip()
-    if not tag or not (Path(directory) / tag).is_dir():
-        raise CheckpointError(f"{path}: names {tag!r}, which is not a checkpoint in {directory}")
+    if not TAG.match(tag) or not (Path(directory) / tag).is_dir():  # never a path: `latest` may come from elsewhere
+        raise CheckpointError(f"{path}: names {tag[:80]!r}, which is not a checkpoint in {directory}")
     return tag
 
 
-def _write_latest(directory: Path, tag: str) -> None:
-    """Atomically: a crash leaves either the old or the new name, never a half-written file."""
-    tmp = directory / f"latest.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / "latest")
-
-
 def _prune(directory: Path, keep: int, current: str) -> None:
-    """Delete checkpoints older than the newest `keep` (only ever called once `current` is complete)."""
+    """Delete checkpoints older than the newest `keep` (only ever called once `current` is complete
+    on every node)."""
     if keep <= 0:
         return
-    tags = sorted(p.name for p in directory.glob("step*") if p.is_dir() and p.name <= current)
+    tags = sorted(p.name for p in directory.glob("step*") if p.is_dir() and TAG.match(p.name) and p.name <= current)
     for old in tags[:-keep]:
         shutil.rmtree(directory / old, ignore_errors=True)
 
 
-def save(engine, run_dir, step: int, loader_state: dict, model_cfg: GPTConfig, vocab: str,
-         lowercase: bool, zero_stage: int, keep: int = 0) -> Path:
-    """Collective: call on every rank. `latest` moves only after every rank has written its files.
+def _all_ranks(value) -> list:
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
-    Each rank's RNG state travels in rank 0's client state.
+
+def _first_error(results: list, what: str) -> None:
+    for rank, error in enumerate(results):
+        if error:
+            raise CheckpointError(f"{what}: rank {rank}: {error}")
+
+
+def save(engine, run_dir, step: int, loader_state: dict, model_cfg: GPTConfig, vocab: str,
+         lowercase: bool, zero_stage: int, writer: bool, keep: int = 0) -> Path:
+    """Collective: call on every rank. Each node's `latest` moves only after every rank of every node
+    has written its files, and old checkpoints go only once every node's `latest` has moved.
+    writer: this rank writes its disk's meta.json and `latest`, and prunes (one rank per disk).
+
+    Each rank's RNG state travels in the client state of the model-states files.
     """
     directory = checkpoint_dir(run_dir)
-    rngs = [None] * dist.get_world_size()
-    dist.all_gather_object(rngs, rng_state())
-    client = {"step": step, "loader": loader_state, "rng": rngs, "world_size": dist.get_world_size(),
-              "model_config": asdict(model_cfg), "vocab": vocab, "lowercase": lowercase,
-              "zero_stage": zero_stage}
+    client = {"step": step, "loader": loader_state, "rng": _all_ranks(rng_state()),
+              "world_size": dist.get_world_size(), "model_config": asdict(model_cfg), "vocab": vocab,
+              "lowercase": lowercase, "zero_stage": zero_stage}
     tag = f"step{step:08d}"
-    try:
-        # ends with a barrier: when it returns, every rank's files are on disk
+    previous = (directory / "latest").read_text().strip() if (directory / "latest").is_file() else None
+    what = (f"saving checkpoint {directory / tag} failed at step {step} (`latest` still names "
+            f"{previous or 'no checkpoint'})")
+    share, error = None, None
+    try:  # a full disk, a quota, a vanished mount
         engine.save_checkpoint(str(directory), tag=tag, client_state=client, save_latest=False)
-        if dist.get_rank() == 0:
-            meta = {k: v for k, v in client.items() if k not in ("rng", "loader")}
-            (directory / tag / META).write_text(json.dumps(meta, indent=1))
-            _write_latest(directory, tag)
-            _prune(directory, keep, tag)
-    except Exception as e:  # a full disk, a quota, a vanished mount
-        previous = (directory / "latest").read_text().strip() if (directory / "latest").is_file() else None
-        raise CheckpointError(
-            f"saving checkpoint {directory / tag} failed at step {step}: {type(e).__name__}: {e}; "
-            f"`latest` still names {previous or 'no checkpoint'}"
-        ) from e
-    dist.barrier()
+        if writer:
+            share = checksums.hash_files(directory / tag)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    results = _all_ranks((share, error))  # also the barrier: every rank's files are written
+    _first_error([e for _, e in results], what)
+    try:
+        files = checksums.merge([s for s, _ in results if s is not None])
+    except ChecksumError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+    error = None
+    if writer:
+        meta = {k: v for k, v in client.items() if k not in ("rng", "loader")} | {"files": files}
+        try:
+            checksums.write_text_atomic(directory / tag / META, json.dumps(meta, indent=1))
+            checksums.write_text_atomic(directory / "latest", tag)
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+    _first_error(_all_ranks(error), what)  # every node's `latest` has moved
+    if writer:
+        _prune(directory, keep, tag)
     return directory / tag
 
 
-def resolve(resume: str, run_dir) -> tuple[Path, str] | None:
-    """(checkpoints dir, tag) to resume from: `auto` = run_dir's latest if any, `never`, or a PATH.
+def resolve(resume: str, run_dir) -> Checkpoint | None:
+    """The checkpoint to resume from: `auto` = run_dir's latest if any, `never`, or a PATH.
 
     PATH is a checkpoints dir holding `latest`, or one tag dir inside it (e.g. .../step00000500).
     """
@@ -114,37 +147,41 @@ def resolve(resume: str, run_dir) -> tuple[Path, str] | None:
         return None
     if resume == "auto":
         tag = latest_tag(checkpoint_dir(run_dir))
-        return (checkpoint_dir(run_dir), tag) if tag else None
+        return Checkpoint(checkpoint_dir(run_dir), tag) if tag else None
     path = Path(resume)
     if (path / "latest").is_file():
-        return path, latest_tag(path)
-    if _model_states(path) is not None:
-        return path.parent, path.name
+        return Checkpoint(path, latest_tag(path))
+    if (path / META).is_file():
+        return Checkpoint(path.parent, path.name)
     raise FileNotFoundError(f"resume={resume}: neither a checkpoints dir with `latest` nor a checkpoint")
 
 
-def read_meta(where: tuple[Path, str]) -> dict:
-    path = where[0] / where[1] / META
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (not a checkpoint written by this trainer, or incomplete)")
-    return json.loads(path.read_text())
+def read_meta(ckpt: Checkpoint) -> dict:
+    try:
+        return checksums.read_meta(ckpt.path)
+    except ChecksumError as e:
+        raise CheckpointError(str(e)) from None
 
 
-def check_compatible(where: tuple[Path, str], vocab: str, model_cfg: GPTConfig, zero_stage: int) -> dict:
+def check_compatible(ckpt: Checkpoint, vocab: str, model_cfg: GPTConfig, zero_stage: int) -> dict:
     """The checkpoint's meta.json, after checking it fits this run's data, model and ZeRO stage
     (before any weights load). Another world size is fine: see needs_universal."""
-    meta = read_meta(where)
-    if meta["zero_stage"] != zero_stage:
-        raise CheckpointError(f"{where[0] / where[1]}: saved with ZeRO-{meta['zero_stage']}, this run uses "
-                              f"deepspeed=zero{zero_stage}; resume with deepspeed=zero{meta['zero_stage']}")
-    if meta["vocab"] != vocab:
-        raise CheckpointError(f"{where[0] / where[1]}: the checkpoint's vocabulary ({len(meta['vocab'])} chars) "
+    meta = read_meta(ckpt)
+    if meta.get("zero_stage") != zero_stage:
+        raise CheckpointError(f"{ckpt.path}: saved with ZeRO-{meta.get('zero_stage')}, this run uses "
+                              f"deepspeed=zero{zero_stage}; resume with deepspeed=zero{meta.get('zero_stage')}")
+    if meta.get("vocab") != vocab:
+        raise CheckpointError(f"{ckpt.path}: the checkpoint's vocabulary ({len(meta.get('vocab') or '')} chars) "
                               f"differs from the data's manifest.json ({len(vocab)} chars)")
-    ours = asdict(model_cfg)
-    differ = [f"model.{k}: checkpoint {v!r}, config {ours.get(k)!r}" for k, v in meta["model_config"].items()
+    ours, theirs = asdict(model_cfg), meta.get("model_config")
+    if not isinstance(theirs, dict):
+        raise CheckpointError(f"{ckpt.path / META}: no model_config")
+    differ = [f"model.{k}: checkpoint {v!r}, config {ours.get(k)!r}" for k, v in theirs.items()
               if ours.get(k) != v and k not in ("dropout", "attn")]
     if differ:
-        raise CheckpointError(f"{where[0] / where[1]}: the model differs: {'; '.join(differ)}")
+        raise CheckpointError(f"{ckpt.path}: the model differs: {'; '.join(differ)}")
+    if not isinstance(meta.get("world_size"), int) or meta["world_size"] < 1:
+        raise CheckpointError(f"{ckpt.path / META}: world_size is {meta.get('world_size')!r}")
     return meta
 
 
@@ -154,43 +191,88 @@ def needs_universal(meta: dict, world_size: int) -> bool:
     return meta["zero_stage"] > 0 and meta["world_size"] != world_size
 
 
-def to_universal(where: tuple[Path, str]) -> tuple[Path, str]:
-    """Collective. Rank 0 converts the checkpoint with DeepSpeed's ds_to_universal into the `universal`
-    folder inside it (once: later resumes reuse it) while the others wait; returns where to load from."""
-    tag_dir = where[0] / where[1]
-    out, error = tag_dir / UNIVERSAL, None
-    if dist.get_rank() == 0 and not out.is_dir():
-        tmp = tag_dir / (UNIVERSAL + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        print(f"{tag_dir}: saved by other ranks; converting to a universal checkpoint in {out}", flush=True)
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
-            os.replace(tmp, out)  # complete or absent, never half-written
-        else:
-            error = f"{tag_dir}: conversion to a universal checkpoint failed: {done.stderr.strip()[-800:]}"
-    from .distributed import broadcast_error  # here: sample.py and eval.py load checkpoints without DeepSpeed
+def files_for_rank(meta: dict, rank: int) -> list[str]:
+    """The files of the checkpoint that `rank` reads at the same world size: the shared model states
+    and its own partition's files."""
+    return [name for name in meta["files"]
+            if (m := RANK_FILE.search(name)) is None or int(m.group(1)) == rank]
+
+
+def plan_resume(resume: str, run_dir, vocab: str, model_cfg: GPTConfig, zero_stage: int, node, writer: bool
+                ) -> tuple[Checkpoint, dict] | None:
+    """Collective. Rank 0 alone decides what to resume (nodes' disks may disagree) and checks that it
+    fits this run; every rank then checks its own files of that checkpoint against rank 0's meta.json
+    on its own disk, and all agree before anything is loaded. Returns (checkpoint, meta) or None.
+    writer: this rank converts its disk's copy for another world size, so it needs every file."""
+    decision = [None]
+    if dist.get_rank() == 0:
+        try:
+            ckpt = resolve(resume, run_dir)
+            decision = [(str(ckpt.directory), ckpt.tag, check_compatible(ckpt, vocab, model_cfg, zero_stage))
+                        if ckpt else None]
+        except (CheckpointError, FileNotFoundError) as e:
+            decision = [f"{e}"]
+    dist.broadcast_object_list(decision, src=0)
+    if isinstance(decision[0], str):
+        raise RunError(decision[0])
+    if decision[0] is None:
+        return None
+    directory, tag, meta = decision[0]
+    ckpt, rank = Checkpoint(Path(directory), tag), dist.get_rank()
+    if not needs_universal(meta, dist.get_world_size()):
+        names = files_for_rank(meta, rank)
+    elif writer:  # converts this disk's copy: needs every file of every rank
+        names = None
+    else:
+        names = [n for n in files_for_rank(meta, rank) if RANK_FILE.search(n) is None]
+    error = None
+    try:
+        checksums.verify(ckpt.path, names, meta)
+    except ChecksumError as e:
+        error = f"node {node.index}, rank {rank}: {e}"
+    from .distributed import broadcast_error  # DeepSpeed: not for sample.py and eval.py
 
     broadcast_error(error)
-    return tag_dir, UNIVERSAL
+    return ckpt, meta
 
 
-def load(engine, where: tuple[Path, str]) -> dict:
+def to_universal(ckpt: Checkpoint, writer: bool) -> Checkpoint:
+    """Collective. One rank per disk (`writer`) converts its copy of the checkpoint (every rank's files
+    must be on that disk) with DeepSpeed's ds_to_universal into the `universal` folder inside it, once
+    (later resumes reuse it), while the others wait; returns where to load from."""
+    out, error = ckpt.path / UNIVERSAL, None
+    if writer and not out.is_dir():
+        tmp = ckpt.path / f"{UNIVERSAL}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt.path),
+               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        print(f"{ckpt.path}: saved at another world size; converting to a universal checkpoint in {out}",
+              flush=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            error = f"{ckpt.path}: conversion to a universal checkpoint failed: {done.stderr.strip()[-800:]}"
+        else:
+            os.replace(tmp, out)  # complete or absent, never half-written
+    from .distributed import broadcast_error
+
+    broadcast_error(error, patient=True)
+    return Checkpoint(ckpt.path, UNIVERSAL)
+
+
+def load(engine, ckpt: Checkpoint) -> dict:
     """Collective: restore engine state and this rank's RNG; returns the client state."""
-    directory, tag = where
     try:
-        path, client = engine.load_checkpoint(str(directory), tag=tag)
+        path, client = engine.load_checkpoint(str(ckpt.directory), tag=ckpt.tag)
     except KeyError as e:
         if engine.zero_optimization_stage() == 0 and e.args == ("param_groups",):
             raise CheckpointError(
-                f"{directory / tag}: its optimizer state is that of DeepSpeed's bf16 wrapper, which ZeRO-0 runs "
+                f"{ckpt.path}: its optimizer state is that of DeepSpeed's bf16 wrapper, which ZeRO-0 runs "
                 "used before precision=bf16 became torch autocast over fp32 weights; this version cannot resume "
                 "it. The weights still load for sampling and evaluation; resume=never starts over") from None
         raise
     if path is None:
-        raise CheckpointError(f"{directory / tag}: DeepSpeed found no checkpoint to load")
+        raise CheckpointError(f"{ckpt.path}: DeepSpeed found no checkpoint to load")
     if client.get("world_size") == dist.get_world_size():
         set_rng_state(client["rng"][dist.get_rank()])
     else:  # another world size: fresh, but still deterministic, per-rank streams
@@ -198,35 +280,38 @@ def load(engine, where: tuple[Path, str]) -> dict:
     return client
 
 
-def _model_states(tag_dir: Path) -> Path | None:
-    return next((tag_dir / n for n in MODEL_STATES if (tag_dir / n).is_file()), None)
-
-
 def load_for_inference(path) -> tuple[GPT, dict]:
-    """A plain fp32 GPT (and the client state) from a run dir, a checkpoints dir or one checkpoint."""
+    """A plain fp32 GPT (and the client state) from a run dir, a checkpoints dir or one checkpoint.
+
+    Every file read is first checked against the checkpoint's meta.json; the model states load with
+    torch's weights-only unpickler, so they can hold no code."""
     path = Path(path)
     try:
-        where = resolve("auto", path) if (path / "checkpoints").is_dir() else resolve(str(path), path)
+        ckpt = resolve("auto", path) if (path / "checkpoints").is_dir() else resolve(str(path), path)
     except FileNotFoundError:
-        where = None
-    if where is None:
+        ckpt = None
+    if ckpt is None:
         raise FileNotFoundError(f"{path}: no checkpoint found (expected {checkpoint_dir(path)}/latest)")
-    tag_dir = where[0] / where[1]
-    states_file = _model_states(tag_dir)
-    if states_file is None:
-        raise FileNotFoundError(f"{tag_dir}: no {' or '.join(MODEL_STATES)} (incomplete checkpoint?)")
-    states = torch.load(states_file, map_location="cpu", weights_only=False)
-    client = {k: states[k] for k in ("model_config", "vocab", "lowercase", "zero_stage", "step")}
-    if client["zero_stage"] == 3:  # parameters live in the partitioned optimizer files
+    meta = read_meta(ckpt)
+    client = {k: meta.get(k) for k in ("model_config", "vocab", "lowercase", "zero_stage", "step")}
+    zero3 = client["zero_stage"] == 3  # its parameters live in every rank's partitioned files
+    states = next((n for n in MODEL_STATES if n in meta["files"]), None)
+    if states is None:
+        raise CheckpointError(f"{ckpt.path / META}: lists no {' or '.join(MODEL_STATES)}")
+    try:
+        checksums.verify(ckpt.path, None if zero3 else [states], meta)
+    except ChecksumError as e:
+        raise CheckpointError(str(e)) from None
+    if zero3:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's chatter: keep stdout for results
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            weights = get_fp32_state_dict_from_zero_checkpoint(str(where[0]), tag=where[1])
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.directory), tag=ckpt.tag)
     else:
-        weights = states["module"]
+        weights = torch.load(ckpt.path / states, map_location="cpu", weights_only=True)["module"]
     model = GPT(GPTConfig(**client["model_config"]))
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     missing = set(model.state_dict()) - set(weights) - {"head.weight"}
     if missing:
-        raise RuntimeError(f"{tag_dir}: checkpoint lacks weights {sorted(missing)[:5]}")
+        raise CheckpointError(f"{ckpt.path}: checkpoint lacks weights {sorted(missing)[:5]}")
     return model.eval(), client

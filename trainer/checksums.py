@@ -35,15 +35,15 @@ def hash_files(tag_dir: Path) -> dict[str, dict]:
             for p in sorted(Path(tag_dir).iterdir()) if p.is_file() and FILE_NAME.match(p.name)}
 
 
-def merge(shares: list[dict[str, dict]]) -> dict[str, dict]:
-    """One file list from every node's share; a file two nodes both hold must be the same bytes."""
-    files: dict[str, dict] = {}
-    for node, share in enumerate(shares):
+def merge(shares: list[dict[str, dict]]) -> dict[str, list[dict]]:
+    """One file list from every node's share: {name: [every node's copy's sum]}. Nodes that each keep
+    a copy of the same file (the model states at ZeRO 0-2) write different bytes, since torch.save
+    stamps every file with an id of its own; any one of those copies is the file."""
+    files: dict[str, list[dict]] = {}
+    for share in shares:
         for name, entry in share.items():
-            if name in files and files[name] != entry:
-                raise ChecksumError(f"{name}: node {node} holds other bytes than an earlier node "
-                                    f"(sha256 {entry['sha256'][:12]} vs {files[name]['sha256'][:12]})")
-            files[name] = entry
+            if entry not in files.setdefault(name, []):
+                files[name].append(entry)
     return dict(sorted(files.items()))
 
 
@@ -61,34 +61,41 @@ def read_meta(tag_dir: Path) -> dict:
     if not isinstance(files, dict) or not files:
         raise ChecksumError(f"{path}: no `files` list of sha256 sums (written by an older version of this "
                             "trainer, or not by it): its files cannot be checked before loading")
-    for name, entry in files.items():
-        if not (isinstance(name, str) and FILE_NAME.match(name) and isinstance(entry, dict)
-                and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
-                and isinstance(entry.get("bytes"), int) and entry["bytes"] >= 0):
-            raise ChecksumError(f"{path}: files[{name!r}] is not a checkpoint file name with a sha256 and a size")
+    for name, copies in files.items():
+        if not (isinstance(name, str) and FILE_NAME.match(name) and isinstance(copies, list) and copies
+                and all(_is_sum(entry) for entry in copies)):
+            raise ChecksumError(f"{path}: files[{name[:80]!r}] is not a checkpoint file name with a list of "
+                                "sha256 sums and sizes")
     return meta
 
 
-def verify(tag_dir: Path, names: list[str] | None = None) -> dict:
-    """Check `names` (default: every file meta.json lists) against meta.json; returns the meta.
+def _is_sum(entry) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) is not None
+            and isinstance(entry.get("bytes"), int) and not isinstance(entry["bytes"], bool) and entry["bytes"] >= 0)
+
+
+def verify(tag_dir: Path, names: list[str] | None = None, meta: dict | None = None) -> dict:
+    """Check `names` (default: every file listed) against `meta` (default: tag_dir's meta.json, read
+    and checked here); returns the meta.
 
     Raises ChecksumError naming the first file that is missing, of another size or other content.
     """
     tag_dir = Path(tag_dir)
-    meta = read_meta(tag_dir)
+    meta = meta if meta is not None else read_meta(tag_dir)
     files = meta["files"]
     for name in names if names is not None else files:
         if name not in files:
             raise ChecksumError(f"{tag_dir / META}: lists no {name} (a checkpoint of another world size or stage?)")
-        path, entry = tag_dir / name, files[name]
+        path, copies = tag_dir / name, files[name]
         if not path.is_file():
             raise ChecksumError(f"{path}: missing (each node holds only its own ranks' files: copy it here from "
                                 "the node that wrote it)")
         size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise ChecksumError(f"{path}: {size} bytes, but {META} says {entry['bytes']} (truncated or replaced "
-                                "in transit?)")
-        if sha256_file(path) != entry["sha256"]:
+        if size not in {c["bytes"] for c in copies}:
+            raise ChecksumError(f"{path}: {size} bytes, but {META} says {copies[0]['bytes']} (truncated or "
+                                "replaced in transit?)")
+        if sha256_file(path) not in {c["sha256"] for c in copies}:
             raise ChecksumError(f"{path}: sha256 differs from {META} (changed in transit or on the host that "
                                 "held it): refusing to load it")
     return meta

@@ -42,6 +42,8 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory
     fused_adamw: bool = True   # fused AdamW (CPU, CUDA); false: torch's default (CPU: a loop per tensor; CUDA: foreach)
     profile_steps: int = 0     # torch.profiler over this many steps after the first 6: run_dir/profile/
+    collective_timeout_s: float = 1800.0  # a collective waiting longer for a peer fails the job (a stuck or
+                                          # lost node), instead of hanging; long enough for a slow save
 
 
 @dataclass
@@ -101,6 +103,8 @@ def validate(c: Config, world_size: int | None = None) -> None:
                 "batch_start_tokens", "profile_steps"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if not t.collective_timeout_s > 0:
+        raise ConfigError(f"train.collective_timeout_s must be > 0, got {t.collective_timeout_s}")
     if t.cost_per_hour < 0:
         raise ConfigError(f"train.cost_per_hour must be >= 0, got {t.cost_per_hour}")
     if t.lr <= 0 or not 0 <= t.min_lr <= t.lr:

@@ -3,11 +3,22 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from datetime import timedelta
 
 import deepspeed
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from packaging.version import Version
+
+from .errors import RunError
+
+# Waits in which one rank per node does long solo work (preparing a corpus, converting a checkpoint)
+# go through a gloo group this patient; every other collective has train.collective_timeout_s.
+PATIENT_TIMEOUT = timedelta(hours=24)
+_patient_group = None
 
 MIN_DEEPSPEED = "0.19.6"  # as in setup.py: older releases halve a gradient accumulated over micro-batches
 
@@ -43,17 +54,46 @@ def bind_device(local_rank: int) -> None:
     accelerator.set_device(local_rank)
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); without the launcher this process becomes a world of one."""
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
+    """(rank, world size); without the launcher this process becomes a world of one.
+
+    timeout_s: how long any collective may wait for a peer before the job fails (gloo raises; NCCL's
+    watchdog ends the process), so a stuck or vanished node never leaves the others waiting forever.
+    """
+    global _patient_group
     check_deepspeed()
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if "LOCAL_RANK" in os.environ:  # else (MPI discovery) DeepSpeed's engine binds it later
         bind_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(**({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
+    _patient_group = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT) if dist.get_world_size() > 1 else None
     _unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+@dataclass(frozen=True)
+class Node:
+    """Where this rank sits: nodes share no disk, so one rank per node (its leader, local rank 0)
+    does the node's file work (data, `latest`, meta.json, pruning) for the ranks beside it."""
+    index: int      # 0 .. nodes-1, in rank order
+    count: int
+    leader: bool    # local rank 0: writes and checks this node's files
+
+    def writes(self, shared: bool) -> bool:
+        """Whether this rank writes the node's files in a folder that is `shared` between the nodes
+        or not: each node's leader, or node 0's alone when they all see the same folder."""
+        return self.leader and (not shared or self.index == 0)
+
+
+def node_of_this_rank() -> Node:
+    """Collective. Ranks of one node are consecutive (as every launcher numbers them)."""
+    local_ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(local_ranks, int(os.environ.get("LOCAL_RANK", 0)))
+    leaders = [r for r, local in enumerate(local_ranks) if local == 0]
+    rank = dist.get_rank()
+    return Node(index=sum(1 for r in leaders if r <= rank) - 1, count=len(leaders), leader=rank in leaders)
 
 
 def _unlink_shm_buffer() -> None:
@@ -72,14 +112,34 @@ def _unlink_shm_buffer() -> None:
             os.unlink(name)
 
 
-class RunError(RuntimeError):
-    """A problem found before training starts (bad data, missing files), reported alike on every rank."""
+def shared_between_nodes(path, node: Node) -> bool:
+    """Collective. Whether every node sees the same `path` (a shared filesystem, or "nodes" that are
+    one machine, as in tests): each node's leader leaves a probe file of its own there and looks for
+    the others'. The same answer on every rank."""
+    if node.count == 1:
+        return False
+    path, probe = Path(path), None
+    if node.leader:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".node-probe-{uuid.uuid4().hex}"
+        probe.touch()
+    names = [None] * dist.get_world_size()
+    dist.all_gather_object(names, probe.name if probe else None)
+    seen = probe is not None and any((path / n).exists() for n in names if n and n != probe.name)
+    answers = [None] * dist.get_world_size()
+    dist.all_gather_object(answers, seen)  # also: every leader has looked before any probe goes
+    if probe is not None:
+        probe.unlink(missing_ok=True)
+    return any(answers)
 
 
-def broadcast_error(message: str | None) -> None:
-    """Raise the same error on every rank when any rank hit one (so no peer waits forever)."""
+def broadcast_error(message: str | None, patient: bool = False) -> None:
+    """Raise the same error on every rank when any rank hit one (so no peer waits forever).
+
+    patient: some rank may arrive hours late (it prepared a corpus or converted a checkpoint).
+    """
     messages = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, message)
+    dist.all_gather_object(messages, message, group=_patient_group if patient else None)
     first = next((m for m in messages if m), None)
     if first:
         raise RunError(first)

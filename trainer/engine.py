@@ -13,8 +13,11 @@ def auto_bucket(n_params: int) -> int:
     return int(min(5e8, max(5e5, n_params // 16)))
 
 
-def deepspeed_config(cfg: Config, world_size: int, n_params: int, load_universal: bool = False) -> dict:
-    """load_universal: the checkpoint to resume from is a universal (world-size-free) conversion."""
+def deepspeed_config(cfg: Config, world_size: int, n_params: int, load_universal: bool = False,
+                     node_local_checkpoints: bool = False) -> dict:
+    """load_universal: the checkpoint to resume from is a universal (world-size-free) conversion.
+    node_local_checkpoints: the nodes share no disk, so each one writes its own copy of the model
+    states (else, at ZeRO 0-2, global rank 0 alone would, and no other node could resume)."""
     t, z = cfg.train, cfg.deepspeed
     zero = {"stage": z.stage}
     if z.stage > 0:
@@ -36,7 +39,7 @@ def deepspeed_config(cfg: Config, world_size: int, n_params: int, load_universal
         # DeepSpeed's throughput timer waits for the device at every forward and every step (a GPU
         # then idles while the host queues the next step); the loop's own meter keeps time instead
         "timers": {"throughput": {"enabled": False}},
-        "checkpoint": {"load_universal": load_universal},
+        "checkpoint": {"load_universal": load_universal, "use_node_local_storage": node_local_checkpoints},
     }
 
 
@@ -100,7 +103,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=t.fused_adamw or None)
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False):
+def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False,
+                 node_local_checkpoints: bool = False):
     """The DeepSpeed engine around the model, with the training-time options of train.*."""
     from deepspeed.accelerator import get_accelerator
 
@@ -110,7 +114,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_univ
         model.to(device)  # the fused optimizer is built for parameters already on the GPU
         torch.set_float32_matmul_precision("high")  # fp32 runs use TF32 tensor cores (bf16 runs are unaffected)
     n_params = sum(p.numel() for p in model.parameters())
-    config = deepspeed_config(cfg, world_size, n_params, load_universal)
+    config = deepspeed_config(cfg, world_size, n_params, load_universal, node_local_checkpoints)
     optimizer = build_optimizer(model, cfg)
     if clips_in_torch(cfg):
         _clip_before_each_step(optimizer, cfg.train.grad_clip)

@@ -19,7 +19,8 @@ from model import GPT
 
 from . import checkpoint
 from .config import Config
-from .distributed import RunError, broadcast_error, init_distributed, shutdown
+from .distributed import (Node, RunError, broadcast_error, init_distributed, node_of_this_rank, shared_between_nodes,
+                          shutdown)
 from .engine import build_engine, set_lr
 from .evaluate import evaluate_engine, sample_text
 from .metrics import MetricsWriter, Throughput
@@ -40,11 +41,13 @@ def window_hash(window: torch.Tensor) -> str:
     return hashlib.sha1(window.to(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
-def ensure_data(cfg: Config, rank: int) -> dict:
-    """Rank 0 prepares missing shards and verifies every shard's checksum while the others wait;
-    a problem becomes the same error on every rank, before the first step."""
-    error, manifest = None, None
-    if rank == 0:
+def ensure_data(cfg: Config, node: Node) -> dict:
+    """Each node's leader (node 0's alone when the nodes share data.dir) prepares missing shards on its
+    own disk and verifies every shard's checksum while the other ranks wait; then every rank checks
+    that its node's manifest is the same as every other node's. A problem becomes the same error on
+    every rank, before the first step."""
+    error = None
+    if node.writes(shared_between_nodes(cfg.data.dir, node)):
         try:
             if not is_prepared(cfg.data):
                 missing = missing_shards_error(cfg.data, cfg.preset)
@@ -52,25 +55,38 @@ def ensure_data(cfg: Config, rank: int) -> dict:
                     raise RunError(missing)
                 print(f"no shards in {cfg.data.dir}: preparing them from data.source={cfg.data.source}", flush=True)
                 prepare(cfg.data)
-            manifest = check_matches(cfg.data)
+            check_matches(cfg.data)
             if cfg.data.verify:
                 for split in ("train", "val"):
                     ShardReader(cfg.data.dir, split).verify()
         except Exception as e:  # reported on every rank below
-            error = f"{type(e).__name__}: {e}"
-    broadcast_error(error)
-    return manifest if rank == 0 else check_matches(cfg.data)
+            error = f"node {node.index}: {type(e).__name__}: {e}"
+    broadcast_error(error, patient=True)
+    manifest = check_matches(cfg.data)
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, (node.index, _manifest_digest(cfg.data.dir)))
+    differ = sorted({n for n, d in digests if d != digests[0][1]})
+    if differ:
+        raise RunError(f"the shards in data.dir={cfg.data.dir} differ between nodes: node {differ[0]}'s "
+                       "manifest.json is not node 0's (prepared from other data or settings); delete that "
+                       "node's data.dir to prepare it again, or copy node 0's")
+    return manifest
+
+
+def _manifest_digest(data_dir) -> str:
+    return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()
 
 
 def train(cfg: Config) -> dict:
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.train.collective_timeout_s)
+    progress = {"step": None}  # how far this rank got, for an error that ends the job
     try:
-        result = _train(cfg, rank, world)
+        result = _train(cfg, rank, world, progress)
     except BaseException as e:
         if world > 1 and not isinstance(e, RunError):
             # A peer may be waiting in a collective this rank will never join: leave now, so the
             # launcher stops the job, instead of hanging in a teardown barrier.
-            print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            print(f"rank {rank}: {_describe_failure(e, cfg, progress['step'])}", file=sys.stderr, flush=True)
             os._exit(1)
         if isinstance(e, RunError):  # raised alike on every rank: a clean teardown is possible
             shutdown()
@@ -79,35 +95,46 @@ def train(cfg: Config) -> dict:
     return result
 
 
-def _train(cfg: Config, rank: int, world: int) -> dict:
+def _describe_failure(e: BaseException, cfg: Config, step: int | None) -> str:
+    at = f" at step {step}" if step is not None else " before the first step"
+    if "timed out" in str(e).lower() or "timeout" in type(e).__name__.lower():
+        return (f"a collective waited longer than train.collective_timeout_s={cfg.train.collective_timeout_s:g}"
+                f"{at}: a peer rank is stuck or gone (see its node's log); {type(e).__name__}: {e}")
+    return f"{type(e).__name__}{at}: {e}"
+
+
+def _train(cfg: Config, rank: int, world: int, progress: dict) -> dict:
     t = cfg.train
-    manifest = ensure_data(cfg, rank)
+    node = node_of_this_rank()
+    manifest = ensure_data(cfg, node)
+    shared_checkpoints = shared_between_nodes(checkpoint.checkpoint_dir(cfg.run_dir), node)
+    writer = node.writes(shared_checkpoints)  # of this disk's `latest`, meta.json, conversions, pruning
     tokenizer = CharTokenizer.from_vocab(manifest["vocab"], manifest["tokenizer"]["lowercase"])
     cfg.model.vocab_size = tokenizer.vocab_size
 
-    where = checkpoint.resolve(cfg.resume, cfg.run_dir)
-    universal = False
-    if where is not None:  # refuse a checkpoint of another vocabulary or model before building anything
-        try:
-            meta = checkpoint.check_compatible(where, tokenizer.vocab, cfg.model, cfg.deepspeed.stage)
-        except checkpoint.CheckpointError as e:  # every rank reads the same file: the same error everywhere
-            raise RunError(str(e)) from None
+    # decided by rank 0, checked by every rank on its own disk, before anything is built
+    resume = checkpoint.plan_resume(cfg.resume, cfg.run_dir, tokenizer.vocab, cfg.model, cfg.deepspeed.stage,
+                                    node, writer)
+    ckpt, universal = None, False
+    if resume is not None:
+        ckpt, meta = resume
         universal = checkpoint.needs_universal(meta, world)
         if universal:
-            where = checkpoint.to_universal(where)
+            ckpt = checkpoint.to_universal(ckpt, writer)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = GPT(cfg.model)
-    engine = build_engine(model, cfg, world, load_universal=universal)
+    engine = build_engine(model, cfg, world, load_universal=universal, node_local_checkpoints=not shared_checkpoints)
     torch.manual_seed(t.seed * 1000 + rank)  # per-rank dropout streams
 
     on_gpu = engine.device.type == "cuda"
     train_loader = RankLoader(cfg.data.dir, "train", cfg.model.block_size, t.micro_batch, rank, world,
                               seed=t.seed, num_workers=cfg.data.workers, pin_memory=on_gpu)
     step = 0
-    if where is not None:
-        client = checkpoint.load(engine, where)
+    if ckpt is not None:
+        client = checkpoint.load(engine, ckpt)
         step = client["step"]
+        progress["step"] = step
         train_loader.load_state_dict(client["loader"])
 
     run_dir = Path(cfg.run_dir)
@@ -137,7 +164,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
 
     def save(at_step: int) -> None:
         checkpoint.save(engine, run_dir, at_step, train_loader.state_dict(), cfg.model, tokenizer.vocab,
-                        tokenizer.lowercase, cfg.deepspeed.stage, keep=t.keep_ckpts)
+                        tokenizer.lowercase, cfg.deepspeed.stage, writer, keep=t.keep_ckpts)
 
     micro_tokens = t.micro_batch * world * cfg.model.block_size  # one micro-step on every rank
     total_tokens = planned_tokens(t, micro_tokens)
@@ -179,6 +206,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
                 engine.step()
                 step_loss += loss.detach().float()
             step += 1
+            progress["step"] = step
             profiler.step()
             meter.add(micro_steps=accum, tokens=accum * micro_tokens)
             bar.update(1)

@@ -1,0 +1,220 @@
+"""Two nodes that share no disk, as rented nodes are: two real DeepSpeed launchers (`--no_ssh`,
+node ranks 0 and 1) on this machine, each started in its own directory with relative `run_dir` and
+`data.dir`, so each node reads and writes only its own "disk". Faults are real: kill -9, SIGTERM,
+SIGSTOP, deleted files. Nothing is mocked."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, STEPS, debug_overrides, free_port, losses, subprocess_env
+
+RUN, DATA = Path("outputs/x"), Path("shards/s")  # relative: each node resolves them on its own disk
+
+
+def _nodes(tmp_path: Path, shakespeare_dir: Path, name: str = "") -> list[Path]:
+    """Two node directories, each with its own copy of the shards (as each rented node prepares)."""
+    dirs = []
+    for index in (0, 1):
+        node = tmp_path / f"{name}node{index}"
+        shutil.copytree(shakespeare_dir, node / DATA)
+        dirs.append(node)
+    (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    return dirs
+
+
+def _launch(nodes: list[Path], overrides: list[str]) -> list[subprocess.Popen]:
+    """One launcher per node, each in its own process group and its own directory."""
+    port, hostfile = free_port(), nodes[0].parent / "hostfile"
+    return [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+                              "--no_ssh", "--node_rank", str(k), "--master_addr", "127.0.0.1",
+                              "--master_port", str(port), str(ROOT / "launch" / "train.py"), *overrides],
+                             cwd=node, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+            for k, node in enumerate(nodes)]
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+    outs = []
+    for proc in procs:
+        try:
+            out = proc.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out = proc.communicate()[0] + "\n[killed by the test: timed out]"
+        outs.append((proc.returncode, out))
+    return outs
+
+
+def _run(nodes, overrides, expect_ok=True) -> list[tuple[int, str]]:
+    outs = _finish(_launch(nodes, overrides))
+    if expect_ok:
+        assert [rc for rc, _ in outs] == [0, 0], outs[0][1][-3000:] + "\n----- node1 -----\n" + outs[1][1][-3000:]
+    return outs
+
+
+def _overrides(*extra) -> list[str]:
+    return debug_overrides(DATA, RUN, "train.sample_tokens=0", "train.eval_every=0", *extra)
+
+
+def _ckpts(node: Path) -> Path:
+    return node / RUN / "checkpoints"
+
+
+def _last_step(node: Path) -> int:
+    path = node / RUN / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
+
+
+def _wait_for(predicate, procs, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a node ended early: {[p.poll() for p in procs]}\n{procs[0].stdout.read()[-3000:]}")
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def _assert_follows(node0: Path, reference: Path, first: int, rel=1e-5):
+    ours, whole = losses(node0 / RUN), losses(reference)
+    assert sorted(s for s in ours if s >= first) == list(range(first, STEPS + 1))
+    for step in range(first, STEPS + 1):
+        assert ours[step] == pytest.approx(whole[step], rel=rel, abs=rel), step
+
+
+@pytest.fixture(scope="module")
+def zero2_nodes(tmp_path_factory, shakespeare_dir):
+    """2 nodes, ZeRO-2, 20 of the reference's 30 steps, a checkpoint every 10, keeping 1."""
+    tmp = tmp_path_factory.mktemp("zero2_nodes")
+    nodes = _nodes(tmp, shakespeare_dir)
+    outs = _run(nodes, _overrides("deepspeed=zero2", "train.max_steps=20", "train.ckpt_every=10",
+                                  "train.keep_ckpts=1"))
+    return nodes, outs
+
+
+def test_every_node_keeps_its_own_files_latest_and_meta_and_prunes_its_own_disk(zero2_nodes):
+    nodes, _ = zero2_nodes
+    metas = []
+    for index, node in enumerate(nodes):
+        ckpts = _ckpts(node)
+        assert (ckpts / "latest").read_text() == "step00000020"
+        assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step00000020"]  # step 10 pruned here too
+        tag_dir = ckpts / "step00000020"
+        held = sorted(p.name for p in tag_dir.iterdir() if p.name != "meta.json")
+        # its own rank's optimizer partition, and its own copy of the model states
+        assert held == ["mp_rank_00_model_states.pt", f"zero_pp_rank_{index}_mp_rank_00_optim_states.pt"]
+        metas.append(json.loads((tag_dir / "meta.json").read_text()))
+    assert metas[0] == metas[1]  # the same list of every file of the checkpoint, on every node
+    assert len(metas[0]["files"]["mp_rank_00_model_states.pt"]) == 2  # each node's own copy
+    assert sorted(metas[0]["files"]) == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                         "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    from trainer.checksums import verify
+
+    for index, node in enumerate(nodes):  # each node's share matches the sums
+        verify(_ckpts(node) / "step00000020", [n for n in metas[0]["files"] if f"rank_{1 - index}_" not in n])
+
+
+def test_resume_auto_on_separate_disks_continues_like_an_uninterrupted_run(zero2_nodes, zero0_run, tmp_path):
+    nodes = [tmp_path / n.name for n in zero2_nodes[0]]
+    for src, dst in zip(zero2_nodes[0], nodes):
+        shutil.copytree(src, dst)
+    shutil.copy(zero2_nodes[0][0].parent / "hostfile", tmp_path / "hostfile")
+    outs = _run(nodes, _overrides("deepspeed=zero2", "train.ckpt_every=10", "train.keep_ckpts=1"))
+    assert "resumed at step 20" in outs[0][1]
+    _assert_follows(nodes[0], zero0_run[0], 21)
+
+
+def test_a_checkpoint_missing_one_nodes_shard_is_refused_on_every_rank_naming_it(zero2_nodes, tmp_path):
+    nodes = [tmp_path / n.name for n in zero2_nodes[0]]
+    for src, dst in zip(zero2_nodes[0], nodes):
+        shutil.copytree(src, dst)
+    shutil.copy(zero2_nodes[0][0].parent / "hostfile", tmp_path / "hostfile")
+    missing = _ckpts(nodes[1]) / "step00000020" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    missing.unlink()
+    started = time.time()
+    outs = _run(nodes, _overrides("deepspeed=zero2", "train.max_steps=30"), expect_ok=False)
+    elapsed = time.time() - started
+    for rc, out in outs:  # every node stops, each saying which node, rank and file
+        assert rc != 0
+        assert f"node 1, rank 1: {RUN}/checkpoints/step00000020/zero_pp_rank_1_mp_rank_00_optim_states.pt: missing" in out
+    assert "step 21" not in outs[0][1] and _last_step(nodes[0]) == 20  # nothing trained
+    assert elapsed < 120
+
+
+def test_a_two_node_zero2_checkpoint_resumes_on_one_node_once_its_files_are_gathered(zero2_nodes, zero0_run,
+                                                                                     tmp_path):
+    node = tmp_path / "node0"
+    shutil.copytree(zero2_nodes[0][0], node)
+    one_rank = _overrides("deepspeed=zero2", "train.grad_accum=2")  # the same global batch
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *one_rank]
+    refused = subprocess.run(cmd, cwd=node, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: missing" in refused.stderr.splitlines()[-1]
+    assert not (_ckpts(node) / "step00000020" / "universal").exists()
+    # gather node1's share (what the cluster driver's fetch does), then the conversion can run
+    other = _ckpts(zero2_nodes[0][1]) / "step00000020" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shutil.copy(other, _ckpts(node) / "step00000020")
+    done = subprocess.run(cmd, cwd=node, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "converting to a universal checkpoint" in done.stdout and "resumed at step 20" in done.stdout
+    _assert_follows(node, zero0_run[0], 21, rel=2e-3)
+
+
+def test_kill_9_of_one_node_then_sigterm_to_both_then_resume(zero0_run, tmp_path, shakespeare_dir):
+    """ZeRO-0 (every node holds the whole model states). node1 dies by kill -9 mid-run: node0 fails
+    instead of hanging. The resumed job is preempted (SIGTERM to both nodes): both save and exit 0.
+    The last resume ends like an uninterrupted run."""
+    nodes = _nodes(tmp_path, shakespeare_dir)
+    args = _overrides("deepspeed=zero0", "train.ckpt_every=10", "train.log_every=1")
+    procs = _launch(nodes, args)
+    _wait_for(lambda: _last_step(nodes[0]) >= 13, procs)
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    (rc0, out0), _ = _finish(procs, timeout=120)
+    assert rc0 != 0 and _last_step(nodes[0]) < STEPS, out0[-3000:]
+    assert all((_ckpts(n) / "latest").read_text() == "step00000010" for n in nodes)
+
+    (nodes[0] / RUN / "metrics.jsonl").unlink()  # so that the steps waited for are the resumed run's
+    procs = _launch(nodes, args)
+    _wait_for(lambda: _last_step(nodes[0]) >= 14, procs)
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole node is preempted: launcher and rank alike
+    outs = _finish(procs, timeout=120)
+    assert "resumed at step 10" in outs[0][1]
+    stopped = (_ckpts(nodes[0]) / "latest").read_text()
+    assert "stop requested (SIGTERM)" in outs[0][1], outs[0][1][-3000:]
+    assert stopped > "step00000013" and (_ckpts(nodes[1]) / "latest").read_text() == stopped
+
+    outs = _run(nodes, args)
+    assert f"resumed at step {int(stopped[4:])}" in outs[0][1]
+    _assert_follows(nodes[0], zero0_run[0], int(stopped[4:]) + 1, rel=1e-6)
+
+
+def test_a_collective_one_rank_never_joins_fails_the_job_within_the_timeout(tmp_path, shakespeare_dir):
+    """node1 freezes (SIGSTOP: a hung host). node0's next all-reduce gives up after
+    train.collective_timeout_s and the job exits non-zero, naming the rank and the step."""
+    nodes = _nodes(tmp_path, shakespeare_dir)
+    procs = _launch(nodes, _overrides("deepspeed=zero0", "train.max_steps=1000", "train.ckpt_every=0",
+                                      "train.log_every=1", "train.collective_timeout_s=20"))
+    try:
+        _wait_for(lambda: _last_step(nodes[0]) >= 3, procs)
+        os.killpg(procs[1].pid, signal.SIGSTOP)
+        stopped_at = time.time()
+        (rc0, out0), = _finish(procs[:1], timeout=150)
+        waited = time.time() - stopped_at
+    finally:
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        procs[1].communicate()
+    assert rc0 != 0
+    assert "rank 0: a collective waited longer than train.collective_timeout_s=20 at step " in out0, out0[-3000:]
+    assert 15 < waited < 90
