@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .shards import MAX_FRAME_TOKENS
+from .wikipedia import REVISION
 
 SOURCES = ("shakespeare", "text", "wikipedia")
 AUTO_PREPARED = ("shakespeare", "text")  # small enough for train to prepare itself when shards are missing
@@ -17,6 +18,8 @@ class DataConfig:
     dir: str = "shards/shakespeare"  # prepared shards + manifest.json (train prepares shakespeare/text
                                      # itself when missing; wikipedia needs launch/prepare.py first)
     subset: str = "20231101.en"      # wikipedia: the dataset's subset to download when data.path is empty
+    revision: str = REVISION         # wikipedia: the dataset commit (or branch) downloaded; download.json
+                                     # in data.path records the commit it resolved to
     max_documents: int | None = None  # use only the first N documents (articles, plays, files)
     val_fraction: float = 0.1        # share of documents (or of the text, for one document) held out
     lowercase: bool = True
@@ -38,6 +41,9 @@ class DataConfig:
         if self.shard_tokens < self.frame_tokens or self.shard_tokens % self.frame_tokens:
             raise ValueError(f"data.shard_tokens={self.shard_tokens} must be a multiple of "
                              f"data.frame_tokens={self.frame_tokens}")
+        if self.source == "wikipedia" and not self.revision:
+            raise ValueError("data.revision is required for data.source=wikipedia (a commit of "
+                             f"wikimedia/wikipedia, default {REVISION}, or a branch)")
         if self.max_documents is not None and self.max_documents < 1:
             raise ValueError(f"data.max_documents must be >= 1 (or null for all), got {self.max_documents}")
         if self.workers < 0:

@@ -59,7 +59,7 @@ def missing_shards_error(cfg: DataConfig, preset: str) -> str | None:
 
 def prepare(cfg: DataConfig, show_progress: bool = True) -> dict:
     tokenizer = CharTokenizer(lowercase=cfg.lowercase)
-    source = open_source(cfg.source, cfg.path, cfg.subset, cfg.max_documents)
+    source = open_source(cfg.source, cfg.path, cfg.subset, cfg.max_documents, cfg.revision)
     return write_corpus(source, cfg.dir, tokenizer, val_fraction=cfg.val_fraction, frame_tokens=cfg.frame_tokens,
                         shard_tokens=cfg.shard_tokens, workers=cfg.workers, show_progress=show_progress,
                         source_info={"source": cfg.source, "path": str(cfg.path), "subset": cfg.subset,

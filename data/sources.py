@@ -22,15 +22,16 @@ class Document:
     text: str
 
 
-def open_source(source: str, path: str | Path, subset: str = "", max_documents: int | None = None):
+def open_source(source: str, path: str | Path, subset: str = "", max_documents: int | None = None,
+                revision: str | None = None):
     if source == "shakespeare":
         src = ShakespeareSource(path)
     elif source == "text":
         src = TextSource(path)
     elif source == "wikipedia":
-        from .wikipedia import WikipediaSource
+        from .wikipedia import REVISION, WikipediaSource
 
-        return WikipediaSource(path, subset, max_documents)
+        return WikipediaSource(path, subset, max_documents, revision or REVISION)
     else:
         raise ValueError(f"data.source: unknown source {source!r} (choose shakespeare, text or wikipedia)")
     if max_documents is not None:
