@@ -283,8 +283,8 @@ def load(engine, ckpt: Checkpoint) -> dict:
 def load_for_inference(path) -> tuple[GPT, dict]:
     """A plain fp32 GPT (and the client state) from a run dir, a checkpoints dir or one checkpoint.
 
-    Every file read is first checked against the checkpoint's meta.json; the model states load with
-    torch's weights-only unpickler, so they can hold no code."""
+    Every file of the checkpoint is first checked against its meta.json (a checkpoint is whole or
+    refused); the model states load with torch's weights-only unpickler, so they can hold no code."""
     path = Path(path)
     try:
         ckpt = resolve("auto", path) if (path / "checkpoints").is_dir() else resolve(str(path), path)
@@ -299,7 +299,7 @@ def load_for_inference(path) -> tuple[GPT, dict]:
     if states is None:
         raise CheckpointError(f"{ckpt.path / META}: lists no {' or '.join(MODEL_STATES)}")
     try:
-        checksums.verify(ckpt.path, None if zero3 else [states], meta)
+        checksums.verify(ckpt.path, None, meta)
     except ChecksumError as e:
         raise CheckpointError(str(e)) from None
     if zero3:
