@@ -4,7 +4,10 @@ Layout of a prepared data dir:
     manifest.json          vocab, tokenizer options, frame size, and per split: shards, frames, checksums
     train_00000.zst ...    concatenated zstd frames; frame i holds tokens [i*F, (i+1)*F) of the shard
     val_00000.zst ...
-Any window inside a frame is read by decompressing that frame alone.
+Any window inside a frame is read by decompressing that frame alone. A manifest (and prepare's
+state) may come from another machine: every field is checked when it is read, before any file it
+names is opened (JsonFields), and a frame's header must declare the size the manifest gives before
+it is decompressed.
 """
 from __future__ import annotations
 
@@ -149,7 +152,7 @@ def check_manifest(fields: JsonFields, manifest: dict) -> dict:
     fields.equal("format", manifest.get("format"), FORMAT_VERSION, "the format this code reads")
     tokenizer = fields.get(manifest, "", "tokenizer", dict)
     fields.equal("tokenizer (keys)", sorted(tokenizer), ["kind", "lowercase"], "the char tokenizer's settings")
-    fields.string(tokenizer, "tokenizer", "kind", re.compile("char"), "'char' (the only tokenizer kind)")
+    fields.equal("tokenizer.kind", fields.get(tokenizer, "tokenizer", "kind", str), "char", "the only kind")
     lowercase = fields.get(tokenizer, "tokenizer", "lowercase", bool)
     vocab = fields.get(manifest, "", "vocab", str)
     if not 1 <= len(vocab) <= MAX_VOCAB or len(set(vocab)) != len(vocab):
@@ -410,6 +413,7 @@ class ShardReader:
         self.frames = FrameTable(np.array([(i, *f) for i, s in enumerate(info["shards"]) for f in s.pop("frames")],
                                           dtype=np.int64).reshape(-1, 5))
         self.num_tokens = info["tokens"]
+        self.vocab_size = len(self.manifest["vocab"])
         self._handles: dict[int, object] = {}
         self._pid = None
         self._dctx = None
@@ -456,6 +460,8 @@ class ShardReader:
             raise ShardError(f"{where} does not decompress ({e})") from None
         if len(tokens) != ref.tokens:
             raise ShardError(f"{where} has the wrong length")
+        if tokens.max() >= self.vocab_size:  # ids index the model's embedding
+            raise ShardError(f"{where} holds token id {tokens.max()}, beyond the vocabulary of {self.vocab_size}")
         if out is None:
             return tokens
         out[:ref.tokens] = tokens

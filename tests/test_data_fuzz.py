@@ -22,7 +22,7 @@ from data.shards import MANIFEST, SPLITS, ShardError, ShardReader
 from data.sources import Document
 from data.tokenizer import CharTokenizer
 
-MUTATIONS = 300  # of each file
+MUTATIONS = 400  # of each file
 WRITE = dict(val_fraction=0.25, frame_tokens=256, shard_tokens=256 * 2, chunk_chars=1)
 
 # --- who touches which file: one audit hook for the process, recording only while a run is watched ---
@@ -57,7 +57,7 @@ def _watch():
 def _docs() -> list[Document]:
     rng = random.Random(0)
     words = ["thou", "art", "king", "night", "speak", "o", "my", "lord", "be", "not"]
-    return [Document(f"doc{i}", " ".join(rng.choice(words) for _ in range(rng.randint(40, 200))) + ".\n")
+    return [Document(f"doc{i}", " ".join(rng.choice(words) for _ in range(rng.randint(30, 90))) + ".\n")
             for i in range(12)]
 
 
@@ -94,7 +94,7 @@ def real(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("real")
     _prepare(root / "whole", ListSource(_docs()))
     with pytest.raises(KeyboardInterrupt):
-        _prepare(root / "cut", _StopsAfter(_docs(), 7))
+        _prepare(root / "cut", _StopsAfter(_docs(), 9))
     state = json.loads((root / "cut" / STATE).read_text())
     train = state["splits"]["train"]
     assert len(train["shards"]) >= 2 and train["partial_sha256"], "the state should hold finished and open shards"

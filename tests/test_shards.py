@@ -181,3 +181,33 @@ def test_a_split_left_empty_is_reported_by_prepare_naming_val_fraction(tmp_path)
     with pytest.raises(ShardError, match=r"the train split is empty: all 1 documents went to val at "
                                          r"data\.val_fraction=0\.9; lower data\.val_fraction"):
         _write(tmp_path / "b", [Document("short", "ab")], val_fraction=0.9)
+
+
+def test_a_frame_holding_ids_beyond_the_vocabulary_is_refused_when_read(tmp_path):
+    """A manifest consistent with its shards (sizes, crc32, sha256) whose frame holds id 200 of a
+    69-character vocabulary: the read refuses it (the id would index past the model's embedding)."""
+    import hashlib
+    import zlib
+
+    import zstandard
+
+    manifest, tok = _write(tmp_path)
+    shard = manifest["splits"]["train"]["shards"][0]
+    path = tmp_path / shard["file"]
+    blobs = [path.read_bytes()[offset:offset + nbytes] for offset, nbytes, _, _ in shard["frames"]]
+    blobs[1] = zstandard.ZstdCompressor().compress(bytes([200]) * shard["frames"][1][2])
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).tolist()
+    path.write_bytes(b"".join(blobs))
+
+    def rewrite(m):
+        m["splits"]["train"]["shards"][0].update(
+            bytes=offsets[-1], sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+            frames=[[offsets[i], len(b), f[2], zlib.crc32(b)] for i, (b, f) in enumerate(zip(blobs, shard["frames"]))])
+
+    _rewrite_manifest(tmp_path, rewrite)
+    reader = ShardReader(tmp_path, "train")
+    reader.verify()  # consistent: only the ids tell
+    assert reader.read_frame(0) is not None
+    with pytest.raises(ShardError, match=f"{shard['file']}: frame at byte {offsets[1]} holds token id 200, beyond "
+                                         f"the vocabulary of {tok.vocab_size}"):
+        reader.read_frame(1)
