@@ -218,3 +218,27 @@ def test_a_collective_one_rank_never_joins_fails_the_job_within_the_timeout(tmp_
     assert rc0 != 0
     assert "rank 0: a collective waited longer than train.collective_timeout_s=20 at step " in out0, out0[-3000:]
     assert 15 < waited < 90
+
+
+def test_each_node_prepares_its_own_disk_and_nodes_with_other_shards_are_refused(tmp_path):
+    """data.path is relative, so each node reads its own corpus.txt: node 1's differs by one line, as
+    if it had downloaded another revision. Each node's leader prepares its own shards; the manifests
+    are compared before the first step and the job stops naming node 1."""
+    text = "".join(f"line {i}: to be, or not to be, that is the question.\n" for i in range(4000))
+    nodes = []
+    for index in (0, 1):
+        node = tmp_path / f"node{index}"
+        node.mkdir()
+        (node / "corpus.txt").write_text(text + ("an extra line on node 1\n" if index else ""))
+        nodes.append(node)
+    (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    outs = _run(nodes, ["conf=debug", "data.source=text", "data.path=corpus.txt", "data.dir=shards/t",
+                        f"run_dir={RUN}", "train.progress=false"], expect_ok=False)
+    for rc, out in outs:
+        assert rc != 0
+        assert ("the shards in data.dir=shards/t differ between nodes: node 1's manifest.json is not node 0's"
+                in out), out[-3000:]
+    tokens = [json.loads((n / "shards/t/manifest.json").read_text())["splits"]["train"]["tokens"]
+              + json.loads((n / "shards/t/manifest.json").read_text())["splits"]["val"]["tokens"] for n in nodes]
+    assert tokens[1] == tokens[0] + len("an extra line on node 1\n")  # each prepared from its own corpus
+    assert not (nodes[0] / RUN / "metrics.jsonl").exists()
