@@ -180,8 +180,8 @@ def read_state(out_dir: Path, settings: dict, by_position: bool) -> dict:
         where = f"splits.{split}"
         info = fields.get(splits, "splits", split, dict)
         documents = fields.integer(info, where, "documents", 0, position)
-        partial = info.get("partial_sha256")
-        if partial is not None and (type(partial) is not str or not SHA256.fullmatch(partial)):
+        partial = fields.get(info, where, "partial_sha256", (str, type(None)))
+        if partial is not None and not SHA256.fullmatch(partial):
             raise fields.error(f"{where}.partial_sha256", partial, "null or 64 lowercase hex digits")
         shards = fields.get(info, where, "shards", list)
         if partial is not None and not shards:
@@ -196,14 +196,14 @@ def read_state(out_dir: Path, settings: dict, by_position: bool) -> dict:
             ids = base64.b64decode(pending, validate=True)
         except binascii.Error:
             raise fields.error(f"{where}.pending", pending, "base64 of the tokens not yet in a frame") from None
-        if len(ids) >= frame_tokens or any(i >= vocab_size for i in set(ids)):
+        if len(ids) >= frame_tokens or max(ids, default=0) >= vocab_size:
             raise fields.error(f"{where}.pending", pending, f"fewer than frame_tokens={frame_tokens} token ids, "
                                                             f"each below the vocabulary size {vocab_size}")
         if split == "val":
             fields.equal(f"{where}.documents", documents, len(val_names), "one per name in val_names")
     counts = [splits[split]["documents"] for split in SPLITS]
-    read = max(counts) if by_position else sum(counts)  # each document went to one split, or cut, to both
-    fields.equal("position", position, read, "the documents the splits hold")
+    documents_read = max(counts) if by_position else sum(counts)  # a document goes to one split, or cut, both
+    fields.equal("position", position, documents_read, "the documents the splits hold")
     return state
 
 

@@ -48,7 +48,8 @@ class JsonFields:
     field's type and range checked. A field that is missing, of another type or out of range raises
     one ShardError naming the file, the field and the value. Booleans are not integers here."""
 
-    KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "true or false"}
+    KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "true or false",
+             type(None): "null"}
 
     def __init__(self, path: Path):
         self.path = path
@@ -72,13 +73,14 @@ class JsonFields:
             shown = shown[:77] + "..."
         return ShardError(f"{self.path}: {field} = {shown}, expected {expected}")
 
-    def check(self, field: str, value, kind: type):
-        if type(value) is not kind:
-            raise self.error(field, value, self.KINDS[kind])
+    def check(self, field: str, value, kind: type | tuple[type, ...]):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if type(value) not in kinds:
+            raise self.error(field, value, " or ".join(self.KINDS[k] for k in kinds))
         return value
 
-    def get(self, obj: dict, where: str, key: str, kind: type):
-        """obj[key] (obj being the field `where`), of JSON type kind."""
+    def get(self, obj: dict, where: str, key: str, kind: type | tuple[type, ...]):
+        """obj[key] (obj being the field `where`), of JSON type kind (or one of the kinds)."""
         field = f"{where}.{key}" if where else key
         if key not in obj:
             raise ShardError(f"{self.path}: {field} is missing")
