@@ -24,7 +24,6 @@ def test_two_rank_run_learns_logs_and_checkpoints(zero0_run):
     metrics = read_metrics(run_dir)
     evals = [m for m in metrics if "val_loss" in m]
     assert [m["step"] for m in evals] == [15, 30]
-    assert evals[-1]["val_bpc"] == pytest.approx(evals[-1]["val_loss"] / math.log(2))
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     last = metrics[-2] if "loss" not in metrics[-1] else metrics[-1]
     assert last["tokens"] == STEPS * 8 * 2 * 32 and last["grad_norm"] > 0 and last["tokens_per_s"] > 0
@@ -87,19 +86,6 @@ def test_zero3_gives_the_same_losses_as_zero0(zero0_run, tmp_path, shakespeare_d
         assert z3[step] == pytest.approx(z0[step], rel=1e-5, abs=1e-5), step
 
 
-def test_stop_and_resume_gives_the_losses_of_an_uninterrupted_run(zero0_run, tmp_path, shakespeare_dir):
-    run_dir, _ = zero0_run
-    k = 15
-    first = run_train(debug_overrides(shakespeare_dir, tmp_path, f"train.max_steps={k}"), ranks=2)
-    assert "resumed" not in first.stdout
-    second = run_train(debug_overrides(shakespeare_dir, tmp_path), ranks=2)
-    assert f"resumed at step {k}" in second.stdout
-    resumed, whole = losses(tmp_path), losses(run_dir)
-    assert sorted(resumed) == list(range(1, STEPS + 1))
-    for step in range(k + 1, STEPS + 1):
-        assert resumed[step] == whole[step], step  # bit-identical in fp32
-
-
 def test_single_process_mode_trains_without_the_launcher_then_samples_and_evaluates(tmp_path, shakespeare_dir):
     proc = run_train(debug_overrides(shakespeare_dir, tmp_path, "train.max_steps=10", "train.eval_every=5",
                                 "train.ckpt_every=5"))
@@ -118,8 +104,6 @@ def test_single_process_mode_trains_without_the_launcher_then_samples_and_evalua
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)  # stdout is exactly one JSON object
     assert result["tokens"] == 5 * 16 * 32 and result["step"] == 10
-    assert result["bpc"] == pytest.approx(result["loss"] / math.log(2))
-    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     assert 0 < result["accuracy"] <= result["top5_accuracy"] < 1
     assert result["loss"] < math.log(70)  # better than uniform after 10 steps
 
@@ -312,7 +296,7 @@ def test_bf16_at_zero0_is_autocast_over_fp32_weights_and_resumes_bit_identically
 
     run_train(debug_overrides(shakespeare_dir, tmp_path / "resumed", *bf16, "train.max_steps=15"), ranks=2)
     second = run_train(debug_overrides(shakespeare_dir, tmp_path / "resumed", *bf16), ranks=2)
-    assert "resumed at step 15" in second.stdout
+    assert "| resumed at step 15" in second.stdout
     resumed = losses(tmp_path / "resumed")
     for step in range(16, STEPS + 1):
         assert resumed[step] == whole[step], step
