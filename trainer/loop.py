@@ -108,19 +108,19 @@ def _train(cfg: Config, rank: int, world: int, progress: dict) -> dict:
     node = node_of_this_rank()
     manifest = ensure_data(cfg, node)
     shared_checkpoints = shared_between_nodes(checkpoint.checkpoint_dir(cfg.run_dir), node)
-    writer = node.writes(shared_checkpoints)  # of this disk's `latest`, meta.json, conversions, pruning
+    writes_files = node.writes(shared_checkpoints)  # this disk's `latest`, meta.json, conversions, pruning
     tokenizer = CharTokenizer.from_vocab(manifest["vocab"], manifest["tokenizer"]["lowercase"])
     cfg.model.vocab_size = tokenizer.vocab_size
 
     # decided by rank 0, checked by every rank on its own disk, before anything is built
     resume = checkpoint.plan_resume(cfg.resume, cfg.run_dir, tokenizer.vocab, cfg.model, cfg.deepspeed.stage,
-                                    node, writer)
+                                    node, writes_files)
     ckpt, universal = None, False
     if resume is not None:
         ckpt, meta = resume
         universal = checkpoint.needs_universal(meta, world)
         if universal:
-            ckpt = checkpoint.to_universal(ckpt, writer)
+            ckpt = checkpoint.to_universal(ckpt, writes_files)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = GPT(cfg.model)
@@ -164,7 +164,7 @@ def _train(cfg: Config, rank: int, world: int, progress: dict) -> dict:
 
     def save(at_step: int) -> None:
         checkpoint.save(engine, run_dir, at_step, train_loader.state_dict(), cfg.model, tokenizer.vocab,
-                        tokenizer.lowercase, cfg.deepspeed.stage, writer, keep=t.keep_ckpts)
+                        tokenizer.lowercase, cfg.deepspeed.stage, writes_files, keep=t.keep_ckpts)
 
     micro_tokens = t.micro_batch * world * cfg.model.block_size  # one micro-step on every rank
     total_tokens = planned_tokens(t, micro_tokens)
