@@ -74,14 +74,14 @@ def _read_record(record: Path, subset: str, revision: str) -> dict:
 def _list_remote(hub, subset: str, revision: str) -> dict:
     """The record of what the Hub holds at `revision`: its commit, and the subset's files with the size
     and sha256 (LFS) it announces for each."""
-    api = hub.HfApi()
+    api, repo_file = hub.HfApi(), _need("huggingface_hub.hf_api", "listing the Hub's files").RepoFile
     commit = api.dataset_info(REPO, revision=revision).sha
     if not isinstance(commit, str) or not _COMMIT.fullmatch(commit) or \
             (_COMMIT.fullmatch(revision) and commit != revision):
         raise ValueError(f"{REPO}: the Hub resolved data.revision={revision} to {commit!r}, not that commit")
     files = []
     for item in api.list_repo_tree(REPO, path_in_repo=subset, revision=commit, repo_type="dataset", recursive=True):
-        if isinstance(item, hub.hf_api.RepoFile) and item.path.endswith(".parquet"):
+        if isinstance(item, repo_file) and item.path.endswith(".parquet"):
             lfs = item.lfs
             entry = {"name": item.path, "size": item.size, "sha256": lfs.sha256 if lfs is not None else None}
             files.append(_check_entry(f"{REPO} at {commit}", subset, entry))
