@@ -27,6 +27,7 @@ from data.synthetic import write_wikipedia_parquet
 from data.wikipedia import DOWNLOAD_RECORD, REPO
 
 SUBSET = "20231101.en"
+pytestmark = pytest.mark.processes  # each download runs in a fresh process (see _fetch)
 
 
 class Hub:
