@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from data.loader import RankLoader
 from data.prepare import STATE, ListSource, write_corpus
 from data.shards import MANIFEST, SPLITS, ShardError, ShardReader
 from data.sources import Document
@@ -211,6 +212,7 @@ def _outside_listing(outside: Path) -> dict:
 
 
 def _read_everything(data_dir: Path) -> None:
+    """Every check and frame of both splits, as a run would read them."""
     for split in SPLITS:
         reader = ShardReader(data_dir, split)
         reader.verify()
@@ -218,9 +220,15 @@ def _read_everything(data_dir: Path) -> None:
         assert reader.tokenizer.vocab == reader.manifest["vocab"]
 
 
+def _train_batch(data_dir: Path) -> None:
+    loader = RankLoader(data_dir, "train", block_size=32, micro_batch=4, num_workers=0)
+    assert loader.next_windows().shape == (4, 33)
+
+
 def _run_manifest(data_dir: Path, clean: dict) -> str:
-    """'accepted' when the data dir reads whole; a refusal is a ShardError."""
+    """'accepted' when the data dir reads whole and gives a training batch; a refusal is a ShardError."""
     _read_everything(data_dir)
+    _train_batch(data_dir)
     return "accepted"
 
 
@@ -234,6 +242,7 @@ def _run_state(data_dir: Path, clean: dict) -> str:
         raise AssertionError(f"the prepare ended in a data dir that does not read: {e}") from None
     if "cannot resume" not in log:
         assert "resuming an interrupted prepare" in log, log
+        _train_batch(data_dir)
         return "accepted"
     message = log.split("cannot resume the interrupted prepare (", 1)[1]
     if str(data_dir) not in message:
