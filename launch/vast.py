@@ -25,7 +25,12 @@ ENV_VALUE = re.compile(r"^[A-Za-z0-9_./:,=+@%-]*$")   # exported unquoted by Dee
 
 
 class VastError(RuntimeError):
-    """The provider refused or returned something unusable; names the call or the instance."""
+    """The provider refused or returned something unusable; names the call or the instance. `answered`:
+    the provider replied (an HTTP error), so the call certainly did nothing; otherwise it may have."""
+
+    def __init__(self, message: str, answered: bool = False):
+        super().__init__(message)
+        self.answered = answered
 
 
 class UnsafeInput(ValueError):
@@ -155,7 +160,8 @@ class Provider:
             key = getattr(self.sdk.client, "api_key", None)
             if key:
                 text = text.replace(key, "<key>")
-            raise VastError(f"{what} failed: {type(e).__name__}: {text[:300]}") from None
+            answered = getattr(e, "response", None) is not None and e.response.status_code < 500
+            raise VastError(f"{what} failed: {type(e).__name__}: {text[:300]}", answered=answered) from None
 
     def search_offers(self, gpus: int, gpu_name: str, max_dph: float) -> list[dict]:
         query = (f"cluster_id!=None num_gpus={int(gpus)} gpu_name={gpu_name} dph_total<={float(max_dph)} "

@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -33,7 +34,8 @@ from trainer.checksums import META, ChecksumError, verify, write_text_atomic
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE = "pytorch/pytorch:2.6.0-cuda12.4-cudnn9-devel"   # torch 2.6: setup.py's torch>=2.6 keeps it
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
-SAFE_NAME = __import__("re").compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+TAG = re.compile(r"^step[0-9]{8}$")
 
 
 class DriverError(RuntimeError):
@@ -304,7 +306,13 @@ class Driver:
         for offer in picked:
             self.state["creating"].append(offer["id"])   # sent, reply not yet read: teardown sweeps by label
             self.save()
-            new_id = self.provider.create_instance(offer["id"], a.image, a.disk, run, run)
+            try:
+                new_id = self.provider.create_instance(offer["id"], a.image, a.disk, run, run)
+            except VastError as e:
+                if e.answered:   # refused: nothing was created
+                    self.state["creating"].remove(offer["id"])
+                    self.save()
+                raise
             self.state["instances"].append({"id": new_id, "offer": offer["id"], "destroyed": False})
             self.state["creating"].remove(offer["id"])
             self.save()
@@ -483,6 +491,7 @@ class Driver:
                 "destroy) their instances")
 
     def cap_text(self) -> str:
+        """'2.0 h or $50.0', or '' without a cap."""
         parts = [f"{self.state['max_hours']} h" if self.state.get("max_hours") else None,
                  f"${self.state['max_usd']}" if self.state.get("max_usd") else None]
         return " or ".join(p for p in parts if p)
@@ -504,6 +513,9 @@ class Driver:
             try:
                 last = self.agent(0, "status", "--run", self.run, "--log-from", str(offset), timeout=60)
             except DriverError as e:
+                if self.node0_stopped():
+                    log("node0's instance is stopped (the budget cap, or stopped by hand): not following any more")
+                    return {"running": False, "stopped": True, "cap": last.get("cap")}
                 log(f"status: {e} (retrying)")
                 time.sleep(self.args.poll)
                 continue
@@ -512,11 +524,22 @@ class Driver:
                     log(line, out=True)
             offset = last.get("log_end", offset)
             self.state["log_offset"] = offset
-            if fetch and last.get("latest") and last["latest"] != (self.state.get("fetched") or {}).get("tag"):
-                self.fetch(quiet=True)
+            if last.get("latest"):
+                self.state["seen_latest"] = last["latest"]
+            newest = last.get("latest")
+            if fetch and newest and newest not in ((self.state.get("fetched") or {}).get("tag"),
+                                                   self.state.get("fetch_failed")):
+                self.fetch()   # a failed tag is retried at the next checkpoint and before the teardown
             if not last.get("running"):
                 return last
             time.sleep(self.args.poll)
+
+    def node0_stopped(self) -> bool:
+        try:
+            rows = {r.get("id"): r.get("actual_status") for r in self.provider.instances()}
+        except VastError:
+            return False
+        return rows.get(self.node_ids()[0]) not in ("running", "loading", None)
 
     def stop_ranks(self):
         for k in range(len(self.node_ids())):
@@ -568,30 +591,28 @@ class Driver:
         return 0 if last.get("exit") in (0, None) else 1
 
     # --- fetch ------------------------------------------------------------------------------------------
-    def fetch(self, quiet: bool = False) -> bool:
+    def fetch(self) -> bool:
         """The newest checkpoint from every node into outputs/RUN/checkpoints, verified. True when the
-        newest checkpoint the nodes hold is here and complete (or none exists)."""
+        newest checkpoint the nodes hold is here and complete (or none exists yet)."""
         count = len(self.node_ids())
-        tags = {}
-        for k in range(count):
-            try:
-                tags[k] = self.with_retries(f"node{k}: checkpoint", lambda k=k: self.agent(k, "checkpoint", "--run",
-                                                                                           self.run))["latest"]
-            except DriverError as e:
-                log(f"node{k}: {e}")
-        known = [t for t in tags.values() if t]
-        if not known:
-            if len(tags) == count:
-                log("no checkpoint on the nodes yet")
-                return True
-            log("could not reach every node to learn its newest checkpoint")
-            return False
-        tag = tags.get(0) or max(known)
-        if (self.state.get("fetched") or {}).get("tag") == tag and len(tags) == count:
-            return True
         local = ROOT / "outputs" / self.run / "checkpoints"
-        failed = []
+        latest, failed = {}, []
+        for k in range(count):   # a node's `latest` moves only once every node has written that checkpoint
+            try:
+                latest[k] = self.with_retries(f"node{k}: latest", lambda k=k: self.latest_on(k))
+            except DriverError as e:
+                failed.append(k)
+                log(f"node{k}: {e}; going on with the other nodes")
+        known = sorted({t for t in latest.values() if t})
+        if not known:
+            if not failed:
+                log("no checkpoint on the nodes yet")
+            return not failed
+        tag = known[-1]
+        already = (self.state.get("fetched") or {}).get("tag") == tag
         for k in range(count):
+            if k in failed or already:
+                continue
             try:
                 self.with_retries(f"node{k}: fetch {tag}", lambda k=k: self.fetch_node(k, tag, local))
             except DriverError as e:
@@ -601,17 +622,20 @@ class Driver:
             verify(local / tag)
         except ChecksumError as e:
             log(f"checkpoint {tag} is not complete here: {e}" + (f" (nodes {failed} failed)" if failed else ""))
+            self.state["fetch_failed"] = tag
+            self.save()
             return False
         write_text_atomic(local / "latest", tag)
         self.state["fetched"] = {"tag": tag, "verified": True, "at": time.time()}
         self.save()
         log(f"checkpoint {tag} fetched from {count} nodes and verified: outputs/{self.run}/checkpoints/{tag}")
-        for k in range(count):
-            try:
-                self.agent(k, "fetched", "--run", self.run, "--tag", tag)
-            except DriverError:
-                pass
-        return True
+        if self.state.get("max_hours") or self.state.get("max_usd"):   # the watchdogs wait for this
+            for k in range(count):
+                try:
+                    self.agent(k, "fetched", "--run", self.run, "--tag", tag)
+                except DriverError:
+                    pass
+        return not failed
 
     def with_retries(self, what: str, fn):
         delay = self.args.fetch_backoff
@@ -625,25 +649,31 @@ class Driver:
                 time.sleep(delay)
                 delay *= 2
 
-    def fetch_node(self, k: int, tag: str, local: Path):
-        """tar over ssh (the image need not have rsync), unpacked with a check of every member: regular
-        files named like checkpoint files, inside `tag/`, nothing else."""
+    def latest_on(self, k: int) -> str | None:
+        out = self.ssh_run(k, self.in_dir(f"cat outputs/{self.run}/checkpoints/latest 2>/dev/null || true"))
+        tag = out.stdout.decode(errors="replace").strip()
+        if tag and not TAG.match(tag):
+            raise DriverError(f"node{k}: its checkpoints/latest names {tag[:80]!r}, not a checkpoint")
+        return tag or None
+
+    def fetch_node(self, k: int, tag: str, local: Path) -> None:
+        """Node k's share of checkpoint `tag`, by tar over ssh (the image need not have rsync), into
+        local/TAG. Every member is checked: regular files with checkpoint-like names inside `tag/`."""
         staging = self.work / "incoming" / f"node{k}"
         if staging.exists():
-            for p in staging.rglob("*"):
-                if p.is_file():
-                    p.unlink()
+            for p in staging.iterdir():
+                p.unlink()
         staging.mkdir(parents=True, exist_ok=True)
-        argv = [self.ssh, "-F", str(self.work / "ssh_config"), f"node{k}",
-                self.in_dir(f"tar -cf - -C outputs/{self.run}/checkpoints {tag}")]
+        remote = f"tar -cf - -C outputs/{self.run}/checkpoints {tag}"
+        argv = [self.ssh, "-F", str(self.work / "ssh_config"), f"node{k}", self.in_dir(remote)]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         received = []
         try:
             with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
                 for member in tar:
-                    parts = member.name.split("/")
-                    if member.isdir() and member.name.rstrip("/") == tag:
+                    parts = member.name.rstrip("/").split("/")
+                    if member.isdir() and parts == [tag]:
                         continue
                     if not (member.isfile() and len(parts) == 2 and parts[0] == tag and SAFE_NAME.match(parts[1])):
                         raise DriverError(f"node{k}: unexpected entry {member.name!r} in the checkpoint archive")
@@ -654,8 +684,7 @@ class Driver:
         except tarfile.TarError as e:
             proc.kill()
             proc.wait()
-            error = proc.stderr.read().decode(errors="replace").strip()[-500:]
-            raise DriverError(f"node{k}: {error or e}") from None
+            raise DriverError(f"node{k}: {proc.stderr.read().decode(errors='replace').strip()[-500:] or e}") from None
         finally:
             proc.stdout.close()
         code = proc.wait()
@@ -699,7 +728,7 @@ class Driver:
         self.save()
         run = self.run
         deadline = time.time() + self.args.destroy_retry
-        delay = 1.0
+        delay = min(1.0, self.args.poll * 3)
         # creates sent whose reply never came (Ctrl-C, a dropped connection): the instance may exist anyway;
         # sweep by label until each has shown up or a minute has passed
         unanswered = len(self.state.get("creating", []))
@@ -802,12 +831,23 @@ def run_all(driver: Driver, signals: Signals) -> int:
                 f"bash launch/vast_cluster.sh down --run {r}", out=True)
             return 0
         last = driver.follow()
-        if last.get("cap"):
-            log(f"budget cap reached on the nodes ({driver.cap_text()}): they saved a checkpoint and stop their "
-                "instances once it is fetched")
+        if last.get("cap") or last.get("stopped"):
+            log(f"the nodes stopped training themselves ({'budget cap ' + driver.cap_text() if driver.cap_text() else 'stopped'}): "
+                "they saved a checkpoint and stop their instances once it is fetched")
             signals.mode = "cleanup"
-            driver.fetch()
-            driver.wait_stopped(driver.args.cap_grace + 60)
+            if not last.get("stopped") and driver.fetch():   # training has ended: nothing newer can come
+                driver.wait_stopped(driver.args.cap_grace + 60)
+                return driver.destroy_all()
+            # unreachable: the watchdogs stop their instance once this laptop marked the newest fetched
+            fetched = (driver.state.get("fetched") or {}).get("tag")
+            seen, failed = driver.state.get("seen_latest"), driver.state.get("fetch_failed")
+            if fetched and fetched >= (seen or "") and not (failed and failed > fetched):
+                return driver.destroy_all()
+            ids = driver.live_ids()
+            log(f"instances {ids} are stopped, not destroyed (their disks still bill), and their newest checkpoint "
+                f"may not be here: start them (vastai start instance ID), then bash launch/vast_cluster.sh fetch "
+                f"--run {driver.run}; or destroy them: bash launch/vast_cluster.sh down --run {driver.run} --force")
+            return 4
         if signals.count == 0 and last.get("exit") not in (0, None):
             log(f"training failed on node0 (exit {last.get('exit')}); the checkpoints so far are fetched before "
                 "the nodes are destroyed")

@@ -7,7 +7,6 @@ the project's folder, with the image's python3. Standard library only: it runs b
                                                                latest checkpoint, log text from byte N
     python3 launch/vast_node.py stop --run RUN                 SIGTERM this node's training ranks (the
                                                                trainer saves a checkpoint and exits 0)
-    python3 launch/vast_node.py checkpoint --run RUN           JSON: this node's latest tag and its files
     python3 launch/vast_node.py fetched --run RUN --tag TAG    the laptop holds TAG, verified
     python3 launch/vast_node.py watchdog --run RUN ...         the budget cap, enforced here (below)
 
@@ -151,14 +150,6 @@ def stop(run: str) -> dict:
     return {"signalled": pids}
 
 
-def checkpoint(run: str) -> dict:
-    tag = latest_tag(run)
-    if tag is None:
-        return {"latest": None, "files": {}}
-    tag_dir = Path("outputs") / run / "checkpoints" / tag
-    return {"latest": tag, "files": {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}}
-
-
 def _own_instance() -> tuple[str | None, str | None]:
     """This container's instance id and instance-scoped API key, which vast.ai puts in the container's
     environment as CONTAINER_ID and CONTAINER_API_KEY (ssh sessions may not inherit them: then PID 1's
@@ -226,7 +217,7 @@ def watchdog(run: str, started: float, usd_per_hour: float, max_hours: float | N
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 launch/vast_node.py")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("start", "status", "stop", "checkpoint", "fetched", "watchdog"):
+    for name in ("start", "status", "stop", "fetched", "watchdog"):
         s = sub.add_parser(name)
         s.add_argument("--run", required=True)
     sub.choices["start"].add_argument("--cmd-file", type=Path, required=True)
@@ -251,8 +242,6 @@ def main(argv: list[str] | None = None) -> int:
         result = status(args.run, args.log_from)
     elif args.cmd == "stop":
         result = stop(args.run)
-    elif args.cmd == "checkpoint":
-        result = checkpoint(args.run)
     elif args.cmd == "fetched":
         if not TAG.match(args.tag):
             p.error(f"--tag {args.tag!r}: not a checkpoint tag")

@@ -90,3 +90,245 @@ def test_happy_path_two_nodes(world):
     assert state["phase"] == "down" and all(i["destroyed"] for i in state["instances"])
     assert "every instance of run" in (world.run_dir / "cluster" / "driver.log").read_text()
     world.assert_clean(out)
+
+
+def _fault(world: World, inst: int, fault: dict | None):
+    """A fault for the fake ssh on one node (the stand-in API keeps it with the instance's row)."""
+    with world.api.lock:
+        world.api.instances[inst]["_fault"] = fault
+    world.api._write_registry()
+
+
+STAGES = {
+    # stage: (how the stand-in or a node misbehaves, instances created before it fails)
+    "search": (lambda api: setattr(api, "offers", [o for o in api.offers if o["cluster_id"] == 9]), 0),
+    "overlay": (lambda api: api.overlays.update({"PLACEHOLDER": {}}), 0),
+    "create2": (lambda api: setattr(api, "fail_create_at", 2), 1),
+    "wait": (lambda api: setattr(api, "loading_listings", 10 ** 6), 2),
+    "ssh": (lambda api: api.node_faults.update({2: {"hostkey": True}}), 2),
+    "setup": (lambda api: api.node_faults.update({2: {"fail": "tar -xf", "times": -1}}), 2),
+    "train": (None, 2),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_failure_at_each_stage_destroys_everything(world, stage):
+    """Each step fails once, for real: the run exits non-zero, every instance it created is destroyed
+    and the overlay deleted; a training failure still fetches the checkpoints written before it."""
+    arrange, expected = STAGES[stage]
+    if stage == "overlay":
+        world.api.overlays[world.run_name] = {"name": world.run_name}   # the name is taken: create answers 400
+    elif arrange:
+        arrange(world.api)
+    env_timeout = {"wait": "1", "ssh": "1"}.get(stage)
+    if env_timeout:
+        world.env["WAIT_TIMEOUT"] = env_timeout
+    overrides = ["fake.fail_at=6"] if stage == "train" else []
+    proc = world.driver(*world.args(overrides=overrides))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert len(world.api.created()) == expected
+    assert sorted(world.api.destroyed()) == sorted(world.api.created())
+    if stage == "overlay":
+        world.api.overlays.pop(world.run_name)
+    world.assert_clean(out)
+    if stage == "ssh":   # a reused address with a new host key: the timeout names ssh's own error
+        assert "last ssh error: @@@" in out and "REMOTE HOST IDENTIFICATION HAS CHANGED" in out
+    if stage == "train":
+        assert "training failed on node0 (exit 1)" in out
+        tag, _ = _local_checkpoint(world)
+        assert tag == "step00000004"
+
+
+def test_ctrl_c_during_a_create_whose_reply_comes_late(world):
+    """Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) while the provider has
+    created the instance but not yet answered: the reply is lost, the instance is found by its label
+    and destroyed."""
+    world.api.create_delay = 3.0
+    proc = world.start(*world.args())
+    world.wait_for(lambda: world.api.calls("PUT", r"/api/v0/asks/\d+/"), what="the first create request")
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert world.api.created() == [] and world.api.destroyed() == [5001]   # no reply read; destroyed by label
+    assert "carries this run's label but was not recorded" in err
+    world.assert_clean(out + err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signal_during_training_saves_fetches_then_destroys(world, sig):
+    """Ctrl-C, SIGTERM, or SIGHUP with the terminal gone (the pipes closed: every write to it fails):
+    the ranks are asked to stop, save at the next step, the checkpoint is fetched from both nodes and
+    verified here, then everything is destroyed. The driver's own log keeps the story."""
+    proc = world.start(*world.args(steps=100000))
+    world.wait_for(lambda: world.api.created() and world.metrics_step(world.api.created()[0]) >= 6, timeout=60,
+                   what="training to pass step 6")
+    if sig == signal.SIGHUP:
+        proc.stdout.close()
+        proc.stderr.close()
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else os.kill(proc.pid, sig)
+    proc.wait(timeout=90)
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}[sig]
+    tag, meta = _local_checkpoint(world)
+    node0 = world.node_run(world.api.created()[0])
+    assert tag == (node0 / "checkpoints" / "latest").read_text()   # the final one, saved on the stop request
+    assert meta["step"] >= 6 and meta["step"] % 4 != 0 or meta["step"] >= 8
+    assert meta["step"] < 100000
+    log = (world.run_dir / "cluster" / "driver.log").read_text()
+    assert "SIGTERM to ranks" in log and f"checkpoint {tag} fetched from 2 nodes and verified" in log
+    world.assert_clean(log)
+
+
+def test_one_nodes_fetch_failing_is_retried_and_nothing_is_destroyed(world):
+    """node1's tar keeps failing: it is retried with backoff, node0 is still fetched, the checkpoint is
+    not complete here, so the nodes are kept (exit 4, the commands to retry or force). Once node1
+    answers again, `fetch` completes it and `down` destroys."""
+    world.api.node_faults[2] = {"fail": "tar -cf", "times": -1}
+    proc = world.driver(*world.args(steps=4))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4, out[-3000:]
+    assert world.api.destroyed() == [] and world.api.alive() == [5001, 5002]
+    tars = [c for c in world.ssh_calls() if "tar -cf" in c["cmd"]]
+    assert len([c for c in tars if c["port"] == "45002"]) >= 3 and [c for c in tars if c["port"] == "45001"]
+    assert "going on with the other nodes" in out and "NOT destroying instances [5001, 5002]" in out
+    assert f"bash launch/vast_cluster.sh fetch --run {world.run_name}" in out
+    again = world.driver("down", "--run", world.run_name)   # `down` refuses too, while node1 cannot be read
+    assert again.returncode == 4 and world.api.destroyed() == []
+    _fault(world, 5002, None)
+    fetch = world.driver("fetch", "--run", world.run_name)
+    assert fetch.returncode == 0, fetch.stderr[-2000:]
+    assert _local_checkpoint(world)[0] == "step00000004"
+    down = world.driver("down", "--run", world.run_name)
+    assert down.returncode == 0, down.stderr[-2000:]
+    world.assert_clean(out + down.stdout + down.stderr)
+
+
+def test_destroy_failing_exits_non_zero_listing_the_ids(world):
+    """Every destroy answers 500 for the whole retry budget: exit 3 naming each id and the commands that
+    destroy them; `down` later, once the provider answers, finishes the job."""
+    world.api.destroy_fails = True
+    world.env["DESTROY_RETRY_S"] = "1"
+    proc = world.driver(*world.args(steps=4))
+    err = proc.stderr
+    assert proc.returncode == 3, err[-3000:]
+    assert "FAILED to destroy instances 5001 5002" in err
+    assert "vastai destroy instance 5001 -y" in err and f"bash launch/vast_cluster.sh down --run {world.run_name}" in err
+    assert len(world.api.calls("DELETE", r"/api/v0/instances/5001/")) >= 2   # retried
+    world.api.destroy_fails = set()
+    down = world.driver("down", "--run", world.run_name)
+    assert down.returncode == 0, down.stderr[-2000:]
+    world.assert_clean(proc.stdout + err)
+
+
+def test_a_live_instance_with_the_run_label_is_refused(world):
+    """An instance already labelled with the run name (a leftover, or someone else's): refused before
+    anything is rented, and not touched."""
+    world.api.instances[4999] = {"id": 4999, "label": world.run_name, "actual_status": "running", "start_date": 0,
+                                 "extra_env": []}
+    world.api.instance_keys[4999] = "k"
+    proc = world.driver(*world.args())
+    assert proc.returncode == 1
+    assert "instances [4999] already carry the label" in proc.stderr
+    assert world.api.calls("PUT", r"/api/v0/asks/\d+/") == [] and world.api.calls("DELETE") == []
+    assert world.api.alive() == [4999]
+
+
+def test_unsafe_strings_are_refused(world):
+    """A hostname with a newline from the provider (it would add a ProxyCommand to the ssh config): the
+    instance and field are named, nothing is written, everything is destroyed. An override with `;`,
+    `--run ..` and a `--conf` with a space: refused before any request."""
+    world.api.row_patch[1] = {"ports": {}, "ssh_host": "evil.example\n  ProxyCommand touch /tmp/pwned"}
+    proc = world.driver(*world.args())
+    assert proc.returncode == 1
+    assert "instance 5001: ssh_host 'evil.example\\n  ProxyCommand touch /tmp/pwned' is not a hostname" in proc.stderr
+    assert not (world.run_dir / "cluster" / "ssh_config").exists()
+    world.assert_clean(proc.stderr)
+    requests = len(world.api.requests)
+    for argv, message in (
+            (world.args(overrides=["train.lr=1;touch pwned"]), "override 'train.lr=1;touch pwned'"),
+            (["run", "--run", "..", "--conf", "debug"], "--run '..'"),
+            (["run", "--run=-x", "--conf", "debug"], "--run '-x'"),
+            (["run", "--conf", "debug id", "--run", world.run_name], "--conf 'debug id'"),
+            (["status", "--run", "../etc"], "--run '../etc'")):
+        bad = world.driver(*argv)
+        assert bad.returncode == 2 and message in bad.stderr, (argv, bad.stderr[-1000:])
+    assert len(world.api.requests) == requests and not (ROOT / "outputs" / "..").joinpath("cluster").exists()
+
+
+def test_detach_then_status_logs_fetch_down_from_another_invocation(world):
+    """`--detach` returns while the nodes train; later invocations find the run through state.json."""
+    proc = world.driver(*world.args("--detach", steps=40))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"bash launch/vast_cluster.sh status --run {world.run_name}" in proc.stdout
+    assert f"bash launch/vast_cluster.sh down --run {world.run_name}" in proc.stdout
+    assert world.api.alive() == [5001, 5002]
+    world.wait_for(lambda: world.metrics_step(5001) >= 3, what="step 3")
+    status = world.driver("status", "--run", world.run_name)
+    assert status.returncode == 0, status.stderr
+    assert "training running" in status.stdout and "step " in status.stdout and "loss" in status.stdout
+    assert "ETA" in status.stdout and "spent about $" in status.stdout
+    logs = world.driver("logs", "-f", "--run", world.run_name)
+    assert logs.returncode == 0 and "step 40: loss" in logs.stdout
+    fetch = world.driver("fetch", "--run", world.run_name)
+    assert fetch.returncode == 0 and _local_checkpoint(world)[0] == "step00000040"
+    down = world.driver("down", "--run", world.run_name)
+    assert down.returncode == 0, down.stderr[-2000:]
+    world.assert_clean(proc.stdout + status.stdout + down.stderr)
+
+
+def test_resume_on_fresh_nodes_with_another_node_count(world):
+    """A finished 2-node run resumes on 3 fresh nodes: every file of its fetched checkpoint goes to every
+    node (the trainer converts it for 3 nodes there), and training continues from its step."""
+    world.fetched_checkpoint(step=4, nodes=2, slots=2)   # as `run` leaves it: fetched, verified, state "down"
+    world.api.offers.append({"id": 104, "cluster_id": 7, "machine_id": 5, "dph_total": 13.0, "num_gpus": 2,
+                             "gpu_name": "H100 SXM"})
+    second = world.driver("run", "--nodes", "3", "--gpus", "2", "--conf", "debug", "--resume",
+                          f"outputs/{world.run_name}", "--", "train.max_steps=8", "train.ckpt_every=4")
+    assert second.returncode == 0, second.stderr[-3000:]
+    new = world.api.created()
+    assert len(new) == 3
+    for k, inst in enumerate(new):
+        old = world.node_run(inst) / "checkpoints" / "step00000004"
+        assert verify(old)["world_size"] == 4   # all of the 4-rank checkpoint on each of the 3 nodes
+        assert f"node {k}: resumed from step00000004" in (world.node_run(new[0]) / "cluster" / "train.log").read_text()
+    tag, meta = _local_checkpoint(world)
+    assert tag == "step00000008" and meta["world_size"] == 6
+    world.assert_clean(second.stderr)
+
+
+def test_budget_cap_the_nodes_save_and_stop_themselves(world):
+    """--max-usd: each node's watchdog (started with the training, outliving the laptop) reaches the cap,
+    has its ranks save, waits for the laptop to fetch, and stops its own instance with the
+    instance-scoped key vast.ai gives the container; the laptop then destroys the stopped instances."""
+    proc = world.driver(*world.args("--max-usd", "0.012", steps=100000))   # $21/h: the cap after ~2 s
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    stops = world.api.calls("PUT", r"/api/v0/instances/\d+/")
+    assert sorted((r["path"], r["key"], r["body"]["state"]) for r in stops) == [
+        ("/api/v0/instances/5001/", "instance", "stopped"), ("/api/v0/instances/5002/", "instance", "stopped")]
+    assert "stopped training themselves (budget cap $0.012)" in out
+    tag, meta = _local_checkpoint(world)
+    assert meta["step"] < 100000
+    assert max(r["t"] for r in stops) < min(r["t"] for r in world.api.calls("DELETE", r"/api/v0/instances/\d+/"))
+    world.assert_clean(out)
+
+
+def test_budget_cap_without_the_laptop(world):
+    """Detached, then the laptop is gone: the nodes still save and stop themselves at the cap (stopped,
+    not destroyed); `status` says so with the command that destroys them."""
+    world.env["CAP_GRACE_S"] = "0.5"
+    proc = world.driver(*world.args("--detach", "--max-hours", "0.0005", steps=100000))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    world.wait_for(lambda: all(world.api.instances[i]["actual_status"] == "stopped" for i in (5001, 5002)),
+                   timeout=60, what="the nodes to stop themselves")
+    for inst in (5001, 5002):
+        tag = (world.node_run(inst) / "checkpoints" / "latest").read_text()
+        assert (world.node_run(inst) / "checkpoints" / tag / "meta.json").exists()
+    status = world.driver("status", "--run", world.run_name)
+    assert "node0 unreachable" in status.stdout
+    down = world.driver("down", "--run", world.run_name)
+    assert down.returncode == 4 and "NOT destroying" in down.stderr
+    forced = world.driver("down", "--run", world.run_name, "--force")
+    assert forced.returncode == 0
+    world.assert_clean(forced.stderr)

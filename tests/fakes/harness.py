@@ -40,7 +40,7 @@ class World:
             os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HOME=str(home), VAST_URL=self.api.url,
             VAST_API_KEY=SECRET, PYTHON=sys.executable, FAKE_VAST_NODES=str(self.api.registry),
             FAKE_SSH_LOG=str(tmp / "ssh.jsonl"), FAKE_NODE_TRAIN=str(FAKES / "node_train.py"),
-            FAKE_SYNC_DIR=str(tmp / "sync"), FAKE_STEP_S="0.03", NODE_SETUP=setup, POLL="0.1",
+            FAKE_SYNC_DIR=str(tmp / "sync"), FAKE_STEP_S="0.02", NODE_SETUP=setup, POLL="0.1",
             DESTROY_RETRY_S="3", FETCH_ATTEMPTS="3", FETCH_BACKOFF_S="0.1", NET_DEV="lo", REMOTE_DIR="shakespeare",
             WAIT_TIMEOUT="20", STOP_WAIT_S="30", CAP_GRACE_S="20", SSH_KEY=str(user_key), PYTHONUNBUFFERED="1")
         self.env.pop("PYTHONPATH", None)
@@ -72,6 +72,32 @@ class World:
     def start(self, *argv, **kw) -> subprocess.Popen:
         return subprocess.Popen(["bash", "launch/vast_cluster.sh", *argv], cwd=ROOT, env=self.env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kw)
+
+    def fetched_checkpoint(self, step: int, nodes: int, slots: int):
+        """outputs/RUN as a finished run leaves it: every node's share of checkpoint `step` merged here
+        (written by node_train.py's own code), `latest`, and a state whose instances are destroyed."""
+        world, checkpoints, procs = nodes * slots, self.run_dir / "checkpoints", []
+        for node in range(nodes):
+            (self.tmp / f"prep{node}").mkdir()
+            (self.tmp / f"prep{node}" / "trainer").symlink_to(ROOT / "trainer")
+        for node in range(nodes):
+            env = dict(os.environ, FAKE_NODE_RANK=str(node), FAKE_NODES=str(nodes), FAKE_SLOTS=str(slots),
+                       FAKE_RANK_OFFSET=str(node * slots), FAKE_WORLD=str(world), FAKE_SESSION="prep",
+                       FAKE_SYNC_DIR=str(self.tmp / "prep-sync"), FAKE_STEP_S="0")
+            procs.append(subprocess.Popen([sys.executable, str(FAKES / "node_train.py"), "launch/train.py",
+                                           f"run_dir=outputs/{self.run_name}", f"train.max_steps={step}",
+                                           f"train.ckpt_every={step}"], cwd=self.tmp / f"prep{node}", env=env,
+                                          stdout=subprocess.DEVNULL))
+        assert [p.wait(timeout=60) for p in procs] == [0] * nodes
+        tag = f"step{step:08d}"
+        (checkpoints / tag).mkdir(parents=True)
+        for node in range(nodes):
+            for f in (self.tmp / f"prep{node}" / "outputs" / self.run_name / "checkpoints" / tag).iterdir():
+                shutil.copy(f, checkpoints / tag / f.name)
+        (checkpoints / "latest").write_text(tag)
+        (self.run_dir / "cluster").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "cluster" / "state.json").write_text(json.dumps(
+            {"run": self.run_name, "phase": "down", "instances": [{"id": 1, "destroyed": True}]}))
 
     def ssh_calls(self) -> list[dict]:
         path = self.tmp / "ssh.jsonl"

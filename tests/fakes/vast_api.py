@@ -64,7 +64,7 @@ class StandIn:
                     and (path is None or re.fullmatch(path, r["path"]))]
 
     def created(self) -> list[int]:
-        return [r["answer"]["new_contract"] for r in self.calls("PUT", r"/api/v0/asks/\d+/") if r.get("answer")]
+        return [r["answer"]["new_contract"] for r in self.calls("PUT", r"/api/v0/asks/\d+/") if r.get("status") == 200]
 
     def destroyed(self) -> list[int]:
         return [int(r["path"].split("/")[-2]) for r in self.calls("DELETE", r"/api/v0/instances/\d+/")
