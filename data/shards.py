@@ -56,9 +56,9 @@ class JsonFields:
 
     def load(self) -> dict:
         """The file's top-level object (its size checked before it is read)."""
-        if not self.path.is_file():
+        size = regular_file_size(self.path)
+        if size is None:
             raise ShardError(f"{self.path}: missing")
-        size = self.path.stat().st_size
         if size > MAX_JSON_BYTES:
             raise ShardError(f"{self.path}: {size} bytes, more than any file this code writes ({MAX_JSON_BYTES})")
         try:
@@ -474,14 +474,14 @@ class ShardReader:
 
 
 def regular_file_size(path: Path) -> int | None:
-    """The size of a shard file named by a checked manifest or state, before anything opens it; None if
-    it is absent. A link or a folder in its place is an error: shards are plain files in the data dir."""
+    """The size of a file of the data dir (a shard, the manifest, the state), before anything opens it;
+    None if it is absent. A link or a folder in its place is an error: a data dir holds plain files."""
     try:
         info = path.lstat()
     except FileNotFoundError:
         return None
     if not stat.S_ISREG(info.st_mode):
-        raise ShardError(f"{path}: not a regular file (a link or a folder); shards are plain files in the data dir")
+        raise ShardError(f"{path}: not a regular file (a link or a folder); a data dir holds plain files")
     return info.st_size
 
 

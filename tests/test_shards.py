@@ -172,6 +172,15 @@ def test_a_shard_that_is_a_link_is_not_followed(tmp_path):
         ShardReader(tmp_path / "data", "train")
 
 
+def test_a_manifest_that_is_a_link_is_not_followed(tmp_path):
+    _write(tmp_path / "data")
+    manifest = tmp_path / "data" / "manifest.json"
+    manifest.rename(tmp_path / "elsewhere.json")
+    manifest.symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(ShardError, match="manifest.json: not a regular file"):
+        ShardReader(tmp_path / "data", "train")
+
+
 def test_a_split_left_empty_is_reported_by_prepare_naming_val_fraction(tmp_path):
     with pytest.raises(ShardError, match=r"the val split is empty: none of the 12 documents went to val at "
                                          r"data\.val_fraction=0\.0; raise data\.val_fraction \(e\.g\. "
