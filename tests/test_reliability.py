@@ -469,7 +469,8 @@ def test_a_zero_checkpoint_resumes_at_another_world_size_through_a_universal_con
     """ZeRO-1/2/3 optimizer state is partitioned by rank: at another world size rank 0 converts the
     checkpoint once (the others wait) and every rank loads the conversion. 1 rank takes the 2 ranks'
     windows as 2 accumulated micro-batches (the same global batch), so the resumed run follows the
-    uninterrupted 2-rank run on the same windows."""
+    uninterrupted 2-rank ZeRO-0 run on the same windows. (Before the resume, ZeRO-2 and ZeRO-3 give
+    ZeRO-0's losses: the stage comparison.)"""
     run_dir, k = tmp_path / "run", STEPS // 2
     common = [f"deepspeed=zero{stage}", "train.record_batches=true"]
     accum = {1: ["train.grad_accum=2"], 2: []}
@@ -482,6 +483,8 @@ def test_a_zero_checkpoint_resumes_at_another_world_size_through_a_universal_con
     assert (universal / "zero").is_dir()
     resumed, whole = losses(run_dir), losses(zero0_run[0])
     assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(1, k + 1):  # before the resume: ZeRO-2/3 train like ZeRO-0 (fp32)
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-5), step
     gap = max(abs(resumed[step] - whole[step]) for step in range(k + 1, STEPS + 1))
     assert gap < TOLERANCE[stage], gap
     assert _trained_windows(run_dir) == _trained_windows(zero0_run[0])
