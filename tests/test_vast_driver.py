@@ -167,6 +167,11 @@ def test_signal_during_training_saves_fetches_then_destroys(world, sig):
     if sig == signal.SIGHUP:
         proc.stdout.close()
         proc.stderr.close()
+    for pid in filter(str.isdigit, os.listdir("/proc")):   # the key is on no command line (`ps`)
+        try:
+            assert SECRET.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            pass
     os.killpg(proc.pid, sig) if sig == signal.SIGINT else os.kill(proc.pid, sig)
     proc.wait(timeout=90)
     assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}[sig]
@@ -178,6 +183,25 @@ def test_signal_during_training_saves_fetches_then_destroys(world, sig):
     log = (world.run_dir / "cluster" / "driver.log").read_text()
     assert "SIGTERM to ranks" in log and f"checkpoint {tag} fetched from 2 nodes and verified" in log
     world.assert_clean(log)
+
+
+def test_a_second_ctrl_c_skips_the_wait_but_still_fetches_and_destroys(world):
+    """The ranks take long to act on the stop request (fake.stop_delay=60): a second Ctrl-C ends the
+    wait; the newest complete checkpoint is fetched and verified, then everything is destroyed."""
+    proc = world.start(*world.args(steps=100000, overrides=["fake.stop_delay=60"]))
+    world.wait_for(lambda: world.api.created() and (world.node_run(world.api.created()[1]) / "checkpoints" /
+                                                    "latest").exists(), timeout=60, what="a first checkpoint")
+    os.killpg(proc.pid, signal.SIGINT)
+    world.wait_for(lambda: "SIGTERM to ranks" in (world.run_dir / "cluster" / "driver.log").read_text(),
+                   what="the stop request")
+    started = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert time.time() - started < 30 and "not waiting for the final checkpoint" in err
+    tag, meta = _local_checkpoint(world)
+    assert meta["step"] % 4 == 0   # a periodic checkpoint: the final one was never written
+    world.assert_clean(out + err)
 
 
 def test_one_nodes_fetch_failing_is_retried_and_nothing_is_destroyed(world):

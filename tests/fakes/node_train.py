@@ -8,7 +8,8 @@ identical on every node, lists every file of the whole checkpoint with its sha25
 from `latest` when every file meta.json lists is on this node (the real trainer needs that to convert
 a checkpoint for another world size). Nodes agree on each step through files in $FAKE_SYNC_DIR (the
 real ranks all-reduce their stop flag). Overrides read: train.max_steps, train.ckpt_every,
-fake.fail_at (exit 1 at that step).
+fake.fail_at (exit 1 at that step), fake.stop_delay (seconds a stop request waits before it is acted on,
+like a long step or a slow save).
 """
 import hashlib
 import json
@@ -27,6 +28,7 @@ run_dir = Path(settings["run_dir"])
 max_steps = int(settings.get("train.max_steps", 30))
 ckpt_every = int(settings.get("train.ckpt_every", 5))
 fail_at = int(settings.get("fake.fail_at", 0))
+stop_delay = float(settings.get("fake.stop_delay", 0))
 node, nodes = int(os.environ["FAKE_NODE_RANK"]), int(os.environ["FAKE_NODES"])
 slots, offset, world = int(os.environ["FAKE_SLOTS"]), int(os.environ["FAKE_RANK_OFFSET"]), int(os.environ["FAKE_WORLD"])
 step_s = float(os.environ.get("FAKE_STEP_S", "0.05"))
@@ -36,7 +38,7 @@ run_dir.mkdir(parents=True, exist_ok=True)
 (run_dir / f"argv.node{node}.json").write_text(json.dumps(args))
 (run_dir / "config.yaml").write_text(f"train:\n  max_steps: {max_steps}\n")
 stop = {"signal": None}
-signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal="SIGTERM"))
+signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal="SIGTERM", at=time.time()))
 
 
 def agree(step: int, flag: bool) -> bool:
@@ -95,7 +97,7 @@ for step in range(start + 1, max_steps + 1):
     time.sleep(step_s)
     if step == fail_at:
         sys.exit(f"node {node}: failing at step {step} (fake.fail_at)")
-    stopping = agree(step, stop["signal"] is not None)
+    stopping = agree(step, stop["signal"] is not None and time.time() >= stop["at"] + stop_delay)
     if node == 0:
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "tokens": step * 1000, "loss": 4.0 / step, "lr": 1e-3,
