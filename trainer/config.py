@@ -58,11 +58,26 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class TrackingConfig:
+    tensorboard: bool = True   # run_dir/tensorboard
+    wandb: bool = False        # Weights & Biases too (pip install -e '.[wandb]'; the key from `wandb login`
+                               # or WANDB_API_KEY, never from here)
+    project: str = "shakespeare-transformer"
+    entity: str = ""           # team or user; "": wandb's default
+    name: str = ""             # "": the run dir's name
+    tags: list[str] = field(default_factory=list)
+    group: str = ""
+    mode: str = "online"       # online | offline (`wandb sync` uploads later)
+    init_timeout_s: float = 60.0  # how long wandb may take to start before the run logs offline
+
+
+@dataclass
 class Config:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     precision: str = "fp32"    # fp32 | bf16
     run_dir: str = "outputs/run"
     resume: str = "auto"       # auto | never | PATH of a checkpoint dir
@@ -117,6 +132,13 @@ def validate(c: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"deepspeed.stage={c.deepspeed.stage}: ZeRO stages are 0, 1, 2, 3")
     if c.precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision={c.precision!r}: choose fp32 or bf16")
+    if c.tracking.mode not in ("online", "offline"):
+        raise ConfigError(f"tracking.mode={c.tracking.mode!r}: choose online or offline")
+    if c.tracking.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("tracking.wandb=true, but the wandb package is not installed: pip install -e '.[wandb]'")
     if not c.run_dir:
         raise ConfigError("run_dir must not be empty")
     if t.global_batch is not None and world_size is not None:

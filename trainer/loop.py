@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,17 +24,11 @@ from .distributed import (Node, RunError, broadcast_error, init_distributed, nod
                           shutdown)
 from .engine import build_engine, set_lr
 from .evaluate import evaluate_engine, sample_text
-from .metrics import MetricsWriter, Throughput
+from .metrics import MetricsWriter, Throughput, last_logged
 from .mfu import flops_per_token, peak_flops
 from .profile import StepProfiler
 from .schedule import accum_at, lr_at, planned_tokens
 from .stopping import StopRequest
-
-TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-           "tokens_per_s": "perf/tokens_per_s", "step_time_s": "perf/step_time_s", "mfu": "perf/mfu",
-           "usd_per_hour": "cost/usd_per_hour", "tokens_per_usd": "cost/tokens_per_usd",
-           "val_loss": "val/loss", "val_bpc": "val/bpc", "val_perplexity": "val/perplexity",
-           "val_accuracy": "val/accuracy", "val_top5_accuracy": "val/top5_accuracy"}
 
 
 def window_hash(window: torch.Tensor) -> str:
@@ -147,7 +142,8 @@ def _train(cfg: Config, rank: int, world: int, progress: dict) -> dict:
               f"{cfg.precision} | data: {manifest['splits']['train']['tokens']:,} train tokens, "
               f"{train_loader.windows_per_epoch:,} windows/epoch | run_dir: {run_dir}"
               + (f" | resumed at step {step}" if step else ""), flush=True)
-    writer = MetricsWriter(run_dir, enabled=rank == 0, resume_step=step)
+    spent_before = last_logged(run_dir, "usd_spent", step) if rank == 0 and step else 0.0
+    writer = MetricsWriter(run_dir, enabled=rank == 0, resume_step=step, tracking=cfg.tracking)
     batch_log = open(run_dir / f"batches_rank{rank}.txt", "a", buffering=1) if t.record_batches else None
 
     # the same eval_steps batches at every evaluation: built once, rewound each time
@@ -158,7 +154,7 @@ def _train(cfg: Config, rank: int, world: int, progress: dict) -> dict:
         val_loader.load_state_dict({"seed": t.seed, "consumed": 0})
         result = evaluate_engine(engine, val_loader)
         text = sample_text(engine, tokenizer, "\n", 200, t.seed, cfg.deepspeed.stage)
-        writer.log(at_step, result, TB_TAGS)
+        writer.log(at_step, result)
         writer.text("samples", text or "", at_step)
         return result
 
@@ -173,9 +169,12 @@ def _train(cfg: Config, rank: int, world: int, progress: dict) -> dict:
     if rank == 0:
         print(f"MFU: {flops_token / 1e6:.2f} MFLOPs/token against {peak / 1e12:.3g} TFLOP/s per device "
               f"({peak_source})", flush=True)
+    writer.describe({"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "parameters": model_params,
+                     "world_size": world, "mfu_peak_flops_per_device": peak, "mfu_peak_source": peak_source,
+                     "resumed_at_step": step})
     bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=rank != 0 or not t.progress,
                dynamic_ncols=True)
-    meter = Throughput()
+    meter, started = Throughput(), time.time()
     loss_sum = torch.zeros((), device=engine.device)
     # [non-finite loss on some rank, stop requested, -(first non-finite step)], all-reduced with MAX
     guard = torch.zeros(3, device=engine.device)
@@ -246,8 +245,9 @@ def _train(cfg: Config, rank: int, world: int, progress: dict) -> dict:
                         "mfu": rates["tokens_per_s"] * flops_token / (peak * world)}
                 if t.cost_per_hour:
                     last.update(usd_per_hour=t.cost_per_hour,
-                                tokens_per_usd=last["tokens_per_s"] * 3600 / t.cost_per_hour)
-                writer.log(step, last, TB_TAGS)
+                                tokens_per_usd=last["tokens_per_s"] * 3600 / t.cost_per_hour,
+                                usd_spent=spent_before + t.cost_per_hour * (time.time() - started) / 3600)
+                writer.log(step, last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}",
                                 tok_s=f"{last['tokens_per_s']:,.0f}", mfu=f"{last['mfu']:.1%}")
                 loss_sum.zero_()
