@@ -842,6 +842,7 @@ def run_all(driver: Driver, signals: Signals) -> int:
             fetched = (driver.state.get("fetched") or {}).get("tag")
             seen, failed = driver.state.get("seen_latest"), driver.state.get("fetch_failed")
             if fetched and fetched >= (seen or "") and not (failed and failed > fetched):
+                driver.wait_stopped(driver.args.cap_grace + 60)
                 return driver.destroy_all()
             ids = driver.live_ids()
             log(f"instances {ids} are stopped, not destroyed (their disks still bill), and their newest checkpoint "

@@ -188,20 +188,23 @@ def watchdog(run: str, started: float, usd_per_hour: float, max_hours: float | N
              wait_s: float, grace_s: float, api_url: str, poll_s: float) -> dict:
     """The budget cap, on the node itself (the laptop may be gone): at the cap, SIGTERM this node's ranks
     (they save a checkpoint, all nodes at the same step), wait for them to exit, give the laptop
-    `grace_s` to fetch that checkpoint, then stop (not destroy) this instance."""
+    `grace_s` to fetch that checkpoint, then stop (not destroy) this instance. A run that ended
+    earlier is stopped at the cap too, if nobody destroyed it by then."""
     work = _cluster_dir(run)
     limit_h = min(h for h in (max_hours, (max_usd / usd_per_hour) if max_usd and usd_per_hour > 0 else None)
                   if h is not None)
-    while (time.time() - started) / 3600 < limit_h:
-        exit_file = work / "train.exit"
-        if exit_file.exists() and not rank_pids(run):
-            return {"cap": False, "why": "training ended before the cap"}
+    while (time.time() - started) / 3600 < limit_h:   # also after training ends: idle nodes bill too
         time.sleep(poll_s)
     event = {"cap": True, "hours": (time.time() - started) / 3600, "usd": (time.time() - started) / 3600 * usd_per_hour}
     _write_atomic(work / "cap.json", json.dumps(event))
-    stop(run)
-    deadline = time.time() + wait_s
-    while rank_pids(run) and time.time() < deadline:
+    # SIGTERM until training is over: ranks still starting up get it too. node0 knows the end by its
+    # launcher's exit file; the other nodes by their ranks being gone (three checks in a row).
+    head = (work / "train.pid").exists()
+    deadline, quiet = time.time() + wait_s, 0
+    while time.time() < deadline:
+        quiet = 0 if stop(run)["signalled"] else quiet + 1
+        if (head and (work / "train.exit").exists()) or (not head and quiet >= 3):
+            break
         time.sleep(poll_s)
     tag = latest_tag(run)
     deadline = time.time() + grace_s

@@ -342,7 +342,7 @@ def test_budget_cap_without_the_laptop(world):
     """Detached, then the laptop is gone: the nodes still save and stop themselves at the cap (stopped,
     not destroyed); `status` says so with the command that destroys them."""
     world.env["CAP_GRACE_S"] = "0.5"
-    proc = world.driver(*world.args("--detach", "--max-hours", "0.0005", steps=100000))
+    proc = world.driver(*world.args("--detach", "--max-hours", "0.0012", steps=100000))
     assert proc.returncode == 0, proc.stderr[-3000:]
     world.wait_for(lambda: all(world.api.instances[i]["actual_status"] == "stopped" for i in (5001, 5002)),
                    timeout=60, what="the nodes to stop themselves")
