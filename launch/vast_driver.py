@@ -54,7 +54,7 @@ class Console:
     def __init__(self):
         self.file = None
         self.terminal = True
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()   # a signal handler logs too, maybe while this thread holds it
 
     def open(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +238,8 @@ class Driver:
         if run is None:
             run = resume[0] if resume else new_run_name()
         check_conf(a.conf)
+        if not re.match(r"^[A-Za-z0-9_]{1,40}$", a.gpu_name):
+            raise UnsafeInput(f"--gpu-name {a.gpu_name!r}: a vast.ai gpu_name such as H100_SXM or RTX_4090")
         if not (ROOT / "conf" / f"{a.conf}.yaml").exists():
             raise UnsafeInput(f"--conf {a.conf!r}: no conf/{a.conf}.yaml")
         overrides = [check_override(o) for o in a.overrides]
@@ -471,9 +473,9 @@ class Driver:
         command = self.train_command()
         path = f"outputs/{self.run}/cluster/train.cmd"
         self.ssh_run(0, self.in_dir(f"mkdir -p outputs/{self.run}/cluster && cat > {path}"), stdin=command.encode())
-        started = self.agent(0, "start", "--run", self.run, "--cmd-file", path)
-        self.state.update(phase="training", train_started=time.time())
+        self.state.update(phase="training", train_started=time.time())   # before: a signal now still fetches
         self.save()
+        started = self.agent(0, "start", "--run", self.run, "--cmd-file", path)
         log(f"training started on node0 (pid {started.get('pid')}), detached: it goes on without this terminal")
         if self.state.get("max_hours") or self.state.get("max_usd"):
             cap = ["--started", str(self.state["created_at"]), "--usd-per-hour", str(self.state["total_dph"]),

@@ -245,6 +245,24 @@ def test_destroy_failing_exits_non_zero_listing_the_ids(world):
     world.assert_clean(proc.stdout + err)
 
 
+def test_signals_during_the_teardown_do_not_cut_it_short(world):
+    """Two Ctrl-Cs while destroy is being retried: logged, and the teardown goes on until the provider
+    answers and every instance is destroyed."""
+    world.api.destroy_fails = True
+    world.env["DESTROY_RETRY_S"] = "60"
+    proc = world.start(*world.args(steps=4))
+    world.wait_for(lambda: world.api.calls("DELETE", r"/api/v0/instances/\d+/"), timeout=60, what="a destroy")
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    world.api.destroy_fails = set()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count("SIGINT: the teardown goes on") == 2
+    world.assert_clean(out + err)
+
+
 def test_a_live_instance_with_the_run_label_is_refused(world):
     """An instance already labelled with the run name (a leftover, or someone else's): refused before
     anything is rented, and not touched."""
