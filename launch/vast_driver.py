@@ -499,10 +499,11 @@ class Driver:
         return " or ".join(p for p in parts if p)
 
     # --- follow, status, logs -----------------------------------------------------------------------------
-    def follow(self, fetch: bool = True, print_log: bool = True) -> dict:
-        """Until training ends on node0: print its log, fetch each new checkpoint. Signals (mode follow):
-        the first asks the ranks to stop, the second ends the wait."""
-        self.signals.mode = "follow"
+    def follow(self, fetch: bool = True, print_log: bool = True, owner: bool = True) -> dict:
+        """Until training ends on node0: print its log, fetch each new checkpoint. Signals: for the run
+        that owns the nodes (`owner`), the first asks the ranks to stop, the second ends the wait; for a
+        reader (`logs -f`), a signal only ends the reading."""
+        self.signals.mode = "follow" if owner else "unwind"
         offset, stop_sent, stop_deadline = self.state.get("log_offset", 0), False, None
         last: dict = {}
         while True:
@@ -589,7 +590,7 @@ class Driver:
             sys.stdout.write(st.get("log", ""))
             return 0
         self.state["log_offset"] = 0
-        last = self.follow(fetch=False)
+        last = self.follow(fetch=False, owner=False)
         return 0 if last.get("exit") in (0, None) else 1
 
     # --- fetch ------------------------------------------------------------------------------------------
@@ -796,6 +797,26 @@ class Driver:
         log(f"every instance of run {run} is destroyed")
         return 0
 
+    def end_at_cap(self, last: dict) -> int:
+        """Training ended on the nodes' own decision (the budget cap). The watchdogs stop their instances
+        once this laptop marks the newest checkpoint fetched; then the stopped instances are destroyed."""
+        log(f"the nodes stopped training themselves (budget cap {self.cap_text() or '?'}): they saved a checkpoint "
+            "and stop their instances once it is fetched")
+        self.signals.mode = "cleanup"
+        if not last.get("stopped") and self.fetch():   # training has ended: nothing newer can come
+            self.wait_stopped(self.args.cap_grace + 60)
+            return self.destroy_all()
+        # node0 is unreachable (stopped): its watchdog stopped it only once the newest was marked fetched
+        fetched = (self.state.get("fetched") or {}).get("tag")
+        seen, failed = self.state.get("seen_latest"), self.state.get("fetch_failed")
+        if fetched and fetched >= (seen or "") and not (failed and failed > fetched):
+            self.wait_stopped(self.args.cap_grace + 60)
+            return self.destroy_all()
+        log(f"instances {self.live_ids()} are stopped, not destroyed (their disks still bill), and their newest "
+            f"checkpoint may not be here: start them (vastai start instance ID), then bash launch/vast_cluster.sh "
+            f"fetch --run {self.run}; or destroy them: bash launch/vast_cluster.sh down --run {self.run} --force")
+        return 4
+
     def wait_stopped(self, seconds: float):
         """After the budget cap: the nodes stop themselves once the checkpoint is fetched; wait for that, so
         a run that hit its cap is seen to stop itself, then the teardown destroys the stopped instances."""
@@ -834,23 +855,7 @@ def run_all(driver: Driver, signals: Signals) -> int:
             return 0
         last = driver.follow()
         if last.get("cap") or last.get("stopped"):
-            log(f"the nodes stopped training themselves ({'budget cap ' + driver.cap_text() if driver.cap_text() else 'stopped'}): "
-                "they saved a checkpoint and stop their instances once it is fetched")
-            signals.mode = "cleanup"
-            if not last.get("stopped") and driver.fetch():   # training has ended: nothing newer can come
-                driver.wait_stopped(driver.args.cap_grace + 60)
-                return driver.destroy_all()
-            # unreachable: the watchdogs stop their instance once this laptop marked the newest fetched
-            fetched = (driver.state.get("fetched") or {}).get("tag")
-            seen, failed = driver.state.get("seen_latest"), driver.state.get("fetch_failed")
-            if fetched and fetched >= (seen or "") and not (failed and failed > fetched):
-                driver.wait_stopped(driver.args.cap_grace + 60)
-                return driver.destroy_all()
-            ids = driver.live_ids()
-            log(f"instances {ids} are stopped, not destroyed (their disks still bill), and their newest checkpoint "
-                f"may not be here: start them (vastai start instance ID), then bash launch/vast_cluster.sh fetch "
-                f"--run {driver.run}; or destroy them: bash launch/vast_cluster.sh down --run {driver.run} --force")
-            return 4
+            return driver.end_at_cap(last)
         if signals.count == 0 and last.get("exit") not in (0, None):
             log(f"training failed on node0 (exit {last.get('exit')}); the checkpoints so far are fetched before "
                 "the nodes are destroyed")
@@ -883,11 +888,8 @@ def main(argv: list[str] | None = None) -> int:
     signals.install()
     driver = Driver(args, signals)
     try:
-        if args.command in ("run", "up") or (args.command == "run" and args.dry_run):
-            if args.command == "up" and args.run and (ROOT / "outputs" / args.run / "cluster" / "state.json").exists():
-                driver.load(args.run)
-            else:
-                driver.new_state()
+        if args.command in ("run", "up"):
+            driver.new_state()   # refuses a run name whose instances are not all destroyed
             if args.dry_run:
                 log(f"dry run: would search `cluster_id!=None num_gpus={args.gpus} gpu_name={args.gpu_name} "
                     f"dph_total<={args.max_dph}`, rent {args.nodes} nodes as {driver.run}, train conf={args.conf} "

@@ -300,7 +300,7 @@ def test_unsafe_strings_are_refused(world):
 
 def test_detach_then_status_logs_fetch_down_from_another_invocation(world):
     """`--detach` returns while the nodes train; later invocations find the run through state.json."""
-    proc = world.driver(*world.args("--detach", steps=40))
+    proc = world.driver(*world.args("--detach", steps=60))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"bash launch/vast_cluster.sh status --run {world.run_name}" in proc.stdout
     assert f"bash launch/vast_cluster.sh down --run {world.run_name}" in proc.stdout
@@ -310,10 +310,15 @@ def test_detach_then_status_logs_fetch_down_from_another_invocation(world):
     assert status.returncode == 0, status.stderr
     assert "training running" in status.stdout and "step " in status.stdout and "loss" in status.stdout
     assert "ETA" in status.stdout and "spent about $" in status.stdout
+    reader = world.start("logs", "-f", "--run", world.run_name)   # Ctrl-C on a reader stops only the reader
+    time.sleep(0.5)
+    assert world.metrics_step(5001) < 50
+    os.killpg(reader.pid, signal.SIGINT)
+    assert reader.wait(timeout=30) == 130 and "SIGTERM to ranks" not in reader.stderr.read()
     logs = world.driver("logs", "-f", "--run", world.run_name)
-    assert logs.returncode == 0 and "step 40: loss" in logs.stdout
+    assert logs.returncode == 0 and "step 60: loss" in logs.stdout   # training went on after the reader's Ctrl-C
     fetch = world.driver("fetch", "--run", world.run_name)
-    assert fetch.returncode == 0 and _local_checkpoint(world)[0] == "step00000040"
+    assert fetch.returncode == 0 and _local_checkpoint(world)[0] == "step00000060"
     down = world.driver("down", "--run", world.run_name)
     assert down.returncode == 0, down.stderr[-2000:]
     world.assert_clean(proc.stdout + status.stdout + down.stderr)
