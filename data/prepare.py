@@ -26,7 +26,8 @@ from tqdm import tqdm
 from .config import AUTO_PREPARED, DataConfig
 from .shards import (FORMAT_VERSION, MANIFEST, SHA256, SPLITS, JsonFields, ShardError, Splitter, SplitWriter,
                      load_manifest, write_manifest)
-from .sources import Document, open_source
+from .documents import Document
+from .sources import open_source
 from .tokenizer import CharTokenizer
 
 STATE = "prepare_state.json"

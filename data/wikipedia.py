@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from .sources import Document
+from .documents import Document
 
 REPO = "wikimedia/wikipedia"
 REVISION = "b04c8d1ceb2f5cd4588862100d08de323dccfbaa"  # the dataset's commit with the 20231101 dumps
