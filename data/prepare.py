@@ -13,7 +13,6 @@ import base64
 import binascii
 import json
 import multiprocessing
-import os
 import signal
 import time
 from collections import deque
@@ -27,6 +26,7 @@ from .config import AUTO_PREPARED, DataConfig
 from .shards import (FORMAT_VERSION, MANIFEST, SHA256, SPLITS, JsonFields, ShardError, Splitter, SplitWriter,
                      load_manifest, write_manifest)
 from .documents import Document
+from .files import atomic_write
 from .sources import open_source
 from .tokenizer import CharTokenizer
 
@@ -158,9 +158,7 @@ def _clear(out_dir: Path) -> None:
 def _save_state(out_dir: Path, settings: dict, position: int, writers: dict, val_names: list[str]) -> None:
     state = {"settings": settings, "position": position, "val_names": val_names,
              "splits": {s: w.state() for s, w in writers.items()}}
-    tmp = out_dir / (STATE + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, out_dir / STATE)
+    atomic_write(out_dir / STATE, json.dumps(state))
 
 
 def read_state(out_dir: Path, settings: dict, by_position: bool) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from .files import atomic_write
 from .tokenizer import CharTokenizer
 
 MANIFEST = "manifest.json"
@@ -357,9 +358,7 @@ class SplitWriter:
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
     """Last, atomically: a data dir with a manifest is complete."""
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out_dir / MANIFEST)
+    atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=1))
 
 
 # --- reading --------------------------------------------------------------------------------------

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Iterator
 
 from .documents import Document
+from .files import atomic_write
 
 REPO = "wikimedia/wikipedia"
 REVISION = "b04c8d1ceb2f5cd4588862100d08de323dccfbaa"  # the dataset's commit with the 20231101 dumps
@@ -119,9 +119,7 @@ def download(path: Path, subset: str, revision: str, max_documents: int | None) 
     else:
         record = _list_remote(hub, subset, revision)
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / (DOWNLOAD_RECORD + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, record_path)
+        atomic_write(record_path, json.dumps(record, indent=1))
     rows = 0
     for i, entry in enumerate(record["files"]):
         local = path / entry["name"]

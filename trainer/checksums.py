@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
+
+from data.files import atomic_write
 
 META = "meta.json"  # step, vocab, model config, world size, ZeRO stage, and every file's sum
 # the only names a checkpoint's file list may hold: DeepSpeed's per-rank files, flat in the tag dir
@@ -101,12 +102,5 @@ def verify(tag_dir: Path, names: list[str] | None = None, meta: dict | None = No
     return meta
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file, fsync, rename: a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# the one atomic write (data/files.py), under the name checkpoint.py and the cluster driver import
+write_text_atomic = atomic_write

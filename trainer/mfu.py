@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from data.files import atomic_write
 from model import GPTConfig
 
 # name fragment (as torch.cuda.get_device_name prints it) -> dense FLOP/s of (bf16 tensor cores,
@@ -107,7 +108,5 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
     if key not in cache:
         cache[key] = measure_matmul_peak(device, dtype, n=4096 if device.type == "cuda" else 1024)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(cache, indent=1))
     return cache[key], f"measured matmul ({key})"
