@@ -58,7 +58,7 @@ _SAFE_USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_./:,=+@%-]*$")  # DeepSpeed exports .deepspeed_env values unquoted
 
 
-def _check_host(where: str, field: str, value) -> str:
+def check_host(where: str, field: str, value) -> str:
     if not isinstance(value, str) or not _SAFE_HOST.match(value.strip(" ")) or ".." in value:
         raise ClusterError(f"{where}: {field} {value!r} is not a hostname or IP address (refused: it would "
                            "reach an ssh config)")
@@ -87,7 +87,7 @@ def parse_host_list(text: str, source: str = "host list", default_user: str = "r
         if key in seen:
             raise ClusterError(f"{where}: duplicate host {m['host']}:{port} (first on line {seen[key]})")
         seen[key] = number
-        _check_host(where, "host", m["host"])
+        check_host(where, "host", m["host"])
         if m["user"] and not _SAFE_USER.match(m["user"]):
             raise ClusterError(f"{where}: user {m['user']!r} is not a user name")
         nodes.append(Node(f"node{len(nodes)}", m["host"], port, m["user"] or default_user,
@@ -120,9 +120,9 @@ def nodes_from_vast(instances: list[dict], label: str | None = None, ids: list[i
             raise ClusterError(f"{name}: status {status!r}, not running")
         direct = (inst.get("ports") or {}).get("22/tcp") or []
         if inst.get("public_ipaddr") and direct and direct[0].get("HostPort"):
-            host, port = _check_host(name, "public_ipaddr", inst["public_ipaddr"]), direct[0]["HostPort"]
+            host, port = check_host(name, "public_ipaddr", inst["public_ipaddr"]), direct[0]["HostPort"]
         elif inst.get("ssh_host") and inst.get("ssh_port"):
-            host, port = _check_host(name, "ssh_host", inst["ssh_host"]), inst["ssh_port"]
+            host, port = check_host(name, "ssh_host", inst["ssh_host"]), inst["ssh_port"]
         else:
             raise ClusterError(f"{name}: no ssh address (neither ports['22/tcp'] nor ssh_host/ssh_port)")
         if not str(port).strip().isdigit() or not 0 < int(str(port).strip()) < 65536:
@@ -132,7 +132,7 @@ def nodes_from_vast(instances: list[dict], label: str | None = None, ids: list[i
         if slots < 1:
             raise ClusterError(f"{name}: num_gpus is {inst.get('num_gpus')!r}, need >= 1")
         private = (inst.get("local_ipaddrs") or "").split()
-        private_addr = _check_host(name, "local_ipaddrs", private[0]) if private else host
+        private_addr = check_host(name, "local_ipaddrs", private[0]) if private else host
         nodes.append(Node(f"node{len(nodes)}", host, port, "root", slots, private_addr))
     if len({(n.host, n.port) for n in nodes}) != len(nodes):
         raise ClusterError("two vast.ai instances share an ssh address")
@@ -151,7 +151,7 @@ def ssh_config(nodes: list[Node], identity: str, known_hosts: str | None = None)
             raise ClusterError(f"ssh config: path {value!r} holds a space or starts with '-'")
     blocks = []
     for n in nodes:
-        _check_host(n.alias, "host", n.host)
+        check_host(n.alias, "host", n.host)
         extra = [f"  UserKnownHostsFile {known_hosts}"] if known_hosts else []
         lines = [f"Host {n.alias}", f"  HostName {n.host}", f"  Port {n.port}", f"  User {n.user}",
                  f"  IdentityFile {identity}"] + extra + [f"  {k} {v}" for k, v in SSH_OPTIONS.items()]
@@ -171,7 +171,7 @@ def write(nodes: list[Node], out: Path, identity: str, master_addr: str | None =
           env: dict[str, str] | None = None, pythonpath: str | None = None,
           known_hosts: str | None = None) -> dict[str, Path]:
     if master_addr is not None:
-        _check_host("--master-addr", "address", master_addr)
+        check_host("--master-addr", "address", master_addr)
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "hostfile": hostfile(nodes),

@@ -1,13 +1,12 @@
 """vast.ai for the cluster driver: the official `vastai` SDK behind a small Provider, offer picking,
-and the checks every string from the provider or the user passes before it reaches a file, an ssh
-config or a command line.
+and the checks the user's strings and the provider's ids pass before they reach a file, an ssh config
+or a command line (hostnames and ports: launch/cluster.py, which writes the ssh config).
 
 The SDK (`from vastai import VastAI`) is used, not the CLI: the 1.9.1 CLI has its overlay commands
 switched off and prints Python reprs, while the SDK calls the REST API and returns its JSON.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import secrets
@@ -16,7 +15,6 @@ from collections import defaultdict
 
 RUN_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")   # the client keeps `-n NAME` only in [a-z0-9-]
 CONF_NAME = re.compile(r"^[a-z0-9_]{1,64}$")
-HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 # Hydra overrides travel through two shells (ssh to node0, then pdsh to every node, where DeepSpeed
 # quotes only arguments holding a space): these characters are refused outright; the rest are quoted.
 OVERRIDE = re.compile(r"^[A-Za-z0-9_+~][^\s;&|$`\\<>()!#'\"]*$")
@@ -70,27 +68,6 @@ def check_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def _host(inst_id, field: str, value) -> str:
-    if not isinstance(value, str):
-        raise UnsafeInput(f"instance {inst_id}: {field} {value!r} is not a string")
-    value = value.strip(" ")
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        pass
-    if not HOSTNAME.match(value) or ".." in value:
-        raise UnsafeInput(f"instance {inst_id}: {field} {value!r} is not a hostname or IP address "
-                          "(refused: it would reach an ssh config)")
-    return value
-
-
-def _port(inst_id, field: str, value) -> int:
-    text = str(value).strip()
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise UnsafeInput(f"instance {inst_id}: {field} {value!r} is not a port number")
-    return int(text)
-
-
 def instance_id(value) -> int:
     if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
         raise UnsafeInput(f"instance id {value!r} is not a whole number")
@@ -98,18 +75,6 @@ def instance_id(value) -> int:
     if number <= 0:
         raise UnsafeInput(f"instance id {value!r} is not positive")
     return number
-
-
-def ssh_route(inst: dict) -> tuple[str, int]:
-    """(host, port) to reach an instance over ssh, validated: the direct port when open, else the proxy."""
-    inst_id = instance_id(inst.get("id"))
-    direct = (inst.get("ports") or {}).get("22/tcp") or []
-    if inst.get("public_ipaddr") and direct and isinstance(direct[0], dict) and direct[0].get("HostPort"):
-        return _host(inst_id, "public_ipaddr", inst["public_ipaddr"]), _port(inst_id, "ports[22/tcp]",
-                                                                           direct[0]["HostPort"])
-    if inst.get("ssh_host") and inst.get("ssh_port"):
-        return _host(inst_id, "ssh_host", inst["ssh_host"]), _port(inst_id, "ssh_port", inst["ssh_port"])
-    raise VastError(f"instance {inst_id}: no ssh address yet (neither ports['22/tcp'] nor ssh_host/ssh_port)")
 
 
 def pick_offers(offers: list[dict], nodes: int) -> tuple[int, float, list[dict]]:

@@ -365,7 +365,7 @@ class Driver:
                 "print(socket.inet_ntoa(fcntl.ioctl(s.fileno(),0x8915,struct.pack('256s',sys.argv[1].encode()[:15]))[20:24]))")
         out = self.ssh_run(0, f"python3 -c {shlex.quote(code)} {shlex.quote(dev)}").stdout.decode().strip()
         try:
-            return cluster._check_host("node0", dev, out.splitlines()[-1])
+            return cluster.check_host("node0", dev, out.splitlines()[-1])
         except (cluster.ClusterError, IndexError):
             raise DriverError(f"node0: could not read the address of {dev}: {out[-200:]!r}") from None
 
@@ -738,35 +738,15 @@ class Driver:
         late_deadline = time.time() + min(self.args.destroy_retry, 60.0)
         survivors: set[int] = set()
         while True:
-            listed = None
             try:
-                listed = self.provider.instances()
-            except VastError as e:
-                log(f"listing instances failed: {e}")
-            labelled = {r.get("id") for r in listed or [] if r.get("label") == run}
-            labelled = {instance_id(i) for i in labelled}
-            for i in labelled:
-                if i not in self.node_ids():
-                    self.state["instances"].append({"id": i, "offer": None, "destroyed": False, "by_label": True})
-                    self.save()
-                    log(f"instance {i} carries this run's label but was not recorded (a create whose reply was "
-                        "lost): destroying it too")
-            targets = set(self.live_ids()) | labelled
-            present = None if listed is None else {r.get("id") for r in listed}
-            for i in sorted(targets):
-                if present is not None and i not in present:
-                    self.mark_destroyed(i)
-                    continue
-                try:
-                    self.provider.destroy_instance(i)
-                    self.mark_destroyed(i)
-                    log(f"destroyed instance {i}")
-                except VastError as e:
-                    log(f"destroy {i}: {e}")
+                listed_ok = self.sweep()
+            except Exception as e:  # noqa: BLE001 - nothing may end the teardown early; retried below
+                log(f"teardown: {type(e).__name__}: {e} (retrying)")
+                listed_ok = False
             survivors = set(self.live_ids())
             found_late = sum(1 for i in self.state["instances"] if i.get("by_label"))
             waiting_late = found_late < unanswered and time.time() < late_deadline
-            if not survivors and listed is not None and not waiting_late:
+            if not survivors and listed_ok and not waiting_late:
                 break
             if time.time() > deadline:
                 break
@@ -796,6 +776,40 @@ class Driver:
             return 3
         log(f"every instance of run {run} is destroyed")
         return 0
+
+    def sweep(self) -> bool:
+        """One round: destroy every live id of the state and every instance labelled with the run (those
+        are added to the state first). Returns whether the provider's list could be read."""
+        run = self.run
+        try:
+            listed = self.provider.instances()
+        except VastError as e:
+            log(f"listing instances failed: {e}")
+            listed = None
+        labelled = set()
+        for row in listed or []:
+            if row.get("label") == run:
+                try:
+                    labelled.add(instance_id(row.get("id")))
+                except UnsafeInput as e:
+                    log(f"an instance labelled {run} has no usable id ({e}): check the vast.ai console")
+        for i in sorted(labelled - set(self.node_ids())):
+            self.state["instances"].append({"id": i, "offer": None, "destroyed": False, "by_label": True})
+            self.save()
+            log(f"instance {i} carries this run's label but was not recorded (a create whose reply was lost): "
+                "destroying it too")
+        present = None if listed is None else {r.get("id") for r in listed}
+        for i in sorted(set(self.live_ids()) | labelled):
+            if present is not None and i not in present:
+                self.mark_destroyed(i)   # gone already
+                continue
+            try:
+                self.provider.destroy_instance(i)
+                self.mark_destroyed(i)
+                log(f"destroyed instance {i}")
+            except VastError as e:
+                log(f"destroy {i}: {e}")
+        return listed is not None
 
     def end_at_cap(self, last: dict) -> int:
         """Training ended on the nodes' own decision (the budget cap). The watchdogs stop their instances

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from launch.cluster import ClusterError, main as cluster_main, nodes_from_vast, parse_host_list
-from launch.vast import VastError, pick_offers
+from launch.cluster import ClusterError, deepspeed_env, main as cluster_main, nodes_from_vast, parse_host_list
+from launch.vast import (RUN_NAME, UnsafeInput, VastError, check_env, check_override, check_run_name, new_run_name,
+                         pick_offers)
 
 
 def _instance(i, status="running", **kw):
@@ -78,3 +79,61 @@ def test_offer_picking_stays_in_one_cluster_and_reads_contract_ids():
     assert (cluster, cost, [o["id"] for o in picked]) == (7, 7.0, [1, 3])
     with pytest.raises(VastError, match="no cluster offers 3 machines"):
         pick_offers(offers, 3)
+
+
+# --- strings from the provider and the user --------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("ssh_host", "evil.example\n  ProxyCommand touch /tmp/pwned"), ("ssh_host", "-oProxyCommand=id"),
+    ("public_ipaddr", "1.2.3.4 x"), ("local_ipaddrs", "$(id)")])
+def test_provider_hostnames_that_could_reach_an_ssh_config_are_refused(field, value):
+    inst = _instance(1, **{field: value})
+    if field == "ssh_host":
+        inst.update(ports={})
+    with pytest.raises(ClusterError, match=f"instance 901: {field} .* is not a hostname or IP address"):
+        nodes_from_vast([inst])
+
+
+def test_nodes_are_the_recorded_ids_in_order_never_the_label():
+    a, b, stranger = _instance(1), _instance(2), _instance(0)   # the stranger has our label and a lower id
+    nodes = nodes_from_vast([stranger, a, b], ids=[902, 901])
+    assert [(n.alias, n.port) for n in nodes] == [("node0", 41002), ("node1", 41001)]
+    with pytest.raises(ClusterError, match=r"instances \[903\] are not in the instance list"):
+        nodes_from_vast([a, b], ids=[901, 903])
+
+
+@pytest.mark.parametrize("text", ["-oProxyCommand=id 2\n", "root@a.b;id 2\n", "us\ner@a 2\n"])
+def test_host_lists_refuse_option_like_or_odd_hosts(text):
+    with pytest.raises(ClusterError, match="line 1"):
+        parse_host_list(text, "hosts.txt")
+
+
+@pytest.mark.parametrize("env", [{"NCCL_DEBUG": "INFO; touch x"}, {"A B": "1"}, {"X": "a b"}, {"X": "$(id)"}])
+def test_deepspeed_env_values_are_exported_unquoted_so_odd_ones_are_refused(env):
+    with pytest.raises(ClusterError, match=".deepspeed_env"):
+        deepspeed_env(env, None)
+    with pytest.raises(UnsafeInput, match=".deepspeed_env"):
+        check_env(env)
+
+
+@pytest.mark.parametrize("override, ok", [
+    ("train.lr=3e-4", True), ("tracking.tags=[a,b]", True), ("+model.bias=false", True), ("~train.seed", True),
+    ("data.path=/data/wiki", True), ("train.lr=1;touch x", False), ("x=$(id)", False), ("x=`id`", False),
+    ("x=a b", False), ("--cfg=job", False), ("x=a|b", False), ("x='a'", False), ("noequals", False)])
+def test_overrides_are_refused_unless_safe_through_two_shells(override, ok):
+    if ok:
+        assert check_override(override) == override
+    else:
+        with pytest.raises(UnsafeInput, match="override"):
+            check_override(override)
+
+
+@pytest.mark.parametrize("name, ok", [("st-20261129-abc", True), ("a", True), ("..", False), ("-x", False),
+                                      ("Run", False), ("a_b", False), ("a/b", False), ("a" * 64, False)])
+def test_run_names_are_overlay_names(name, ok):
+    if ok:
+        assert check_run_name(name) == name
+    else:
+        with pytest.raises(UnsafeInput, match="--run"):
+            check_run_name(name)
+    assert RUN_NAME.match(new_run_name()) and new_run_name() != new_run_name()
