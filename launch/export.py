@@ -1,0 +1,99 @@
+"""Export a checkpoint for Hugging Face `transformers`:
+`python launch/export.py run_dir=outputs/baby out=hf/baby [step=N]`.
+
+Writes model.safetensors, config.json, the tokenizer files and a model card (README.md) into `out`,
+after loading that folder back through transformers and comparing its logits with ours (see
+trainer/export.py). Any ZeRO stage and world size: ZeRO-3 shards are consolidated as sample.py does.
+"""
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.cli import load_checkpoint_or_exit, parse_dotlist
+
+
+@dataclass
+class ExportArgs:
+    run_dir: str = "outputs/baby"  # a run dir (or its checkpoints dir, or one checkpoint dir)
+    out: str = ""                  # the folder to write; must not exist, or be empty
+    step: int = 0                  # the checkpoint of this step; 0 = the latest
+
+
+def run_root(path: Path) -> Path:
+    """The run dir of a run dir, a checkpoints dir or one checkpoint dir."""
+    if (path / "checkpoints").is_dir():
+        return path
+    if (path / "latest").is_file():
+        return path.parent
+    return path.parent.parent if (path / "meta.json").is_file() else path
+
+
+def training_command(config_yaml: Path, world_size: int) -> str:
+    """The train command line that gives the run's resolved config.yaml: its preset plus every key that
+    differs from that preset in this checkout (the data's vocab_size is set by the data, not the user)."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    from launch.cli import CONF_DIR, compose
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trainer.config import Config, ConfigError, register_presets
+
+    def leaves(node, prefix=""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix[:-1], node
+
+    saved = OmegaConf.to_container(OmegaConf.load(config_yaml), resolve=True)
+    preset = saved.get("preset") or "baby"
+    register_presets(CONF_DIR)
+    try:
+        base = dict(leaves(OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(Config),
+                                                                  compose([f"conf={preset}"])), resolve=True)))
+    except (ConfigError, OmegaConfBaseException):  # a preset gone from this checkout: list every key
+        base = {}
+    overrides = [f"conf={preset}"] + [
+        f"{key}={'null' if value is None else str(value).lower() if isinstance(value, bool) else value}"
+        for key, value in leaves(saved) if key not in ("preset", "model.vocab_size") and base.get(key) != value]
+    launcher = "python launch/train.py" if world_size == 1 else f"deepspeed --num_gpus {world_size} launch/train.py"
+    return f"{launcher} {' '.join(shlex.quote(o) for o in overrides)}"
+
+
+def main(argv: list[str]) -> None:
+    from trainer.checkpoint import checkpoint_dir, read_meta, resolve
+    from trainer.export import ExportError, export, run_facts
+
+    args = parse_dotlist(ExportArgs, argv, "export.py")
+    if not args.out:
+        sys.exit("export.py: out= is required: the folder to write, e.g. out=hf/baby")
+    out, source = Path(args.out), Path(args.run_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        sys.exit(f"export.py: out={out}: exists and is not an empty folder; remove it or choose another")
+    if args.step:
+        source = checkpoint_dir(run_root(source)) / f"step{args.step:08d}"
+        if not source.is_dir():
+            found = sorted(p.name for p in source.parent.glob("step*")) if source.parent.is_dir() else []
+            sys.exit(f"export.py: step={args.step}: no checkpoint {source} (found: {', '.join(found) or 'none'})")
+    model, client = load_checkpoint_or_exit(str(source), "export.py")
+    root = run_root(source)
+    ckpt = resolve("auto", source) if (source / "checkpoints").is_dir() else resolve(str(source), source)
+    facts = run_facts(root, client["step"]) | {
+        "step": client["step"], "zero_stage": client["zero_stage"], "name": root.name,
+        "world_size": read_meta(ckpt).get("world_size") or 1}
+    if (root / "config.yaml").is_file():
+        facts["command"] = training_command(root / "config.yaml", facts["world_size"])
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        diff = export(model, client["vocab"], client["lowercase"], out, facts)
+    except ExportError as e:
+        sys.exit(f"export.py: {e}")
+    print(f"{out}: step {client['step']} of {root}, largest |logit difference| from our model {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

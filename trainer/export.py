@@ -1,0 +1,317 @@
+"""Our GPT as a Hugging Face `transformers` folder, checked by logits before it is handed over.
+
+Each variant goes to the stock architecture that computes exactly what ours computes (checked
+against transformers' own modeling code, and proved by tests/test_export.py):
+- learned positions -> GPT-2 (`GPT2LMHeadModel`): pre-LayerNorm blocks, exact GELU, eps 1e-5, tied
+  head. GPT-2 has no grouped K/V heads, so each K/V head is repeated for the query heads of its
+  group (exact: those heads saw the same keys and values), and it always has biases, so a model
+  trained without them gets zero biases (exact).
+- rope -> Starcoder2 (`Starcoder2ForCausalLM`): LayerNorm, a non-gated GELU MLP, sequential
+  residuals, rotate-half RoPE over the whole head dim, scores scaled by 1/sqrt(head dim), and
+  `num_key_value_heads` with the same (group, head) order as model/attention.py.
+Anything else (a new GPTConfig setting, another position embedding) is refused by name, never
+exported approximately.
+
+The folder holds model.safetensors, config.json, the tokenizer (tokenizer.json: one token per
+character, our ids, our normalization as far as `tokenizers` can express it) and README.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from model import GPT, GPTConfig
+
+LAYER_NORM_EPS = 1e-5  # model/gpt.py's LayerNorm
+TOLERANCE = 1e-5       # largest |logit difference| allowed, relative to the largest |logit| (at least 1)
+WEIGHTS = "model.safetensors"
+CARD = "README.md"
+# The GPTConfig settings this module maps (a new one must be taught here before models using it export).
+KNOWN_SETTINGS = {"vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "block_size", "dropout", "bias",
+                  "pos_emb", "attn"}
+ARCHITECTURES = {"learned": "GPT2LMHeadModel", "rope": "Starcoder2ForCausalLM"}
+
+
+class ExportError(ValueError):
+    """This model cannot be exported exactly, or its export did not compute what it computes."""
+
+
+def architecture_for(cfg: GPTConfig) -> str:
+    """The transformers class that computes exactly what a GPT of `cfg` computes; ExportError naming
+    the setting when none does."""
+    unknown = sorted(set(asdict(cfg)) - KNOWN_SETTINGS)
+    if unknown:
+        settings = ", ".join(f"model.{key}={getattr(cfg, key)!r}" for key in unknown)
+        raise ExportError(f"{settings}: trainer/export.py has no exact transformers mapping for this setting "
+                          "(teach it one, with its test in tests/test_export.py)")
+    if cfg.pos_emb not in ARCHITECTURES:
+        raise ExportError(f"model.pos_emb={cfg.pos_emb!r}: no stock transformers architecture computes it "
+                          f"exactly; exportable: {', '.join(f'{k} ({v})' for k, v in ARCHITECTURES.items())}")
+    return ARCHITECTURES[cfg.pos_emb]
+
+
+def rope_base(model: GPT) -> float:
+    rotary = model.blocks[0].attn.rotary
+    return float(rotary.base)
+
+
+def hf_config(model: GPT):
+    """The transformers config object of the architecture that matches `model`."""
+    import transformers
+
+    cfg = model.cfg
+    arch = architecture_for(cfg)
+    common = dict(vocab_size=cfg.vocab_size, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                  tie_word_embeddings=True, architectures=[arch])
+    if arch == "GPT2LMHeadModel":
+        return transformers.GPT2Config(
+            n_positions=cfg.block_size, n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
+            n_inner=4 * cfg.d_model, activation_function="gelu", layer_norm_epsilon=LAYER_NORM_EPS,
+            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, scale_attn_weights=True,
+            scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, add_cross_attention=False,
+            **common)
+    return transformers.Starcoder2Config(
+        hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads, hidden_act="gelu",
+        max_position_embeddings=cfg.block_size, norm_epsilon=LAYER_NORM_EPS,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_base(model)}, sliding_window=None,
+        attention_dropout=cfg.dropout, residual_dropout=cfg.dropout, embedding_dropout=cfg.dropout,
+        use_bias=cfg.bias, **common)
+
+
+def _bias(linear: torch.nn.Linear) -> torch.Tensor:
+    """A Linear's bias, or the zeros it stands for when the model has none."""
+    if linear.bias is not None:
+        return linear.bias
+    return torch.zeros(linear.out_features, dtype=linear.weight.dtype)
+
+
+def _norm(prefix: str, ln) -> dict[str, torch.Tensor]:
+    bias = ln.bias if ln.bias is not None else torch.zeros_like(ln.weight)
+    return {f"{prefix}.weight": ln.weight, f"{prefix}.bias": bias}
+
+
+def _split_kv(attn, tensor: torch.Tensor, repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys' and values' rows of the fused kv projection (laid out "(two g d)"), each K/V head
+    repeated `repeat` times in a row: query head h = g * repeat + r reads K/V head g."""
+    k, v = tensor.chunk(2, dim=0)
+    return tuple(x.unflatten(0, (attn.n_kv, attn.hd)).repeat_interleave(repeat, dim=0).flatten(0, 1)
+                 for x in (k, v))
+
+
+def _gpt2_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """GPT-2 names; its Conv1D layers hold (in, out) weights, the transpose of nn.Linear's."""
+    out = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight}
+    for i, block in enumerate(model.blocks):
+        p, attn = f"transformer.h.{i}", block.attn
+        group = attn.n_head // attn.n_kv  # GPT-2 is multi-head: every query head gets its own K/V copy
+        k, v = _split_kv(attn, attn.kv.weight, group)
+        kb, vb = _split_kv(attn, _bias(attn.kv), group)
+        out |= _norm(f"{p}.ln_1", block.ln1) | _norm(f"{p}.ln_2", block.ln2)
+        out |= {f"{p}.attn.c_attn.weight": torch.cat([attn.q.weight, k, v]).T,
+                f"{p}.attn.c_attn.bias": torch.cat([_bias(attn.q), kb, vb]),
+                f"{p}.attn.c_proj.weight": attn.out.weight.T, f"{p}.attn.c_proj.bias": _bias(attn.out),
+                f"{p}.mlp.c_fc.weight": block.mlp.up.weight.T, f"{p}.mlp.c_fc.bias": _bias(block.mlp.up),
+                f"{p}.mlp.c_proj.weight": block.mlp.down.weight.T, f"{p}.mlp.c_proj.bias": _bias(block.mlp.down)}
+    return out | _norm("transformer.ln_f", model.ln_f)
+
+
+def _starcoder2_weights(model: GPT) -> dict[str, torch.Tensor]:
+    out = {"model.embed_tokens.weight": model.tok_emb.weight}
+    for i, block in enumerate(model.blocks):
+        p, attn, mlp = f"model.layers.{i}", block.attn, block.mlp
+        k, v = _split_kv(attn, attn.kv.weight, 1)
+        out |= _norm(f"{p}.input_layernorm", block.ln1) | _norm(f"{p}.post_attention_layernorm", block.ln2)
+        out |= {f"{p}.self_attn.q_proj.weight": attn.q.weight, f"{p}.self_attn.k_proj.weight": k,
+                f"{p}.self_attn.v_proj.weight": v, f"{p}.self_attn.o_proj.weight": attn.out.weight,
+                f"{p}.mlp.c_fc.weight": mlp.up.weight, f"{p}.mlp.c_proj.weight": mlp.down.weight}
+        if model.cfg.bias:  # Starcoder2's use_bias covers exactly our Linear layers
+            kb, vb = _split_kv(attn, attn.kv.bias, 1)
+            out |= {f"{p}.self_attn.q_proj.bias": attn.q.bias, f"{p}.self_attn.k_proj.bias": kb,
+                    f"{p}.self_attn.v_proj.bias": vb, f"{p}.self_attn.o_proj.bias": attn.out.bias,
+                    f"{p}.mlp.c_fc.bias": mlp.up.bias, f"{p}.mlp.c_proj.bias": mlp.down.bias}
+    return out | _norm("model.norm", model.ln_f)
+
+
+def hf_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """The state dict of the matching transformers model (the tied output head left out: config.json
+    ties it), as contiguous fp32 tensors that share no memory, as safetensors requires."""
+    arch = architecture_for(model.cfg)
+    with torch.no_grad():
+        weights = _gpt2_weights(model) if arch == "GPT2LMHeadModel" else _starcoder2_weights(model)
+        return {name: w.detach().to("cpu", torch.float32).contiguous().clone() for name, w in weights.items()}
+
+
+def hf_tokenizer(vocab: str, lowercase: bool, block_size: int):
+    """A fast tokenizer with our ids: one token per character of `vocab`.
+
+    Its normalizer does what data/tokenizer.py's does, but for the anyascii transliteration, which
+    `tokenizers` cannot express: non-ASCII text is decomposed (NFKD), its accents stripped and
+    whatever is still not ASCII dropped ("é" -> "e" as anyascii does, but "ß" -> "" where anyascii
+    gives "ss"). On ASCII text both give the same ids (tests/test_export.py).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    steps = [normalizers.NFKD(), normalizers.StripAccents(), normalizers.Replace(Regex(r"[^\x00-\x7f]"), ""),
+             normalizers.Replace("\r\n", "\n"), normalizers.Replace("\r", "\n"), normalizers.Replace("\t", " ")]
+    if lowercase:
+        steps.append(normalizers.Lowercase())
+    dropped = "".join(chr(c) for c in range(128) if chr(c) not in vocab)
+    if dropped:  # the ASCII characters outside the vocabulary: controls (and capitals when lowercased)
+        steps.append(normalizers.Replace(Regex("[" + "".join(f"\\x{ord(c):02x}" for c in dropped) + "]"), ""))
+    # BPE without merges over the whole text: each character is its own token, no pre-tokenizer needed
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(vocab)}, merges=[]))
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    tokenizer.decoder = decoders.Fuse()  # ids back to text with nothing between characters
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=block_size,
+                                   clean_up_tokenization_spaces=False)
+
+
+def max_logit_difference(model: GPT, hf_model, ids: torch.Tensor) -> float:
+    """Largest |logit difference| between our model and the exported one on ids (batch, time)."""
+    with torch.no_grad():
+        ours = model.eval()(ids)
+        theirs = hf_model.eval()(input_ids=ids).logits
+    return (ours.float() - theirs.float()).abs().max().item()
+
+
+def check_batch(cfg: GPTConfig, seed: int = 0) -> torch.Tensor:
+    """Two full-context rows of random ids, the same for every export of a model."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=gen)
+
+
+def load_exported(folder: Path):
+    """The exported folder through transformers' own loader, refusing any missing or unused weight."""
+    from transformers import AutoModelForCausalLM
+
+    hf_model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, dtype=torch.float32)
+    bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+           and v}
+    if bad:
+        raise ExportError(f"{folder}: transformers did not load the weights one for one: {bad}")
+    return hf_model.eval()
+
+
+def export(model: GPT, vocab: str, lowercase: bool, out, facts: dict | None = None) -> float:
+    """Write the transformers folder `out` (which must not exist, or be empty) for `model`, check it by
+    loading it back through transformers and comparing logits on check_batch, and return the largest
+    |logit difference|. It is written beside `out` first and moved there only once it passed.
+
+    facts: what the model card says of the run (see model_card); none for an in-process model."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    arch = architecture_for(model.cfg)  # refuse before writing anything
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"out={out}: exists and is not an empty folder; remove it or choose another")
+    if len(vocab) != model.cfg.vocab_size:
+        raise ExportError(f"the vocabulary has {len(vocab)} characters, the model {model.cfg.vocab_size} ids")
+    model = model.float().eval()
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        hf_config(model).save_pretrained(tmp)
+        save_file(hf_weights(model), tmp / WEIGHTS, metadata={"format": "pt"})
+        hf_tokenizer(vocab, lowercase, model.cfg.block_size).save_pretrained(tmp)
+        ids = check_batch(model.cfg)
+        with torch.no_grad():
+            scale = max(1.0, model(ids).abs().max().item())
+        diff = max_logit_difference(model, load_exported(tmp), ids)
+        if not diff <= TOLERANCE * scale:
+            raise ExportError(f"the exported {arch} differs from the model by {diff:.3g} in its logits (allowed: "
+                              f"{TOLERANCE * scale:.3g}); nothing was written to {out}")
+        (tmp / CARD).write_text(model_card(model.cfg, arch, vocab, lowercase, diff, facts or {}))
+        if out.is_dir():
+            out.rmdir()  # empty: checked above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return diff
+
+
+def run_facts(run_dir: Path, step: int) -> dict:
+    """What a run dir tells the model card: its data, and the val bpc logged last at or before `step`."""
+    facts: dict = {}
+    config = Path(run_dir) / "config.yaml"
+    if config.is_file():
+        from omegaconf import OmegaConf
+
+        data = OmegaConf.load(config).get("data", {})
+        facts["data"] = f"{data.get('source')} ({data.get('path')})"
+        facts["config_yaml"] = config.read_text()
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if isinstance(entry, dict) and "val_bpc" in entry and entry.get("step", 0) <= step:
+                facts["val_bpc"], facts["val_step"] = entry["val_bpc"], entry["step"]
+    return facts
+
+
+def model_card(cfg: GPTConfig, arch: str, vocab: str, lowercase: bool, diff: float, facts: dict) -> str:
+    """A short README.md: what the model is, how it was trained, how to use it, what is exact."""
+    step, name = facts.get("step"), facts.get("name", "model")
+    kv = {cfg.n_head: "multi-head", 1: "multi-query"}.get(cfg.kv_heads, "grouped-query")
+    rows = [("architecture", f"`{arch}` ({'GPT-2' if arch.startswith('GPT2') else 'Starcoder2'} in transformers)"),
+            ("model", f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} K/V heads, {kv}), width "
+                      f"{cfg.d_model}, context {cfg.block_size} characters, {cfg.pos_emb} positions, "
+                      f"{'with' if cfg.bias else 'no'} biases"),
+            ("vocabulary", f"{len(vocab)} characters, {'lowercased' if lowercase else 'case-sensitive'}")]
+    if "data" in facts:
+        rows.append(("data", facts["data"]))
+    if step is not None:
+        rows.append(("steps", f"{step}" + (f" (ZeRO-{facts['zero_stage']}, {facts['world_size']} ranks)"
+                                           if "zero_stage" in facts else "")))
+    if "val_bpc" in facts:
+        rows.append(("val bits per character", f"{facts['val_bpc']:.4f} (at step {facts['val_step']})"))
+    rows.append(("checked", f"largest |logit difference| from the training code's model: {diff:.2e} (fp32, "
+                            f"2 x {cfg.block_size} random ids)"))
+    notes = []
+    if arch.startswith("GPT2") and cfg.kv_heads != cfg.n_head:
+        notes.append(f"GPT-2 has no grouped K/V heads: each of the {cfg.kv_heads} K/V heads is repeated for the "
+                     f"{cfg.n_head // cfg.kv_heads} query heads of its group. Exact, but the K/V weights and the "
+                     "KV cache are that much larger than the model trained.")
+    if not cfg.bias and arch.startswith("GPT2"):
+        notes.append("The model was trained without biases; GPT-2 always has them, so they are zeros (exact).")
+    elif not cfg.bias:
+        notes.append("The model was trained without biases; LayerNorm's biases are zeros (exact).")
+    notes.append(f"Context: at most {cfg.block_size} characters, prompt and new ones together. Our sampler "
+                 "slides the window past that; `generate()` does not"
+                 + (" (GPT-2 has no positions beyond it)." if arch.startswith("GPT2")
+                    else " (RoPE goes on, to positions the model never trained on)."))
+    notes.append("Tokenizer: one token per character, the same ids as in training, and the same normalization "
+                 "(CRLF and CR to LF, tabs to spaces, other control characters dropped"
+                 + (", lowercased" if lowercase else "") + "), except for the transliteration of non-ASCII "
+                 "text, which training does with `anyascii` and `tokenizers` cannot express: here it is "
+                 "decomposed, its accents stripped and any other non-ASCII character dropped (\"é\" -> \"e\" "
+                 "as in training, but \"ß\" -> \"\" where training gives \"ss\"). ASCII text gets the same ids "
+                 "(tested); for other text, run `anyascii` over it first.")
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [character-level, shakespeare-transformer]", "---", "",
+             f"# {name}: a character-level GPT", "",
+             "Trained with Shakespeare Transformer and exported with `launch/export.py`, which loaded this "
+             "folder back through transformers and compared its logits with the training code's before "
+             "writing it.", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "", "## Use", "",
+             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+             'model = AutoModelForCausalLM.from_pretrained("PATH")',
+             'ids = tokenizer("to be", return_tensors="pt").input_ids',
+             "print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))", "```", "",
+             "## Exactness", "", *[f"- {n}" for n in notes], ""]
+    if "command" in facts:
+        lines += ["## Training", "", "```", facts["command"], "```", ""]
+    if "config_yaml" in facts:
+        lines += ["<details><summary>The run's resolved config.yaml</summary>", "", "```yaml",
+                  facts["config_yaml"].rstrip(), "```", "", "</details>", ""]
+    return "\n".join(lines)
