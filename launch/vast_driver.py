@@ -661,7 +661,8 @@ class Driver:
 
     def fetch_node(self, k: int, tag: str, local: Path) -> None:
         """Node k's share of checkpoint `tag`, by tar over ssh (the image need not have rsync), into
-        local/TAG. Every member is checked: regular files with checkpoint-like names inside `tag/`."""
+        local/TAG. Every member is checked: regular files with checkpoint-like names directly inside
+        `tag/` are taken, sub-folders skipped, anything else (a link, a path outside) refused."""
         staging = self.work / "incoming" / f"node{k}"
         if staging.exists():
             for p in staging.iterdir():
@@ -676,8 +677,8 @@ class Driver:
             with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
                 for member in tar:
                     parts = member.name.rstrip("/").split("/")
-                    if member.isdir() and parts == [tag]:
-                        continue
+                    if parts[0] == tag and ".." not in parts and (member.isdir() or len(parts) > 2):
+                        continue   # sub-folders (a universal/ conversion made on the node) stay there
                     if not (member.isfile() and len(parts) == 2 and parts[0] == tag and SAFE_NAME.match(parts[1])):
                         raise DriverError(f"node{k}: unexpected entry {member.name!r} in the checkpoint archive")
                     with tar.extractfile(member) as source, open(staging / parts[1], "wb") as target:

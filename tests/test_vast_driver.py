@@ -326,7 +326,8 @@ def test_detach_then_status_logs_fetch_down_from_another_invocation(world):
 
 def test_resume_on_fresh_nodes_with_another_node_count(world):
     """A finished 2-node run resumes on 3 fresh nodes: every file of its fetched checkpoint goes to every
-    node (the trainer converts it for 3 nodes there), and training continues from its step."""
+    node (the trainer converts it for 3 nodes there, into the checkpoint's universal/ folder, which the
+    fetches of that checkpoint skip), and training continues from its step."""
     world.fetched_checkpoint(step=4, nodes=2, slots=2)   # as `run` leaves it: fetched, verified, state "down"
     world.api.offers.append({"id": 104, "cluster_id": 7, "machine_id": 5, "dph_total": 13.0, "num_gpus": 2,
                              "gpu_name": "H100 SXM"})
@@ -341,6 +342,7 @@ def test_resume_on_fresh_nodes_with_another_node_count(world):
         assert f"node {k}: resumed from step00000004" in (world.node_run(new[0]) / "cluster" / "train.log").read_text()
     tag, meta = _local_checkpoint(world)
     assert tag == "step00000008" and meta["world_size"] == 6
+    assert (world.node_run(new[1]) / "checkpoints" / "step00000004" / "universal").is_dir()   # made on the node
     world.assert_clean(second.stderr)
 
 

@@ -92,6 +92,9 @@ if latest.exists():
     tag = latest.read_text().strip()
     meta = verify(run_dir / "checkpoints" / tag)   # every file of the checkpoint must be here
     start = meta["step"]
+    if meta["world_size"] != world:   # the trainer converts it for this world size inside the checkpoint
+        (run_dir / "checkpoints" / tag / "universal" / "zero").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints" / tag / "universal" / "zero" / "converted.pt").write_bytes(b"universal")
     print(f"node {node}: resumed from {tag} (written by {meta['world_size']} ranks, now {world})", flush=True)
 for step in range(start + 1, max_steps + 1):
     time.sleep(step_s)
