@@ -3,9 +3,13 @@ checks on provider and user strings): pure functions, no processes. The driver e
 test_vast_driver.py."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 
 from launch.cluster import ClusterError, deepspeed_env, main as cluster_main, nodes_from_vast, parse_host_list
+from launch.cluster import write as cluster_write
 from launch.vast import (RUN_NAME, UnsafeInput, VastError, check_env, check_override, check_run_name, new_run_name,
                          pick_offers)
 
@@ -137,3 +141,18 @@ def test_run_names_are_overlay_names(name, ok):
         with pytest.raises(UnsafeInput, match="--run"):
             check_run_name(name)
     assert RUN_NAME.match(new_run_name()) and new_run_name() != new_run_name()
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client")
+def test_the_real_ssh_reads_the_generated_config_as_meant(tmp_path):
+    """`ssh -G` (the real OpenSSH client, connecting nowhere) resolves each alias of the config the driver
+    writes: its own address and port, the key, the per-run known_hosts, unattended options."""
+    nodes = nodes_from_vast([_instance(1), _instance(2)], ids=[901, 902])
+    cluster_write(nodes, tmp_path, str(tmp_path / "id_test"), known_hosts=str(tmp_path / "known_hosts"))
+    for alias, port in (("node0", 41001), ("node1", 41002)):
+        resolved = subprocess.run(["ssh", "-G", "-F", str(tmp_path / "ssh_config"), alias], capture_output=True,
+                                  text=True, check=True).stdout.splitlines()
+        for line in (f"hostname 203.0.113.{port - 41000}", f"port {port}", f"identityfile {tmp_path / 'id_test'}",
+                     f"userknownhostsfile {tmp_path / 'known_hosts'}", "batchmode yes", "user root"):
+            assert line in resolved, (alias, line)
+        assert not any(line.startswith("proxycommand") for line in resolved)
