@@ -261,9 +261,11 @@ def test_a_deepspeed_older_than_setup_py_allows_is_refused_saying_what_to_instal
     """setup.py's pin, checked again at start for environments that skipped `pip install -e .`."""
     import deepspeed
 
-    from trainer.distributed import MIN_DEEPSPEED, RunError, check_deepspeed
+    from trainer.deepspeed_compat import BELOW_DEEPSPEED, MIN_DEEPSPEED, check_deepspeed
+    from trainer.errors import RunError
 
-    assert f'"deepspeed>={MIN_DEEPSPEED}"' in (ROOT / "setup.py").read_text()  # the same version in both
+    # the same bounds in both
+    assert f'"deepspeed>={MIN_DEEPSPEED},<{BELOW_DEEPSPEED}"' in (ROOT / "setup.py").read_text()
     with pytest.raises(RunError, match=r"DeepSpeed 0\.19\.5 is installed; .* pip install 'deepspeed>=0\.19\.6'"):
         check_deepspeed("0.19.5")
     check_deepspeed(MIN_DEEPSPEED)

@@ -11,8 +11,8 @@ from datetime import timedelta
 import deepspeed
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
-from packaging.version import Version
 
+from .deepspeed_compat import check_deepspeed, unlink_shm_buffer
 from .errors import RunError
 
 # Waits in which one rank per node does long solo work (preparing a corpus, converting a checkpoint)
@@ -20,22 +20,11 @@ from .errors import RunError
 PATIENT_TIMEOUT = timedelta(hours=24)
 _patient_group = None
 
-MIN_DEEPSPEED = "0.19.6"  # as in setup.py: older releases halve a gradient accumulated over micro-batches
-
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def check_deepspeed(version: str | None = None) -> None:
-    """Refuse a DeepSpeed too old for this trainer (an environment that skipped `pip install -e .`)."""
-    version = version or deepspeed.__version__
-    if Version(version) < Version(MIN_DEEPSPEED):
-        raise RunError(f"DeepSpeed {version} is installed; this trainer needs {MIN_DEEPSPEED} or newer, since "
-                       "older releases halve a gradient accumulated over micro-batches: "
-                       f"pip install 'deepspeed>={MIN_DEEPSPEED}'")
 
 
 def bind_device(local_rank: int) -> None:
@@ -69,7 +58,7 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
         bind_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(**({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
     _patient_group = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT) if dist.get_world_size() > 1 else None
-    _unlink_shm_buffer()
+    unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -94,22 +83,6 @@ def node_of_this_rank() -> Node:
     leaders = [r for r, local in enumerate(local_ranks) if local == 0]
     rank = dist.get_rank()
     return Node(index=sum(1 for r in leaders if r <= rank) - 1, count=len(leaders), leader=rank in leaders)
-
-
-def _unlink_shm_buffer() -> None:
-    """Remove this rank's name for DeepSpeed's CPU all-reduce buffer once every rank has opened it.
-
-    DeepSpeed 0.19's shm op (CPU ranks on one node) creates /dev/shm/deepspeed_allreduce_buffer_*,
-    ~69 MB per rank, and never unlinks it: every run would leave its buffers behind until /dev/shm
-    fills up. After the barrier, every rank has mapped every peer's buffer, so the names can go; the
-    memory stays valid while the ranks live and is freed when they exit, even by kill -9.
-    """
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-            f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
-    if dist.get_world_size() > 1:
-        dist.barrier()  # on every rank alike, whether or not the op made a buffer (multi-node: none)
-        if os.path.exists(name):
-            os.unlink(name)
 
 
 def shared_between_nodes(path, node: Node) -> bool:

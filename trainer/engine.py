@@ -5,6 +5,7 @@ import deepspeed
 import torch
 
 from .config import Config
+from .deepspeed_compat import clip_and_record_grad_norm, skip_one_rank_allreduce, zero_grad_from_a_list
 
 
 def auto_bucket(n_params: int) -> int:
@@ -58,37 +59,6 @@ def clips_in_torch(cfg: Config) -> bool:
     return cfg.deepspeed.stage == 0
 
 
-def _clip_before_each_step(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
-    """Clip (when max_norm > 0) and record the global gradient norm before every update; DeepSpeed's
-    engine copies an optimizer's _global_grad_norm into its own after the step, so
-    engine.get_global_grad_norm() means the same for every stage and precision."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-
-    def clip(opt, args, kwargs):
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            if max_norm > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-            opt._global_grad_norm = norm
-
-    optimizer.register_step_pre_hook(clip)
-
-
-def _zero_grad_from_a_list(engine, model: torch.nn.Module) -> None:
-    """DeepSpeed's ZeRO-0 step ends in engine.zero_grad(), which walks the whole module tree through
-    named_parameters() to set each gradient to None: the largest part of the engine's host time per
-    step (bench/engine_overhead.py, tiny 6-layer CPU model: 0.936 of a plain loop's tokens/s with
-    the walk, 0.97 with this list). ZeRO 1-3 clear their own flat buffers and keep theirs."""
-    params = list(model.parameters())
-
-    def zero_grad():
-        for p in params:
-            p.grad = None
-
-    engine.zero_grad = zero_grad
-
-
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """Torch AdamW (DeepSpeed then JIT-builds no optimizer op); weight decay on matrices only.
 
@@ -117,14 +87,12 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_univ
     config = deepspeed_config(cfg, world_size, n_params, load_universal, node_local_checkpoints)
     optimizer = build_optimizer(model, cfg)
     if clips_in_torch(cfg):
-        _clip_before_each_step(optimizer, cfg.train.grad_clip)
+        clip_and_record_grad_norm(optimizer, cfg.train.grad_clip)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     if world_size == 1 and cfg.deepspeed.stage == 0:
-        # averaging gradients over one rank only copies them into buckets and back (4% of a small
-        # model's step); ZeRO 1-3 keep their reduce path, which also fills their partitions
-        engine.enable_backward_allreduce = False
+        skip_one_rank_allreduce(engine)  # ZeRO 1-3 keep their reduce path: it also fills their partitions
     if cfg.deepspeed.stage == 0:
-        _zero_grad_from_a_list(engine, model)
+        zero_grad_from_a_list(engine, model)
     if cfg.train.compile:
         engine.compile()  # compiles the wrapped module in place: checkpoints keep their parameter names
     return engine
