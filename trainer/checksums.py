@@ -61,7 +61,8 @@ def read_meta(tag_dir: Path) -> dict:
     files = meta.get("files")
     if not isinstance(files, dict) or not files:
         raise ChecksumError(f"{path}: no `files` list of sha256 sums (written by an older version of this "
-                            "trainer, or not by it): its files cannot be checked before loading")
+                            "trainer, or not by it): its files cannot be checked before loading. If you trust "
+                            f"them (you wrote them), record their sums once: python -m trainer.checksums {path.parent}")
     for name, copies in files.items():
         if not (isinstance(name, str) and FILE_NAME.match(name) and isinstance(copies, list) and copies
                 and all(_is_sum(entry) for entry in copies)):
@@ -104,3 +105,23 @@ def verify(tag_dir: Path, names: list[str] | None = None, meta: dict | None = No
 
 # the one atomic write (data/files.py), under the name checkpoint.py and the cluster driver import
 write_text_atomic = atomic_write
+
+
+def trust(tag_dir: Path) -> dict:
+    """Record the sums of the files in tag_dir in its meta.json, for a checkpoint you trust that an
+    older version wrote without them. Returns the new file list."""
+    path = Path(tag_dir) / META
+    meta = json.loads(path.read_text())
+    meta["files"] = merge([hash_files(Path(tag_dir))])
+    write_text_atomic(path, json.dumps(meta, indent=1))
+    return meta["files"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        sys.exit("usage: python -m trainer.checksums CHECKPOINT_DIR...   (e.g. outputs/run/checkpoints/step00000500):\n"
+                 "records the sha256 of every file in each checkpoint's meta.json, for checkpoints you trust")
+    for tag_dir in sys.argv[1:]:
+        print(f"{tag_dir}: recorded {len(trust(Path(tag_dir)))} files' sums in {META}")
