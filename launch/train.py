@@ -31,8 +31,7 @@ def run(config: Config) -> None:
     if missing:
         sys.exit(f"error: {missing}")
     from data.shards import ShardError
-    from trainer.checkpoint import CheckpointError
-    from trainer.distributed import RunError
+    from trainer.errors import CheckpointError, RunError
     from trainer.loop import train  # imports DeepSpeed: only once the config is known to be good
 
     try:
