@@ -8,7 +8,7 @@ identical on every node, lists every file of the whole checkpoint with its sha25
 from `latest` when every file meta.json lists is on this node (the real trainer needs that to convert
 a checkpoint for another world size). Nodes agree on each step through files in $FAKE_SYNC_DIR (the
 real ranks all-reduce their stop flag). Overrides read: train.max_steps, train.ckpt_every,
-fake.fail_at (exit 1 at that step), fake.stop_delay (seconds a stop request waits before it is acted on,
+fake.step_s (seconds a step takes), fake.fail_at (exit 1 at that step), fake.stop_delay (seconds a stop request waits before it is acted on,
 like a long step or a slow save).
 """
 import hashlib
@@ -31,7 +31,7 @@ fail_at = int(settings.get("fake.fail_at", 0))
 stop_delay = float(settings.get("fake.stop_delay", 0))
 node, nodes = int(os.environ["FAKE_NODE_RANK"]), int(os.environ["FAKE_NODES"])
 slots, offset, world = int(os.environ["FAKE_SLOTS"]), int(os.environ["FAKE_RANK_OFFSET"]), int(os.environ["FAKE_WORLD"])
-step_s = float(os.environ.get("FAKE_STEP_S", "0.05"))
+step_s = float(settings.get("fake.step_s", os.environ.get("FAKE_STEP_S", "0.05")))
 sync = Path(os.environ["FAKE_SYNC_DIR"]) / os.environ["FAKE_SESSION"]
 sync.mkdir(parents=True, exist_ok=True)
 run_dir.mkdir(parents=True, exist_ok=True)
