@@ -402,7 +402,7 @@ class Driver:
         setup = self.setup_command()
 
         def one(k: int):
-            self.ssh_run(k, f"mkdir -p ~/.ssh && chmod 700 ~/.ssh && cat >> ~/.ssh/authorized_keys", stdin=public)
+            self.ssh_run(k, "mkdir -p ~/.ssh && chmod 700 ~/.ssh && cat >> ~/.ssh/authorized_keys", stdin=public)
             self.ssh_run(k, f"mkdir -p {remote} && tar -xf - -C {remote}", stdin=project)
             self.ssh_run(k, self.in_dir(setup), timeout=3 * 3600)
             log(f"node{k}: code, set-up and data ready")
