@@ -361,8 +361,9 @@ class Driver:
 
     def master_address(self) -> str:
         dev = self.state["net_dev"]
-        code = ("import fcntl,socket,struct,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
-                "print(socket.inet_ntoa(fcntl.ioctl(s.fileno(),0x8915,struct.pack('256s',sys.argv[1].encode()[:15]))[20:24]))")
+        code = ("import fcntl,socket,struct,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"  # SIOCGIFADDR
+                "a=fcntl.ioctl(s.fileno(),0x8915,struct.pack('256s',sys.argv[1].encode()[:15]));"
+                "print(socket.inet_ntoa(a[20:24]))")
         out = self.ssh_run(0, f"python3 -c {shlex.quote(code)} {shlex.quote(dev)}").stdout.decode().strip()
         try:
             return cluster.check_host("node0", dev, out.splitlines()[-1])
@@ -418,7 +419,8 @@ class Driver:
         with tarfile.open(fileobj=bundle, mode="w") as tar:
             tar.add(key, arcname=f"{run}_key")
             tar.add(files["ssh_config"], arcname=f"{run}_config")
-        self.ssh_run(0, f"tar -xf - -C ~/.ssh && chmod 600 ~/.ssh/{run}_key ~/.ssh/{run}_config", stdin=bundle.getvalue())
+        self.ssh_run(0, f"tar -xf - -C ~/.ssh && chmod 600 ~/.ssh/{run}_key ~/.ssh/{run}_config",
+                     stdin=bundle.getvalue())
         bundle = io.BytesIO()
         with tarfile.open(fileobj=bundle, mode="w") as tar:
             tar.add(files["hostfile"], arcname="hostfile")

@@ -237,7 +237,8 @@ def test_destroy_failing_exits_non_zero_listing_the_ids(world):
     err = proc.stderr
     assert proc.returncode == 3, err[-3000:]
     assert "FAILED to destroy instances 5001 5002" in err
-    assert "vastai destroy instance 5001 -y" in err and f"bash launch/vast_cluster.sh down --run {world.run_name}" in err
+    assert "vastai destroy instance 5001 -y" in err
+    assert f"bash launch/vast_cluster.sh down --run {world.run_name}" in err
     assert len(world.api.calls("DELETE", r"/api/v0/instances/5001/")) >= 2   # retried
     world.api.destroy_fails = set()
     down = world.driver("down", "--run", world.run_name)

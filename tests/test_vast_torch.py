@@ -66,8 +66,8 @@ def test_make_setup_uses_the_images_site_packages_when_it_has_torch(tmp_path):
 def test_pip_keeps_the_images_torch(tmp_path, image_torch, kept):
     python = _image_python(tmp_path / "image", image_torch)
     # --isolated: no pip.conf or PIP_* find-links (a local torch wheel would otherwise be "found")
-    decision = subprocess.run([sys.executable, "-m", "pip", "--isolated", "--python", str(python), "install", "--no-index",
-                               "--dry-run", "--disable-pip-version-check", _torch_requirement()],
+    decision = subprocess.run([sys.executable, "-m", "pip", "--isolated", "--python", str(python), "install",
+                               "--no-index", "--dry-run", "--disable-pip-version-check", _torch_requirement()],
                               capture_output=True, text=True)
     if kept:
         assert decision.returncode == 0 and "Requirement already satisfied: torch" in decision.stdout, decision.stderr

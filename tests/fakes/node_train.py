@@ -8,8 +8,8 @@ identical on every node, lists every file of the whole checkpoint with its sha25
 from `latest` when every file meta.json lists is on this node (the real trainer needs that to convert
 a checkpoint for another world size). Nodes agree on each step through files in $FAKE_SYNC_DIR (the
 real ranks all-reduce their stop flag). Overrides read: train.max_steps, train.ckpt_every,
-fake.step_s (seconds a step takes), fake.fail_at (exit 1 at that step), fake.stop_delay (seconds a stop request waits before it is acted on,
-like a long step or a slow save).
+fake.step_s (seconds a step takes), fake.fail_at (exit 1 at that step), fake.stop_delay (seconds a
+stop request waits before it is acted on, like a long step or a slow save).
 """
 import hashlib
 import json
