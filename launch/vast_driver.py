@@ -246,6 +246,10 @@ class Driver:
         for o in overrides:
             if o.split("=", 1)[0].lstrip("+~") in ("run_dir", "resume"):
                 raise UnsafeInput(f"override {o!r}: the driver sets run_dir and resume itself")
+        listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+        if listed.returncode != 0 or not listed.stdout.strip():
+            raise DriverError(f"{ROOT} is not a git checkout: the nodes get the git-tracked files only "
+                              f"({listed.stderr.strip()[:200]})")
         key = Path(os.path.expanduser(a.ssh_key)).resolve()
         if any(c.isspace() for c in str(key)):
             raise UnsafeInput(f"--ssh-key {a.ssh_key!r}: a path without spaces, please")
