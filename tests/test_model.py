@@ -89,7 +89,7 @@ def test_preset_parameter_count_matches_12_L_d2_plus_embeddings(preset):
 
     from conftest import ROOT
 
-    values = yaml.safe_load((ROOT / "conf" / "model" / f"{preset}.yaml").read_text())
+    values = yaml.safe_load((ROOT / "conf" / "model" / f"{preset}.yaml").read_text()) or {}  # baby: the defaults
     cfg = GPTConfig(vocab_size=70, **values)
     with torch.device("meta"):
         model = GPT(cfg)

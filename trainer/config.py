@@ -1,7 +1,19 @@
-"""The typed run configuration: Hydra composes YAML, `to_config` checks it once against these classes."""
+"""The typed run configuration: Hydra composes YAML, `to_config` checks it once against these classes.
+
+Every key's default and doc live here (and in data/config.py, model/config.py), as the docstring
+under its field; the YAML in conf/ holds only what a preset changes. `python -m trainer.config`
+prints every key with its default and doc; `python launch/train.py conf=NAME --cfg job` prints the
+values a preset resolves to.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import ast
+import inspect
+import sys
+import textwrap
+import typing
+from collections.abc import Iterator
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -12,76 +24,133 @@ from model.config import GPTConfig
 
 @dataclass
 class TrainConfig:
+    """`train.*`: the optimizer, its schedule, and when to evaluate, save and log. The defaults are the
+    baby preset's (a CPU); the other presets change only what differs."""
+
     max_steps: int = 2000
-    micro_batch: int = 12      # sequences per rank per micro-step
-    grad_accum: int = 1        # micro-steps per optimizer step (at full batch size)
-    lr: float = 1e-3           # peak learning rate
-    min_lr: float = 1e-4       # end of the cosine decay (GPT-3: 10% of lr)
-    warmup_tokens: int = 76_800          # linear warmup (tokens trained, all ranks together)
-    decay_tokens: int | None = None      # where the cosine reaches min_lr; None = the run's end
-    batch_ramp_tokens: int = 0           # grow the global batch over this many tokens; 0 = no ramp
-    batch_start_tokens: int = 0          # global batch (tokens) at the start of the ramp
-    weight_decay: float = 0.1  # on matrices only
+    """Optimizer steps of the whole run (a resumed run continues to the same step)."""
+    micro_batch: int = 12
+    """Sequences per rank per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step (at full batch size, after any ramp)."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of the warmup."""
+    min_lr: float = 1e-4
+    """End of the cosine decay (GPT-3: 10% of lr)."""
+    warmup_tokens: int = 76_800
+    """Linear warmup, in tokens trained by all ranks together."""
+    decay_tokens: int | None = None
+    """Where the cosine reaches min_lr, in tokens; null: the run's end."""
+    batch_ramp_tokens: int = 0
+    """Grow the global batch (by accumulation) over this many tokens; 0: no ramp."""
+    batch_start_tokens: int = 0
+    """Global batch, in tokens, at the start of the ramp."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, on matrices only."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.95
+    """AdamW's second-moment decay (GPT-3: 0.95; the small presets use 0.99)."""
     eps: float = 1e-8
+    """AdamW's epsilon."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0: no clipping."""
     eval_every: int = 250
-    eval_steps: int = 50       # val batches per rank at each evaluation
+    """Steps between evaluations of the val split (one more at the end); 0: only at the end."""
+    eval_steps: int = 50
+    """Val batches per rank at each evaluation."""
     ckpt_every: int = 500
-    keep_ckpts: int = 3        # newest checkpoints kept (older ones deleted once a newer is complete); 0 = all
+    """Steps between checkpoints (one more at the end); 0: only at the end."""
+    keep_ckpts: int = 3
+    """Newest checkpoints kept (older ones deleted once a newer is complete); 0: all."""
     log_every: int = 10
+    """Steps between logged metrics (metrics.jsonl, TensorBoard, wandb)."""
     seed: int = 1337
-    sample_tokens: int = 300   # printed at the end of training (0: none)
-    progress: bool = True      # tqdm bar on rank 0
-    cost_per_hour: float = 0.0  # $/h of all nodes together (set by vast_cluster.sh): logs tokens per $
-    global_batch: int | None = None  # sequences per optimizer step, if you want it checked against
-                                     # micro_batch x grad_accum x world size
-    record_batches: bool = False  # audit trail: a hash of every training window, per rank, in run_dir
-    compile: bool = False      # torch.compile the model (DeepSpeed's engine.compile)
-    activation_checkpointing: bool = False  # recompute block activations in backward: less memory
-    fused_adamw: bool = True   # fused AdamW (CPU, CUDA); false: torch's default (CPU: a loop per tensor; CUDA: foreach)
-    profile_steps: int = 0     # torch.profiler over this many steps after the first 6: run_dir/profile/
-    collective_timeout_s: float = 1800.0  # a collective waiting longer for a peer fails the job (a stuck or
-                                          # lost node), instead of hanging; long enough for a slow save
+    """Model initialization and the data order, which is a function of (seed, epoch, index)."""
+    sample_tokens: int = 300
+    """Characters sampled and printed at the end of training; 0: none."""
+    progress: bool = True
+    """A tqdm bar on rank 0."""
+    cost_per_hour: float = 0.0
+    """$/h of all nodes together (set by vast_cluster.sh): logs tokens per $."""
+    global_batch: int | None = None
+    """Sequences per optimizer step, checked against micro_batch x grad_accum x world size when set."""
+    record_batches: bool = False
+    """Audit trail: a hash of every training window, per rank, in run_dir."""
+    compile: bool = False
+    """torch.compile the model (DeepSpeed's engine.compile)."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in backward: less memory, more compute."""
+    fused_adamw: bool = True
+    """Torch's fused AdamW (CPU, CUDA); false: its default (CPU: a loop per tensor; CUDA: foreach)."""
+    profile_steps: int = 0
+    """torch.profiler over this many steps after the first 6, into run_dir/profile/; 0: none."""
+    collective_timeout_s: float = 1800.0
+    """A collective waiting longer for a peer fails the job (a stuck or lost node) instead of hanging;
+    long enough for a slow save."""
 
 
 @dataclass
 class DeepSpeedConfig:
-    stage: int = 0             # ZeRO stage 0..3
+    """`deepspeed.*`: the ZeRO stage and its buffers (pick a stage with deepspeed=zero0..zero3)."""
+
+    stage: int = 0
+    """ZeRO stage: 0 data parallel, 1 optimizer state, 2 and gradients, 3 and parameters partitioned."""
     overlap_comm: bool = False
+    """ZeRO 1-3: overlap the gradient reduction with backward."""
     contiguous_gradients: bool = True
-    reduce_bucket_size: int | None = None  # elements per gradient bucket (a buffer this big is kept);
-                                           # None: parameters / 16, within [5e5, 5e8]
-    stage3_prefetch_bucket_size: int | None = None  # ZeRO-3: elements of parameters fetched ahead; None: as above
-    stage3_param_persistence_threshold: int = 100_000  # ZeRO-3: tensors smaller than this stay whole
+    """ZeRO 1-3: copy gradients into one contiguous buffer as they are produced."""
+    reduce_bucket_size: int | None = None
+    """ZeRO 1-3: elements per gradient bucket (a buffer this big is kept); null: parameters / 16,
+    within [5e5, 5e8]."""
+    stage3_prefetch_bucket_size: int | None = None
+    """ZeRO-3: elements of parameters fetched ahead; null: as reduce_bucket_size's null."""
+    stage3_param_persistence_threshold: int = 100_000
+    """ZeRO-3: tensors smaller than this many elements stay whole on every rank."""
 
 
 @dataclass
 class TrackingConfig:
-    tensorboard: bool = True   # run_dir/tensorboard
-    wandb: bool = False        # Weights & Biases too (pip install -e '.[wandb]'; the key from `wandb login`
-                               # or WANDB_API_KEY, never from here)
+    """`tracking.*`: where the metrics go besides metrics.jsonl (rank 0 only)."""
+
+    tensorboard: bool = True
+    """Event files in run_dir/tensorboard."""
+    wandb: bool = False
+    """Weights & Biases too (pip install -e '.[wandb]'; the key from `wandb login` or WANDB_API_KEY,
+    never from here)."""
     project: str = "shakespeare-transformer"
-    entity: str = ""           # team or user; "": wandb's default
-    name: str = ""             # "": the run dir's name
+    """wandb project."""
+    entity: str = ""
+    """wandb team or user; "": wandb's default."""
+    name: str = ""
+    """wandb run name; "": the run dir's name."""
     tags: list[str] = field(default_factory=list)
+    """wandb tags."""
     group: str = ""
-    mode: str = "online"       # online | offline (`wandb sync` uploads later)
-    init_timeout_s: float = 60.0  # how long wandb may take to start before the run logs offline
+    """wandb group."""
+    mode: str = "online"
+    """online | offline (`wandb sync` uploads later)."""
+    init_timeout_s: float = 60.0
+    """How long wandb may take to start before the run logs offline."""
 
 
 @dataclass
 class Config:
+    """A run: conf/train.yaml composed with a preset (conf=NAME) and command-line overrides."""
+
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    precision: str = "fp32"    # fp32 | bf16
+    precision: str = "fp32"
+    """fp32 | bf16 (at ZeRO-0: torch autocast over fp32 weights; ZeRO 1-3: DeepSpeed's bf16)."""
     run_dir: str = "outputs/run"
-    resume: str = "auto"       # auto | never | PATH of a checkpoint dir
-    preset: str = ""           # name of the preset that was chosen with conf=...
+    """Holds config.yaml, metrics.jsonl, tensorboard/ and checkpoints/ (conf/train.yaml: outputs/PRESET)."""
+    resume: str = "auto"
+    """auto (the run_dir's latest checkpoint, when there is one) | never | PATH of a checkpoint dir."""
+    preset: str = ""
+    """The preset chosen with conf=NAME (set by conf/train.yaml)."""
 
 
 class ConfigError(ValueError):
@@ -168,3 +237,34 @@ def register_presets(conf_dir) -> list[str]:
             store.store(group="conf", name=path.stem, node=OmegaConf.load(path), package="_global_")
             names.append(path.stem)
     return names
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field name: the docstring right under it} of a dataclass, read from its source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {node.target.id: inspect.cleandoc(doc.value.value) for node, doc in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
+
+
+def describe(cls=Config, prefix: str = "") -> Iterator[tuple[str, object, str]]:
+    """(dotted key, default, doc) of every key of the schema, in declaration order."""
+    docs, types = field_docs(cls), typing.get_type_hints(cls)
+    for f in fields(cls):
+        default = f.default_factory() if f.default is MISSING else f.default
+        if is_dataclass(types[f.name]):
+            yield from describe(types[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", default, docs.get(f.name, "")
+
+
+def print_keys(out=sys.stdout) -> None:
+    """Every key, its default and its doc: `python -m trainer.config`."""
+    for key, default, doc in describe():
+        print(f"{key} = {OmegaConf.to_yaml({'v': default}).strip()[3:]}", file=out)
+        for line in textwrap.wrap(" ".join(doc.split()), 96):
+            print(f"    {line}", file=out)
+
+
+if __name__ == "__main__":
+    print_keys()
