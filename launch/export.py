@@ -64,14 +64,16 @@ def training_command(config_yaml: Path, world_size: int) -> str:
 
 def main(argv: list[str]) -> None:
     from trainer.checkpoint import checkpoint_dir, read_meta, resolve
-    from trainer.export import ExportError, export, run_facts
+    from trainer.export import ExportError, export, refuse_taken, run_facts
 
     args = parse_dotlist(ExportArgs, argv, "export.py")
     if not args.out:
         sys.exit("export.py: out= is required: the folder to write, e.g. out=hf/baby")
     out, source = Path(args.out), Path(args.run_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        sys.exit(f"export.py: out={out}: exists and is not an empty folder; remove it or choose another")
+    try:
+        refuse_taken(out)  # before the checkpoint loads
+    except ExportError as e:
+        sys.exit(f"export.py: {e}")
     if args.step:
         source = checkpoint_dir(run_root(source)) / f"step{args.step:08d}"
         if not source.is_dir():

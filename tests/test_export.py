@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from conftest import ROOT, debug_overrides, run_train, subprocess_env
 from data.shards import ShardReader
@@ -22,8 +23,6 @@ from model import GPT, GPTConfig, generate
 from trainer import checksums
 from trainer.export import ExportError, export, hf_tokenizer, hf_weights
 
-transformers = pytest.importorskip("transformers", reason="the [hf] extra: pip install -e '.[hf]'")
-safetensors_torch = pytest.importorskip("safetensors.torch")
 transformers.utils.logging.disable_progress_bar()
 
 EXACT = 1e-5  # largest |logit difference| allowed, fp32

@@ -199,21 +199,35 @@ def load_exported(folder: Path):
     return hf_model.eval()
 
 
+def refuse_taken(out: Path) -> None:
+    """ExportError unless `out` is absent or an empty folder: an export never mixes with other files."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"out={out}: exists and is not an empty folder; remove it or choose another")
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """safetensors writes its file for its owner alone; the others follow the umask: so does it, here."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+
+
 def export(model: GPT, vocab: str, lowercase: bool, out, facts: dict | None = None) -> float:
-    """Write the transformers folder `out` (which must not exist, or be empty) for `model`, check it by
-    loading it back through transformers and comparing logits on check_batch, and return the largest
-    |logit difference|. It is written beside `out` first and moved there only once it passed.
+    """Write the transformers folder `out` (which must not exist, or be empty) for `model` (put in eval
+    mode), check it by loading it back through transformers and comparing logits on check_batch, and
+    return the largest |logit difference|. It is written beside `out` first and moved there only once
+    it passed.
 
     facts: what the model card says of the run (see model_card); none for an in-process model."""
     from safetensors.torch import save_file
 
     out = Path(out)
     arch = architecture_for(model.cfg)  # refuse before writing anything
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"out={out}: exists and is not an empty folder; remove it or choose another")
+    refuse_taken(out)
     if len(vocab) != model.cfg.vocab_size:
         raise ExportError(f"the vocabulary has {len(vocab)} characters, the model {model.cfg.vocab_size} ids")
-    model = model.float().eval()
+    model.float().eval()
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -228,7 +242,8 @@ def export(model: GPT, vocab: str, lowercase: bool, out, facts: dict | None = No
         if not diff <= TOLERANCE * scale:
             raise ExportError(f"the exported {arch} differs from the model by {diff:.3g} in its logits (allowed: "
                               f"{TOLERANCE * scale:.3g}); nothing was written to {out}")
-        (tmp / CARD).write_text(model_card(model.cfg, arch, vocab, lowercase, diff, facts or {}))
+        (tmp / CARD).write_text(model_card(model.cfg, arch, vocab, lowercase, diff, facts or {}, out))
+        _readable_as_umask_allows(tmp)
         if out.is_dir():
             out.rmdir()  # empty: checked above
         os.replace(tmp, out)
@@ -259,7 +274,8 @@ def run_facts(run_dir: Path, step: int) -> dict:
     return facts
 
 
-def model_card(cfg: GPTConfig, arch: str, vocab: str, lowercase: bool, diff: float, facts: dict) -> str:
+def model_card(cfg: GPTConfig, arch: str, vocab: str, lowercase: bool, diff: float, facts: dict,
+               folder: Path) -> str:
     """A short README.md: what the model is, how it was trained, how to use it, what is exact."""
     step, name = facts.get("step"), facts.get("name", "model")
     kv = {cfg.n_head: "multi-head", 1: "multi-query"}.get(cfg.kv_heads, "grouped-query")
@@ -304,8 +320,8 @@ def model_card(cfg: GPTConfig, arch: str, vocab: str, lowercase: bool, diff: flo
              "folder back through transformers and compared its logits with the training code's before "
              "writing it.", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "", "## Use", "",
              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-             'tokenizer = AutoTokenizer.from_pretrained("PATH")',
-             'model = AutoModelForCausalLM.from_pretrained("PATH")',
+             f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})",
+             f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r})",
              'ids = tokenizer("to be", return_tensors="pt").input_ids',
              "print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))", "```", "",
              "## Exactness", "", *[f"- {n}" for n in notes], ""]
