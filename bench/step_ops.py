@@ -12,10 +12,10 @@ import argparse
 
 import deepspeed
 import torch
+from engine_overhead import engine_step, plain_step
 from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
-from engine_overhead import engine_step, plain_step
 from launch.cli import set_environment
 from model import GPT
 from trainer.config import to_config

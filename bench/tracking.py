@@ -44,7 +44,7 @@ def main() -> None:
             ("metrics.jsonl + TensorBoard + wandb offline", TrackingConfig(wandb=True, mode="offline"))]
     results = [(name, per_step_us(cfg, args.steps)) for name, cfg in rows]
     base = results[1][1]
-    print(f"| trackers | µs per logged step | vs default |\n|---|---:|---:|")
+    print("| trackers | µs per logged step | vs default |\n|---|---:|---:|")
     for name, us in results:
         print(f"| {name} | {us:,.0f} | {us / base:.2f} |")
 

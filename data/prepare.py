@@ -16,17 +16,27 @@ import multiprocessing
 import signal
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
 from .config import AUTO_PREPARED, DataConfig
-from .shards import (FORMAT_VERSION, MANIFEST, SHA256, SPLITS, JsonFields, ShardError, Splitter, SplitWriter,
-                     load_manifest, write_manifest)
 from .documents import Document
 from .files import atomic_write
+from .shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SHA256,
+    SPLITS,
+    JsonFields,
+    ShardError,
+    Splitter,
+    SplitWriter,
+    load_manifest,
+    write_manifest,
+)
 from .sources import open_source
 from .tokenizer import CharTokenizer
 

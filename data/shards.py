@@ -238,7 +238,7 @@ def _declared_tokens(blob: bytes) -> int | None:
         return None
 
 
-def hash_frames(path: Path, frames) -> tuple["hashlib._Hash", str | None]:
+def hash_frames(path: Path, frames) -> tuple[hashlib._Hash, str | None]:
     """(sha256, first problem or None) of a shard file's frames: (offset, nbytes, tokens, crc32) rows
     lying end to end from byte 0 (a whole shard, or what an interrupted prepare had written). Each
     frame's crc32 and the token count its header declares are checked in the same pass."""

@@ -33,7 +33,7 @@ class CharTokenizer:
         self._drop = bytes(b for b in range(128) if chr(b) not in self._stoi)  # ASCII outside the vocab
 
     @classmethod
-    def from_vocab(cls, vocab: str, lowercase: bool) -> "CharTokenizer":
+    def from_vocab(cls, vocab: str, lowercase: bool) -> CharTokenizer:
         tok = cls(lowercase=lowercase)
         if tok.vocab != vocab:
             raise ValueError(

@@ -34,10 +34,9 @@ def training_command(config_yaml: Path, world_size: int) -> str:
     import shlex
 
     from omegaconf import OmegaConf
-
-    from launch.cli import CONF_DIR, compose
     from omegaconf.errors import OmegaConfBaseException
 
+    from launch.cli import CONF_DIR, compose
     from trainer.config import Config, ConfigError, register_presets
 
     def leaves(node, prefix=""):

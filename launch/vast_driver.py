@@ -27,8 +27,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from launch import cluster
-from launch.vast import (Provider, UnsafeInput, VastError, check_conf, check_env, check_override, check_run_name,
-                         instance_id, new_run_name, pick_offers)
+from launch.vast import (
+    Provider,
+    UnsafeInput,
+    VastError,
+    check_conf,
+    check_env,
+    check_override,
+    check_run_name,
+    instance_id,
+    new_run_name,
+    pick_offers,
+)
 from trainer.checksums import META, ChecksumError, verify, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -761,7 +771,7 @@ class Driver:
             delay = min(delay * 2, 30)
         overlay = self.state.get("overlay")
         if overlay and not overlay.get("deleted"):
-            for attempt in range(3):
+            for _attempt in range(3):
                 try:
                     self.provider.delete_overlay(overlay["name"])
                     overlay["deleted"] = True

@@ -7,11 +7,10 @@ import itertools
 import pytest
 import torch
 
+from conftest import debug_overrides, host_reads, losses, profiled_events, run_train
 from data.loader import RankLoader
 from model import GPT, GPTConfig, generate
 from trainer.evaluate import evaluate
-
-from conftest import debug_overrides, host_reads, losses, profiled_events, run_train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

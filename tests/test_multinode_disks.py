@@ -147,7 +147,8 @@ def test_a_checkpoint_missing_one_nodes_shard_is_refused_on_every_rank_naming_it
     elapsed = time.time() - started
     for rc, out in outs:  # every node stops, each saying which node, rank and file
         assert rc != 0
-        assert f"node 1, rank 1: {RUN}/checkpoints/step00000020/zero_pp_rank_1_mp_rank_00_optim_states.pt: missing" in out
+        missing = f"{RUN}/checkpoints/step00000020/zero_pp_rank_1_mp_rank_00_optim_states.pt: missing"
+        assert f"node 1, rank 1: {missing}" in out
     assert "step 21" not in outs[0][1] and _last_step(nodes[0]) == 20  # nothing trained
     assert elapsed < 120
 

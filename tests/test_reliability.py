@@ -18,8 +18,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import (ROOT, STEPS, debug_overrides, free_port, losses, run_train,
-                      subprocess_env)
+from conftest import ROOT, STEPS, debug_overrides, free_port, losses, run_train, subprocess_env
 from data.loader import WindowOrder
 from data.shards import ShardReader
 from trainer.checkpoint import load_for_inference

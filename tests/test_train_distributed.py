@@ -11,8 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ROOT, STEPS, debug_overrides, free_port, host_reads, losses, profiled_events, read_metrics,
-                      run_train, subprocess_env)
+from conftest import (
+    ROOT,
+    STEPS,
+    debug_overrides,
+    free_port,
+    host_reads,
+    losses,
+    profiled_events,
+    read_metrics,
+    run_train,
+    subprocess_env,
+)
 
 
 def test_two_rank_run_learns_logs_and_checkpoints(zero0_run):

@@ -5,8 +5,8 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from datetime import timedelta
+from pathlib import Path
 
 import deepspeed
 import torch.distributed as dist
