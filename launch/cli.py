@@ -59,8 +59,7 @@ def compose(overrides: list[str]):
     """conf/train.yaml composed with `key=value` overrides as @hydra.main composes it, `${hydra:...}`
     resolvable, the `hydra` node removed. Any Hydra or OmegaConf error (an unknown key, preset or
     option, a wrong type, bad syntax) is raised as a ConfigError of one line naming the key."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
     from omegaconf import open_dict

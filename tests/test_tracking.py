@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from wandb_records import config, history
 
 from conftest import ROOT, debug_overrides, free_port, read_metrics, subprocess_env
+from wandb_records import config, history
 
 KEY = "k" * 8 + "SENTINEL-API-KEY-NEVER-WRITTEN" + "0" * 2  # 40 characters, as wandb's keys are
 

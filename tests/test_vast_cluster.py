@@ -8,9 +8,14 @@ import subprocess
 
 import pytest
 
-from launch.cluster import ClusterError, deepspeed_env, nodes_from_vast, parse_host_list
-from launch.cluster import main as cluster_main
-from launch.cluster import write as cluster_write
+from launch.cluster import (
+    ClusterError,
+    deepspeed_env,
+    main as cluster_main,
+    nodes_from_vast,
+    parse_host_list,
+    write as cluster_write,
+)
 from launch.vast import (
     RUN_NAME,
     UnsafeInput,
