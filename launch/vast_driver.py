@@ -581,6 +581,17 @@ class Driver:
             st = self.agent(0, "status", "--run", self.run, "--log-from", str(1 << 60))
         except DriverError as e:
             print(f"node0 unreachable: {e}")
+            try:
+                rows = {r.get("id"): r.get("actual_status") for r in self.provider.instances()}
+            except VastError as error:
+                print(f"the provider could not be asked either: {error}")
+                return 1
+            states = {i: rows.get(i, "gone") for i in self.live_ids()}
+            print(f"instances: {states}")
+            if "stopped" in states.values():
+                print(f"stopped instances (the budget cap, or by hand) keep billing their disks. Destroy them with: "
+                      f"bash launch/vast_cluster.sh down --run {self.run} --force  (or start them with "
+                      f"`vastai start instance ID`, then fetch and down)")
             return 1
         m = st.get("metrics") or {}
         state = "running" if st.get("running") else f"ended (exit {st.get('exit')})"

@@ -375,7 +375,8 @@ def test_budget_cap_without_the_laptop(world):
         tag = (world.node_run(inst) / "checkpoints" / "latest").read_text()
         assert (world.node_run(inst) / "checkpoints" / tag / "meta.json").exists()
     status = world.driver("status", "--run", world.run_name)
-    assert "node0 unreachable" in status.stdout
+    assert "node0 unreachable" in status.stdout and "instances: {5001: 'stopped', 5002: 'stopped'}" in status.stdout
+    assert f"bash launch/vast_cluster.sh down --run {world.run_name} --force" in status.stdout
     down = world.driver("down", "--run", world.run_name)
     assert down.returncode == 4 and "NOT destroying" in down.stderr
     forced = world.driver("down", "--run", world.run_name, "--force")
