@@ -183,11 +183,8 @@ def read_state(out_dir: Path, settings: dict, by_position: bool) -> dict:
     vocab_size = CharTokenizer(lowercase=settings["lowercase"]).vocab_size
     position = fields.integer(state, "", "position", 0)
     val_names = fields.strings(state, "", "val_names")
-    splits = fields.get(state, "", "splits", dict)
-    fields.equal("splits (keys)", sorted(splits), sorted(SPLITS), "one entry per split")
-    for split in SPLITS:
-        where = f"splits.{split}"
-        info = fields.get(splits, "splits", split, dict)
+    splits = fields.splits(state)
+    for split, where, info in splits:
         documents = fields.integer(info, where, "documents", 0, position)
         partial = fields.get(info, where, "partial_sha256", (str, type(None)))
         if partial is not None and not SHA256.fullmatch(partial):
@@ -210,7 +207,7 @@ def read_state(out_dir: Path, settings: dict, by_position: bool) -> dict:
                                                             f"each below the vocabulary size {vocab_size}")
         if split == "val":
             fields.equal(f"{where}.documents", documents, len(val_names), "one per name in val_names")
-    counts = [splits[split]["documents"] for split in SPLITS]
+    counts = [info["documents"] for _, _, info in splits]
     documents_read = max(counts) if by_position else sum(counts)  # a document goes to one split, or cut, both
     fields.equal("position", position, documents_read, "the documents the splits hold")
     return state

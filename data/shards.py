@@ -106,6 +106,12 @@ class JsonFields:
             self.check(f"{where}.{key}[{i}]" if where else f"{key}[{i}]", value, str)
         return values
 
+    def splits(self, doc: dict) -> list[tuple[str, str, dict]]:
+        """(split, its field name, its entry) of doc["splits"], which holds one object per split."""
+        splits = self.get(doc, "", "splits", dict)
+        self.equal("splits (keys)", sorted(splits), sorted(SPLITS), "one entry per split")
+        return [(split, f"splits.{split}", self.get(splits, "splits", split, dict)) for split in SPLITS]
+
     def equal(self, field: str, value, expected_value, why: str) -> None:
         if type(value) is not type(expected_value) or value != expected_value:
             raise self.error(field, value, f"{expected_value!r} ({why})")
@@ -171,11 +177,7 @@ def check_manifest(fields: JsonFields, manifest: dict) -> dict:
         if value is not None and type(value) not in (str, int):
             raise fields.error(f"source.{key}", value, "a string, an integer or null")
     val_documents = fields.strings(manifest, "", "val_documents")
-    splits = fields.get(manifest, "", "splits", dict)
-    fields.equal("splits (keys)", sorted(splits), sorted(SPLITS), "one entry per split")
-    for split in SPLITS:
-        where = f"splits.{split}"
-        info = fields.get(splits, "splits", split, dict)
+    for split, where, info in fields.splits(manifest):
         shards = fields.get(info, where, "shards", list)
         tokens, shard_frames = 0, shard_tokens // frame_tokens
         for i, shard in enumerate(shards):
