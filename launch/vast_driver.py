@@ -178,6 +178,7 @@ class Driver:
         self.provider_ = None
         self.state: dict = {}
         self.lock = threading.Lock()
+        self.children: set[subprocess.Popen] = set()   # ssh sessions in flight (set-up threads among them)
 
     # --- state ------------------------------------------------------------------------------------
     @property
@@ -216,11 +217,18 @@ class Driver:
                 check: bool = True) -> subprocess.CompletedProcess:
         """`command` on node `node` (its own session: a Ctrl-C on the terminal reaches the driver, not ssh)."""
         argv = [self.ssh, "-F", str(self.work / "ssh_config"), f"node{node}", command]
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 start_new_session=True)
+        self.children.add(child)
         try:
-            proc = subprocess.run(argv, input=stdin if stdin is not None else b"", capture_output=True,
-                                  timeout=timeout, start_new_session=True)
+            out, err = child.communicate(stdin if stdin is not None else b"", timeout=timeout)
         except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
             raise DriverError(f"node{node}: ssh timed out after {timeout:.0f}s") from None
+        finally:
+            self.children.discard(child)
+        proc = subprocess.CompletedProcess(argv, child.returncode, out, err)
         if check and proc.returncode != 0:
             error = (proc.stderr or proc.stdout).decode(errors="replace").strip()[-1500:]
             raise DriverError(f"node{node}: `{command[:120]}` exited {proc.returncode}: {error}")
@@ -462,16 +470,21 @@ class Driver:
         self.parallel(one, range(len(self.node_ids())))
 
     def parallel(self, fn, items):
-        with ThreadPoolExecutor(max_workers=8) as pool:
+        """fn(k) for every node at once; every node's error is reported. On a signal the teardown starts
+        at once: the pool is not waited for (a node's `make setup` can take minutes)."""
+        pool = ThreadPoolExecutor(max_workers=8)
+        try:
             futures = [pool.submit(fn, k) for k in items]
             errors = []
             for future in futures:
                 try:
                     future.result()
-                except Exception as e:  # noqa: BLE001 - every node's error is reported, the first raised
+                except Exception as e:  # noqa: BLE001
                     errors.append(e)
             if errors:
                 raise DriverError("; ".join(str(e) for e in errors))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # --- train ----------------------------------------------------------------------------------------
     def train_command(self) -> str:
@@ -794,6 +807,11 @@ class Driver:
                     time.sleep(min(delay, 5))
         for suffix in ("_key", "_key.pub"):
             (self.work / f"{run}{suffix}").unlink(missing_ok=True)
+        for child in list(self.children):   # ssh sessions to destroyed nodes (a set-up a signal cut short)
+            try:
+                os.killpg(child.pid, signal.SIGTERM)
+            except OSError:
+                pass
         if survivors:
             ids = " ".join(str(i) for i in sorted(survivors))
             log(f"FAILED to destroy instances {ids}: they are still billing. Run: bash launch/vast_cluster.sh down "

@@ -156,6 +156,18 @@ def test_ctrl_c_during_a_create_whose_reply_comes_late(world):
     world.assert_clean(out + err)
 
 
+def test_ctrl_c_during_node_setup_tears_down_at_once(world):
+    """Ctrl-C while the nodes run a long set-up (here `sleep 30`): the teardown does not wait for it."""
+    world.env["NODE_SETUP"] = "sleep 30"
+    proc = world.start(*world.args())
+    world.wait_for(lambda: any("sleep 30" in c["cmd"] for c in world.ssh_calls()), timeout=60, what="the set-up")
+    started = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.time() - started < 15, err[-2000:]
+    world.assert_clean(out + err)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_during_training_saves_fetches_then_destroys(world, sig):
     """Ctrl-C, SIGTERM, or SIGHUP with the terminal gone (the pipes closed: every write to it fails):
@@ -297,6 +309,14 @@ def test_unsafe_strings_are_refused(world):
         bad = world.driver(*argv)
         assert bad.returncode == 2 and message in bad.stderr, (argv, bad.stderr[-1000:])
     assert len(world.api.requests) == requests and not (ROOT / "outputs" / "..").joinpath("cluster").exists()
+
+
+def test_no_api_key_is_an_error_before_anything_is_rented(world):
+    """Neither VAST_API_KEY nor the client's key file: one line saying how to set it; no request sent."""
+    del world.env["VAST_API_KEY"]
+    proc = world.driver(*world.args())
+    assert proc.returncode == 1 and "no vast.ai API key: set VAST_API_KEY or run `vastai set api-key`" in proc.stderr
+    assert world.api.requests == []
 
 
 def test_detach_then_status_logs_fetch_down_from_another_invocation(world):
