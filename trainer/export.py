@@ -287,11 +287,12 @@ def model_card(cfg: GPTConfig, arch: str, vocab: str, lowercase: bool, diff: flo
     if "data" in facts:
         rows.append(("data", facts["data"]))
     if step is not None:
-        rows.append(("steps", f"{step}" + (f" (ZeRO-{facts['zero_stage']}, {facts['world_size']} ranks)"
-                                           if "zero_stage" in facts else "")))
+        ranks = f"{facts.get('world_size', 1)} rank{'s' if facts.get('world_size', 1) > 1 else ''}"
+        rows.append(("steps", f"{step}" + (f" (ZeRO-{facts['zero_stage']}, {ranks})" if "zero_stage" in facts
+                                           else "")))
     if "val_bpc" in facts:
         rows.append(("val bits per character", f"{facts['val_bpc']:.4f} (at step {facts['val_step']})"))
-    rows.append(("checked", f"largest |logit difference| from the training code's model: {diff:.2e} (fp32, "
+    rows.append(("checked", f"largest absolute logit difference from the training code's model: {diff:.2e} (fp32, "
                             f"2 x {cfg.block_size} random ids)"))
     notes = []
     if arch.startswith("GPT2") and cfg.kv_heads != cfg.n_head:
