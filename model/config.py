@@ -37,8 +37,9 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
-    def validate(self) -> None:
-        """Raise ValueError naming the offending `model.*` key(s)."""
+    def validate(self, vocab_from_data: bool = False) -> None:
+        """Raise ValueError naming the offending `model.*` key(s). vocab_from_data: vocab_size may still be
+        0, to be set from the data's manifest."""
         for key in ("n_layer", "n_head", "d_model", "block_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
@@ -60,7 +61,7 @@ class GPTConfig:
             )
         if self.attn not in ("einsum", "sdpa"):
             raise ValueError(f"model.attn={self.attn!r}: choose einsum or sdpa")
-        if self.vocab_size < 1:
+        if self.vocab_size < 1 and not (vocab_from_data and self.vocab_size == 0):
             raise ValueError("model.vocab_size must be >= 1 (it is normally set from the data manifest)")
 
     def embedding_params(self) -> int:

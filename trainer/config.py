@@ -8,6 +8,7 @@ values a preset resolves to.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import inspect
 import sys
 import textwrap
@@ -89,6 +90,27 @@ class TrainConfig:
     """A collective waiting longer for a peer fails the job (a stuck or lost node) instead of hanging;
     long enough for a slow save."""
 
+    def validate(self) -> None:
+        """Raise ValueError naming the offending `train.*` key(s)."""
+        for key in ("max_steps", "micro_batch", "grad_accum", "eval_steps", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_every", "ckpt_every", "keep_ckpts", "warmup_tokens", "sample_tokens", "batch_ramp_tokens",
+                    "batch_start_tokens", "profile_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.collective_timeout_s > 0:
+            raise ValueError(f"train.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+        if self.cost_per_hour < 0:
+            raise ValueError(f"train.cost_per_hour must be >= 0, got {self.cost_per_hour}")
+        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"train.lr={self.lr} and train.min_lr={self.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+        if self.decay_tokens is not None and self.decay_tokens <= self.warmup_tokens:
+            raise ValueError(f"train.decay_tokens={self.decay_tokens} must be > "
+                             f"train.warmup_tokens={self.warmup_tokens}")
+        if self.batch_ramp_tokens and not 0 < self.batch_start_tokens:
+            raise ValueError("train.batch_ramp_tokens is set: train.batch_start_tokens must be > 0")
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -107,6 +129,10 @@ class DeepSpeedConfig:
     """ZeRO-3: elements of parameters fetched ahead; null: as reduce_bucket_size's null."""
     stage3_param_persistence_threshold: int = 100_000
     """ZeRO-3: tensors smaller than this many elements stay whole on every rank."""
+
+    def validate(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.stage={self.stage}: ZeRO stages are 0, 1, 2, 3")
 
 
 @dataclass
@@ -133,6 +159,12 @@ class TrackingConfig:
     init_timeout_s: float = 60.0
     """How long wandb may take to start before the run logs offline."""
 
+    def validate(self) -> None:
+        if self.mode not in ("online", "offline"):
+            raise ValueError(f"tracking.mode={self.mode!r}: choose online or offline")
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ValueError("tracking.wandb=true, but the wandb package is not installed: pip install -e '.[wandb]'")
+
 
 @dataclass
 class Config:
@@ -152,6 +184,25 @@ class Config:
     preset: str = ""
     """The preset chosen with conf=NAME (set by conf/train.yaml)."""
 
+    def validate(self, world_size: int | None = None) -> None:
+        """Every check that needs no data, each section's own first; raises ValueError naming the key.
+        world_size (when known, e.g. from the launcher's WORLD_SIZE) is checked against train.global_batch."""
+        self.data.validate()
+        self.model.validate(vocab_from_data=True)
+        self.train.validate()
+        self.deepspeed.validate()
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision={self.precision!r}: choose fp32 or bf16")
+        self.tracking.validate()
+        if not self.run_dir:
+            raise ValueError("run_dir must not be empty")
+        t = self.train
+        if t.global_batch is not None and world_size is not None:
+            got = t.micro_batch * t.grad_accum * world_size
+            if got != t.global_batch:
+                raise ValueError(f"train.global_batch={t.global_batch} but train.micro_batch={t.micro_batch} x "
+                                 f"train.grad_accum={t.grad_accum} x {world_size} ranks = {got}")
+
 
 class ConfigError(ValueError):
     """A bad setting, named by its key."""
@@ -164,59 +215,11 @@ def to_config(cfg: DictConfig | dict, world_size: int | None = None) -> Config:
     except OmegaConfBaseException as e:
         raise ConfigError(f"config: {e.msg if hasattr(e, 'msg') else e} (key: {getattr(e, 'full_key', '?')})") from None
     config: Config = OmegaConf.to_object(merged)
-    validate(config, world_size)
-    return config
-
-
-def validate(c: Config, world_size: int | None = None) -> None:
-    """Every check that needs no data; world_size (when known, e.g. from the launcher's WORLD_SIZE)
-    is checked against train.global_batch."""
     try:
-        c.data.validate()
-        vocab = c.model.vocab_size
-        c.model.vocab_size = vocab or 1  # the real size comes from the manifest later
-        c.model.validate()
-        c.model.vocab_size = vocab
+        config.validate(world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    t = c.train
-    for key in ("max_steps", "micro_batch", "grad_accum", "eval_steps", "log_every"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    for key in ("eval_every", "ckpt_every", "keep_ckpts", "warmup_tokens", "sample_tokens", "batch_ramp_tokens",
-                "batch_start_tokens", "profile_steps"):
-        if getattr(t, key) < 0:
-            raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
-    if not t.collective_timeout_s > 0:
-        raise ConfigError(f"train.collective_timeout_s must be > 0, got {t.collective_timeout_s}")
-    if t.cost_per_hour < 0:
-        raise ConfigError(f"train.cost_per_hour must be >= 0, got {t.cost_per_hour}")
-    if t.lr <= 0 or not 0 <= t.min_lr <= t.lr:
-        raise ConfigError(f"train.lr={t.lr} and train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
-    if t.decay_tokens is not None and t.decay_tokens <= t.warmup_tokens:
-        raise ConfigError(f"train.decay_tokens={t.decay_tokens} must be > train.warmup_tokens={t.warmup_tokens}")
-    if t.batch_ramp_tokens and not 0 < t.batch_start_tokens:
-        raise ConfigError("train.batch_ramp_tokens is set: train.batch_start_tokens must be > 0")
-    if c.deepspeed.stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.stage={c.deepspeed.stage}: ZeRO stages are 0, 1, 2, 3")
-    if c.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"precision={c.precision!r}: choose fp32 or bf16")
-    if c.tracking.mode not in ("online", "offline"):
-        raise ConfigError(f"tracking.mode={c.tracking.mode!r}: choose online or offline")
-    if c.tracking.wandb:
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            raise ConfigError("tracking.wandb=true, but the wandb package is not installed: pip install -e '.[wandb]'")
-    if not c.run_dir:
-        raise ConfigError("run_dir must not be empty")
-    if t.global_batch is not None and world_size is not None:
-        got = t.micro_batch * t.grad_accum * world_size
-        if got != t.global_batch:
-            raise ConfigError(
-                f"train.global_batch={t.global_batch} but train.micro_batch={t.micro_batch} x "
-                f"train.grad_accum={t.grad_accum} x {world_size} ranks = {got}"
-            )
+    return config
 
 
 def register_presets(conf_dir) -> list[str]:
