@@ -208,11 +208,14 @@ def watchdog(run: str, started: float, usd_per_hour: float, max_hours: float | N
         time.sleep(poll_s)
     tag = latest_tag(run)
     deadline = time.time() + grace_s
-    fetched = work / "fetched"
-    while time.time() < deadline and not (fetched.exists() and fetched.read_text().strip() == tag):
+
+    def fetched() -> bool:   # the laptop holds this checkpoint or a newer one (tags sort by step)
+        path = work / "fetched"
+        return tag is None or (path.exists() and path.read_text().strip() >= tag)
+
+    while time.time() < deadline and not fetched():
         time.sleep(poll_s)
-    event.update(checkpoint=tag, fetched=fetched.exists() and fetched.read_text().strip() == tag,
-                 result=stop_own_instance(api_url))
+    event.update(checkpoint=tag, fetched=fetched(), result=stop_own_instance(api_url))
     _write_atomic(work / "cap.json", json.dumps(event))
     return event
 

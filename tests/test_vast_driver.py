@@ -332,7 +332,7 @@ def test_detach_then_status_logs_fetch_down_from_another_invocation(world):
     assert "training running" in status.stdout and "step " in status.stdout and "loss" in status.stdout
     assert "ETA" in status.stdout and "spent about $" in status.stdout
     reader = world.start("logs", "-f", "--run", world.run_name)   # Ctrl-C on a reader stops only the reader
-    time.sleep(0.5)
+    assert reader.stdout.readline()   # it is reading
     os.killpg(reader.pid, signal.SIGINT)
     assert reader.wait(timeout=30) == 130 and "SIGTERM to ranks" not in reader.stderr.read()
     logs = world.driver("logs", "-f", "--run", world.run_name)
