@@ -59,32 +59,52 @@ class Interrupted(BaseException):
 
 class Console:
     """Every line goes to outputs/RUN/cluster/driver.log and, while it can, to stderr. A closed terminal
-    (EPIPE, EIO) turns the stderr half off; it never raises, so it cannot cut a cleanup short."""
+    (EPIPE, EIO) turns the stderr half off; it never raises, so it cannot cut a cleanup short. A line
+    logged by a signal handler while this thread is writing waits for the write to finish (writing
+    it at once would be a reentrant call into the same buffered file, which raises)."""
 
     def __init__(self):
         self.file = None
         self.terminal = True
-        self.lock = threading.RLock()   # a signal handler logs too, maybe while this thread holds it
+        self.lock = threading.RLock()
+        self.busy = False
+        self.pending: list[tuple[str, bool]] = []
 
     def open(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a", buffering=1)
 
     def __call__(self, text: str, out: bool = False):
-        line = f"[vast {time.strftime('%H:%M:%S')}] {text}" if not out else text
         with self.lock:
-            if self.file is not None:
-                try:
-                    self.file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
-                except (OSError, ValueError):
-                    pass
-            if self.terminal:
-                try:
-                    stream = sys.stdout if out else sys.stderr
-                    stream.write(line + "\n")
-                    stream.flush()
-                except (OSError, ValueError):
-                    self.terminal = False
+            if self.busy:   # re-entered: a signal handler in this thread
+                self.pending.append((text, out))
+                return
+            self.busy = True
+            try:
+                self._write(text, out)
+                while self.pending:
+                    self._write(*self.pending.pop(0))
+            finally:
+                self.busy = False
+
+    def flush(self):
+        with self.lock:
+            while self.pending and not self.busy:
+                self._write(*self.pending.pop(0))
+
+    def _write(self, text: str, out: bool):
+        if self.file is not None:
+            try:
+                self.file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+            except (OSError, ValueError, RuntimeError):
+                pass
+        if self.terminal:
+            try:
+                stream = sys.stdout if out else sys.stderr
+                stream.write((text if out else f"[vast {time.strftime('%H:%M:%S')}] {text}") + "\n")
+                stream.flush()
+            except (OSError, ValueError, RuntimeError):
+                self.terminal = False
 
 
 log = Console()
@@ -988,4 +1008,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        log.flush()   # a line a signal handler logged during the last write
+    sys.exit(code)

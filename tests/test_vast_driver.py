@@ -334,7 +334,8 @@ def test_detach_then_status_logs_fetch_down_from_another_invocation(world):
     reader = world.start("logs", "-f", "--run", world.run_name)   # Ctrl-C on a reader stops only the reader
     assert reader.stdout.readline()   # it is reading
     os.killpg(reader.pid, signal.SIGINT)
-    assert reader.wait(timeout=30) == 130 and "SIGTERM to ranks" not in reader.stderr.read()
+    reader_err = reader.stderr.read()
+    assert reader.wait(timeout=30) == 130 and "SIGTERM to ranks" not in reader_err, reader_err
     logs = world.driver("logs", "-f", "--run", world.run_name)
     assert logs.returncode == 0 and "step 40: loss" in logs.stdout   # training went on after the reader's Ctrl-C
     fetch = world.driver("fetch", "--run", world.run_name)
