@@ -68,6 +68,18 @@ def check_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+# what the laptop forwards to the nodes' environment when it is set there
+FORWARDED_SECRETS = ("WANDB_API_KEY",)
+
+
+def check_secrets(secrets: dict[str, str]) -> dict[str, str]:
+    for key, value in secrets.items():
+        if key not in FORWARDED_SECRETS or not re.fullmatch(r"[A-Za-z0-9_.:=+/-]{1,200}", value or ""):
+            raise UnsafeInput(f"{key}: not a key this driver forwards, or its value has characters no API key has "
+                              "(it is not shown)")
+    return secrets
+
+
 def instance_id(value) -> int:
     if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
         raise UnsafeInput(f"instance id {value!r} is not a whole number")
@@ -142,10 +154,13 @@ class Provider:
     def delete_overlay(self, name: str) -> dict:
         return self._call("delete overlay", self.sdk.delete_overlay, check_run_name(name))
 
-    def create_instance(self, offer_id: int, image: str, disk: int, label: str, overlay: str) -> int:
+    def create_instance(self, offer_id: int, image: str, disk: int, label: str, overlay: str,
+                        secrets: dict[str, str] | None = None) -> int:
+        """secrets: environment variables for the container (the provider's own mechanism), such as
+        WANDB_API_KEY, so that no key is ever on a command line or in a file the driver writes."""
+        env = {f"-n {check_run_name(overlay)}": "1", **check_secrets(secrets or {})}
         reply = self._call(f"create instance from offer {offer_id}", self.sdk.create_instance, int(offer_id),
-                           image=image, disk=disk, label=check_run_name(label), env=f"-n {check_run_name(overlay)}",
-                           ssh=True, direct=True)
+                           image=image, disk=disk, label=check_run_name(label), env=env, ssh=True, direct=True)
         if not isinstance(reply, dict) or not reply.get("success") or "new_contract" not in reply:
             raise VastError(f"create instance from offer {offer_id} did not succeed: {str(reply)[:300]}")
         return instance_id(reply["new_contract"])

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from launch import cluster
 from launch.vast import (
+    FORWARDED_SECRETS,
     Provider,
     UnsafeInput,
     VastError,
@@ -347,11 +348,12 @@ class Driver:
         self.provider.create_overlay(cluster_id, run)
         self.state["overlay"] = {"name": run, "cluster_id": cluster_id, "deleted": False}
         self.save()
+        forwarded = {k: os.environ[k] for k in FORWARDED_SECRETS if os.environ.get(k)}  # e.g. wandb's key
         for offer in picked:
             self.state["creating"].append(offer["id"])   # sent, reply not yet read: teardown sweeps by label
             self.save()
             try:
-                new_id = self.provider.create_instance(offer["id"], a.image, a.disk, run, run)
+                new_id = self.provider.create_instance(offer["id"], a.image, a.disk, run, run, secrets=forwarded)
             except VastError as e:
                 if e.answered:   # refused: nothing was created
                     self.state["creating"].remove(offer["id"])

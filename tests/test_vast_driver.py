@@ -51,6 +51,26 @@ def _local_checkpoint(world: World) -> tuple[str, dict]:
     return tag, verify(checkpoints / tag)
 
 
+def test_wandbs_key_reaches_the_nodes_only_through_the_providers_environment(world):
+    """tracking.* settings are overrides like any other; the key travels in the instances' environment
+    (the create request), never on a command line, in the output or in a file of the run."""
+    key = "wandb-key-0123456789abcdef0123456789abcdef"
+    world.env["WANDB_API_KEY"] = key
+    proc = world.driver(*world.args(overrides=["tracking.wandb=true", "tracking.project=p"]))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for create in world.api.calls("PUT", r"/api/v0/asks/\d+/"):
+        assert create["body"]["env"] == {f"-n {world.run_name}": "1", "WANDB_API_KEY": key}
+    for inst in world.api.created():
+        argv = json.loads((world.node_run(inst) / f"argv.node{world.api.created().index(inst)}.json").read_text())
+        assert argv[-2:] == ["tracking.wandb=true", "tracking.project=p"]
+    assert key not in out and all(key not in c["cmd"] for c in world.ssh_calls())
+    for path in world.run_dir.rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
+    world.assert_clean(out)
+
+
 def test_happy_path_two_nodes(world):
     """Rents the two cheapest machines of one cluster, trains, fetches every checkpoint, destroys all."""
     proc = world.driver(*world.args(overrides=["tracking.tags=[a,b]", "data.workers=0"]))
