@@ -33,7 +33,7 @@ def _runs(run_dir: Path) -> list[Path]:
 
 
 def _tagged(entry: dict) -> dict:
-    from trainer.metrics import TAGS
+    from trainer.trackers import TAGS
 
     return {TAGS[k]: v for k, v in entry.items() if k in TAGS and v is not None}
 

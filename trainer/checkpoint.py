@@ -95,47 +95,59 @@ def _first_error(results: list, what: str) -> None:
             raise CheckpointError(f"{what}: rank {rank}: {error}")
 
 
-def save(engine, run_dir, step: int, loader_state: dict, model_cfg: GPTConfig, vocab: str,
-         lowercase: bool, zero_stage: int, writer: bool, keep: int = 0) -> Path:
-    """Collective: call on every rank. Each node's `latest` moves only after every rank of every node
-    has written its files, and old checkpoints go only once every node's `latest` has moved.
-    writer: this rank writes its disk's meta.json and `latest`, and prunes (one rank per disk).
+class Checkpointer:
+    """Built once per run: saves at train.ckpt_every and at the last step, keeping train.keep_ckpts.
 
-    Each rank's RNG state travels in the client state of the model-states files.
+    writes_files: this rank writes its disk's meta.json and `latest`, and prunes (one rank per disk).
     """
-    directory = checkpoint_dir(run_dir)
-    client = {"step": step, "loader": loader_state, "rng": _all_ranks(rng_state()),
-              "world_size": dist.get_world_size(), "model_config": asdict(model_cfg), "vocab": vocab,
-              "lowercase": lowercase, "zero_stage": zero_stage}
-    tag = f"step{step:08d}"
-    previous = (directory / "latest").read_text().strip() if (directory / "latest").is_file() else None
-    what = (f"saving checkpoint {directory / tag} failed at step {step} (`latest` still names "
-            f"{previous or 'no checkpoint'})")
-    share, error = None, None
-    try:  # a full disk, a quota, a vanished mount
-        engine.save_checkpoint(str(directory), tag=tag, client_state=client, save_latest=False)
-        if writer:
-            share = checksums.hash_files(directory / tag)
-    except Exception as e:
-        error = f"{type(e).__name__}: {e}"
-    results = _all_ranks((share, error))  # also the barrier: every rank's files are written
-    _first_error([e for _, e in results], what)
-    try:
-        files = checksums.merge([s for s, _ in results if s is not None])
-    except ChecksumError as e:
-        raise CheckpointError(f"{what}: {e}") from None
-    error = None
-    if writer:
-        meta = {k: v for k, v in client.items() if k not in ("rng", "loader")} | {"files": files}
-        try:
-            checksums.write_text_atomic(directory / tag / META, json.dumps(meta, indent=1))
-            checksums.write_text_atomic(directory / "latest", tag)
-        except OSError as e:
+
+    def __init__(self, engine, run_dir, cfg, tokenizer, writes_files: bool):
+        self.engine, self.directory, self.writes_files = engine, checkpoint_dir(run_dir), writes_files
+        self.every, self.keep, self.max_steps = cfg.train.ckpt_every, cfg.train.keep_ckpts, cfg.train.max_steps
+        self.about = {"model_config": asdict(cfg.model), "vocab": tokenizer.vocab, "lowercase": tokenizer.lowercase,
+                      "zero_stage": cfg.deepspeed.stage}
+
+    def due(self, step: int) -> bool:
+        return bool(self.every and step % self.every == 0) or step == self.max_steps
+
+    def latest(self) -> str | None:
+        return latest_tag(self.directory)
+
+    def save(self, step: int, loader_state: dict) -> Path:
+        """Collective: call on every rank. Each node's `latest` moves only after every rank of every
+        node has written its files, and old checkpoints go only once every node's `latest` has moved.
+        Each rank's RNG state travels in the client state of the model-states files."""
+        directory, tag = self.directory, f"step{step:08d}"
+        client = {"step": step, "loader": loader_state, "rng": _all_ranks(rng_state()),
+                  "world_size": dist.get_world_size(), **self.about}
+        previous = (directory / "latest").read_text().strip() if (directory / "latest").is_file() else None
+        what = (f"saving checkpoint {directory / tag} failed at step {step} (`latest` still names "
+                f"{previous or 'no checkpoint'})")
+        share, error = None, None
+        try:  # a full disk, a quota, a vanished mount
+            self.engine.save_checkpoint(str(directory), tag=tag, client_state=client, save_latest=False)
+            if self.writes_files:
+                share = checksums.hash_files(directory / tag)
+        except Exception as e:
             error = f"{type(e).__name__}: {e}"
-    _first_error(_all_ranks(error), what)  # every node's `latest` has moved
-    if writer:
-        _prune(directory, keep, tag)
-    return directory / tag
+        results = _all_ranks((share, error))  # also the barrier: every rank's files are written
+        _first_error([e for _, e in results], what)
+        try:
+            files = checksums.merge([s for s, _ in results if s is not None])
+        except ChecksumError as e:
+            raise CheckpointError(f"{what}: {e}") from None
+        error = None
+        if self.writes_files:
+            meta = {k: v for k, v in client.items() if k not in ("rng", "loader")} | {"files": files}
+            try:
+                checksums.write_text_atomic(directory / tag / META, json.dumps(meta, indent=1))
+                checksums.write_text_atomic(directory / "latest", tag)
+            except OSError as e:
+                error = f"{type(e).__name__}: {e}"
+        _first_error(_all_ranks(error), what)  # every node's `latest` has moved
+        if self.writes_files:
+            _prune(directory, self.keep, tag)
+        return directory / tag
 
 
 def resolve(resume: str, run_dir) -> Checkpoint | None:

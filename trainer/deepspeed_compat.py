@@ -8,6 +8,7 @@ and tests/test_reliability.py hold every test named here).
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import deepspeed
 import torch
@@ -111,3 +112,20 @@ def unlink_shm_buffer() -> None:
         name = shm_buffer_name(dist.get_rank())
         if os.path.exists(name):
             os.unlink(name)
+
+
+def timeout_every_group(timeout: timedelta) -> None:
+    """Give every process group DeepSpeed creates the world group's timeout.
+
+    DeepSpeed makes its data-parallel groups with `torch.distributed.new_group(ranks)`, which takes
+    torch's module default (30 minutes for gloo, 10 for NCCL), not the timeout the world group was
+    given: a gradient all-reduce would wait that long for a frozen node. Torch reads those defaults
+    from module globals when a group is made, so they are set before DeepSpeed makes any.
+
+    Caught by: tests/test_multinode_disks.py::test_a_collective_one_rank_never_joins_fails_the_job_within_the_timeout
+    (the frozen node's peer waits in the gradient all-reduce of DeepSpeed's group).
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout

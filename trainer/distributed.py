@@ -12,7 +12,7 @@ import deepspeed
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from .deepspeed_compat import check_deepspeed, unlink_shm_buffer
+from .deepspeed_compat import check_deepspeed, timeout_every_group, unlink_shm_buffer
 from .errors import RunError
 
 # Waits in which one rank per node does long solo work (preparing a corpus, converting a checkpoint)
@@ -56,6 +56,8 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if "LOCAL_RANK" in os.environ:  # else (MPI discovery) DeepSpeed's engine binds it later
         bind_device(int(os.environ["LOCAL_RANK"]))
+    if timeout_s:
+        timeout_every_group(timedelta(seconds=timeout_s))
     deepspeed.init_distributed(**({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
     _patient_group = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT) if dist.get_world_size() > 1 else None
     unlink_shm_buffer()

@@ -1,4 +1,5 @@
-"""The training run: data, engine, resume, the step loop, eval, checkpoints, metrics, final sample."""
+"""The training run: a Trainer builds each part once, then its loop reads as a list of events (step,
+guard check, log, stop, evaluate, save). Each part knows its own interval."""
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,15 @@ from model import GPT
 
 from . import checkpoint
 from .config import Config
-from .distributed import (Node, RunError, broadcast_error, init_distributed, node_of_this_rank, shared_between_nodes,
-                          shutdown)
+from .distributed import (
+    Node,
+    RunError,
+    broadcast_error,
+    init_distributed,
+    node_of_this_rank,
+    shared_between_nodes,
+    shutdown,
+)
 from .engine import build_engine, set_lr
 from .evaluate import evaluate_engine, sample_text
 from .metrics import MetricsWriter, Throughput, last_logged
@@ -74,14 +82,16 @@ def _manifest_digest(data_dir) -> str:
 
 def train(cfg: Config) -> dict:
     rank, world = init_distributed(cfg.train.collective_timeout_s)
-    progress = {"step": None}  # how far this rank got, for an error that ends the job
+    trainer = None
     try:
-        result = _train(cfg, rank, world, progress)
+        trainer = Trainer(cfg, rank, world)
+        result = trainer.fit()
     except BaseException as e:
         if world > 1 and not isinstance(e, RunError):
             # A peer may be waiting in a collective this rank will never join: leave now, so the
             # launcher stops the job, instead of hanging in a teardown barrier.
-            print(f"rank {rank}: {_describe_failure(e, cfg, progress['step'])}", file=sys.stderr, flush=True)
+            step = trainer.step if trainer is not None else None
+            print(f"rank {rank}: {_describe_failure(e, cfg, step)}", file=sys.stderr, flush=True)
             os._exit(1)
         if isinstance(e, RunError):  # raised alike on every rank: a clean teardown is possible
             shutdown()
@@ -98,188 +108,257 @@ def _describe_failure(e: BaseException, cfg: Config, step: int | None) -> str:
     return f"{type(e).__name__}{at}: {e}"
 
 
-def _train(cfg: Config, rank: int, world: int, progress: dict) -> dict:
-    t = cfg.train
-    node = node_of_this_rank()
-    manifest = ensure_data(cfg, node)
-    shared_checkpoints = shared_between_nodes(checkpoint.checkpoint_dir(cfg.run_dir), node)
-    writes_files = node.writes(shared_checkpoints)  # this disk's `latest`, meta.json, conversions, pruning
-    tokenizer = CharTokenizer.from_vocab(manifest["vocab"], manifest["tokenizer"]["lowercase"])
-    cfg.model.vocab_size = tokenizer.vocab_size
+class Guard:
+    """The stop and non-finite checks. A non-finite loss is noted on the device at every step (no host
+    sync); at the loop's check steps every rank all-reduces [non-finite here, stop requested,
+    -(first non-finite step)] and reads it back once, so all ranks take the same decision there and
+    nothing is saved after a non-finite loss."""
 
-    # decided by rank 0, checked by every rank on its own disk, before anything is built
-    resume = checkpoint.plan_resume(cfg.resume, cfg.run_dir, tokenizer.vocab, cfg.model, cfg.deepspeed.stage,
-                                    node, writes_files)
-    ckpt, universal = None, False
-    if resume is not None:
-        ckpt, meta = resume
-        universal = checkpoint.needs_universal(meta, world)
-        if universal:
-            ckpt = checkpoint.to_universal(ckpt, writes_files)
+    def __init__(self, device):
+        self.flags = torch.zeros(3, device=device)
+        self.first_bad = torch.zeros((), device=device)  # first step with a non-finite loss here; 0: none
+        self.stop = StopRequest()
+        self.non_finite = self.stopping = False
+        self.bad_step = 0
 
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = GPT(cfg.model)
-    engine = build_engine(model, cfg, world, load_universal=universal, node_local_checkpoints=not shared_checkpoints)
-    torch.manual_seed(t.seed * 1000 + rank)  # per-rank dropout streams
+    def note(self, step: int, step_loss: torch.Tensor) -> None:
+        self.first_bad = torch.where((self.first_bad == 0) & ~torch.isfinite(step_loss), float(step), self.first_bad)
 
-    on_gpu = engine.device.type == "cuda"
-    train_loader = RankLoader(cfg.data.dir, "train", cfg.model.block_size, t.micro_batch, rank, world,
-                              seed=t.seed, num_workers=cfg.data.workers, pin_memory=on_gpu)
-    step = 0
-    if ckpt is not None:
-        client = checkpoint.load(engine, ckpt)
-        step = client["step"]
-        progress["step"] = step
-        train_loader.load_state_dict(client["loader"])
+    def check(self) -> None:
+        self.flags[0] = (self.first_bad > 0).float()
+        self.flags[1] = float(self.stop.requested)
+        self.flags[2] = torch.where(self.first_bad > 0, -self.first_bad, -1e12)
+        dist.all_reduce(self.flags, op=dist.ReduceOp.MAX)
+        non_finite, stopping, neg_first_bad = self.flags.tolist()  # the one host read of the check
+        self.non_finite, self.stopping = bool(non_finite), bool(stopping)
+        self.bad_step = int(-neg_first_bad) if self.non_finite else 0
 
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions
-    if rank == 0:
-        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-        print(f"model: {model_params / 1e6:.2f}M parameters (12·L·d² + embeddings = "
-              f"{cfg.model.approx_params() / 1e6:.2f}M) | ranks: {world} | ZeRO-{cfg.deepspeed.stage} "
-              f"{cfg.precision} | data: {manifest['splits']['train']['tokens']:,} train tokens, "
-              f"{train_loader.windows_per_epoch:,} windows/epoch | run_dir: {run_dir}"
-              + (f" | resumed at step {step}" if step else ""), flush=True)
-    spent_before = last_logged(run_dir, "usd_spent", step) if rank == 0 and step else 0.0
-    writer = MetricsWriter(run_dir, enabled=rank == 0, resume_step=step, tracking=cfg.tracking)
-    batch_log = open(run_dir / f"batches_rank{rank}.txt", "a", buffering=1) if t.record_batches else None
+    def close(self) -> None:
+        self.stop.restore()
 
-    # the same eval_steps batches at every evaluation: built once, rewound each time
-    val_loader = RankLoader(cfg.data.dir, "val", cfg.model.block_size, t.micro_batch, rank, world,
-                            seed=t.seed, num_workers=0, num_batches=t.eval_steps)
 
-    def run_eval(at_step: int) -> dict:
-        val_loader.load_state_dict({"seed": t.seed, "consumed": 0})
-        result = evaluate_engine(engine, val_loader)
-        text = sample_text(engine, tokenizer, "\n", 200, t.seed, cfg.deepspeed.stage)
-        writer.log(at_step, result)
-        writer.text("samples", text or "", at_step)
+class TrainingLog:
+    """The logging steps' figures: the mean loss since the last one (summed on the device), rates,
+    MFU and cost, written by rank 0's trackers."""
+
+    def __init__(self, cfg: Config, world: int, writer: MetricsWriter, device, flops_token: float, peak: float,
+                 spent_before: float):
+        self.cfg, self.world, self.writer = cfg, world, writer
+        self.flops_token, self.peak, self.spent_before = flops_token, peak, spent_before
+        self.loss_sum = torch.zeros((), device=device)
+        self.meter, self.started = Throughput(), time.time()
+
+    def due(self, step: int) -> bool:
+        t = self.cfg.train
+        return step % t.log_every == 0 or step == t.max_steps
+
+    def add(self, step_loss: torch.Tensor, micro_steps: int, tokens: int) -> None:
+        self.loss_sum += step_loss
+        self.meter.add(micro_steps=micro_steps, tokens=tokens)
+
+    def write(self, step: int, tokens: int, lr: float, batch_tokens: int, grad_norm: float | None) -> dict:
+        dist.all_reduce(self.loss_sum)
+        rates = self.meter.read()
+        values = {"tokens": tokens, "loss": self.loss_sum.item() / (rates.pop("micro_steps") * self.world),
+                  "lr": lr, "grad_norm": grad_norm, "batch_tokens": batch_tokens, **rates,
+                  "mfu": rates["tokens_per_s"] * self.flops_token / (self.peak * self.world)}
+        rate = self.cfg.train.cost_per_hour
+        if rate:
+            values.update(usd_per_hour=rate, tokens_per_usd=values["tokens_per_s"] * 3600 / rate,
+                          usd_spent=self.spent_before + rate * (time.time() - self.started) / 3600)
+        self.writer.log(step, values)
+        self.loss_sum.zero_()
+        return values
+
+
+class Evaluator:
+    """The same eval_steps validation batches at every evaluation (built once, rewound each time),
+    and a text sample, written by rank 0's trackers."""
+
+    def __init__(self, cfg: Config, engine, tokenizer: CharTokenizer, rank: int, world: int, writer: MetricsWriter):
+        t = cfg.train
+        self.cfg, self.engine, self.tokenizer, self.writer = cfg, engine, tokenizer, writer
+        self.loader = RankLoader(cfg.data.dir, "val", cfg.model.block_size, t.micro_batch, rank, world,
+                                 seed=t.seed, num_workers=0, num_batches=t.eval_steps)
+
+    def due(self, step: int) -> bool:
+        t = self.cfg.train
+        return bool(t.eval_every and step % t.eval_every == 0) or step == t.max_steps
+
+    def run(self, step: int) -> dict:
+        t = self.cfg.train
+        self.loader.load_state_dict({"seed": t.seed, "consumed": 0})
+        result = evaluate_engine(self.engine, self.loader)
+        text = sample_text(self.engine, self.tokenizer, "\n", 200, t.seed, self.cfg.deepspeed.stage)
+        self.writer.log(step, result)
+        self.writer.text("samples", text or "", step)
         return result
 
-    def save(at_step: int) -> None:
-        checkpoint.save(engine, run_dir, at_step, train_loader.state_dict(), cfg.model, tokenizer.vocab,
-                        tokenizer.lowercase, cfg.deepspeed.stage, writes_files, keep=t.keep_ckpts)
 
-    micro_tokens = t.micro_batch * world * cfg.model.block_size  # one micro-step on every rank
-    total_tokens = planned_tokens(t, micro_tokens)
-    flops_token = flops_per_token(cfg.model, model_params - cfg.model.embedding_params())
-    peak, peak_source = peak_flops(engine.device, cfg.precision)
-    if rank == 0:
-        print(f"MFU: {flops_token / 1e6:.2f} MFLOPs/token against {peak / 1e12:.3g} TFLOP/s per device "
-              f"({peak_source})", flush=True)
-    writer.describe({"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "parameters": model_params,
-                     "world_size": world, "mfu_peak_flops_per_device": peak, "mfu_peak_source": peak_source,
-                     "resumed_at_step": step})
-    bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=rank != 0 or not t.progress,
-               dynamic_ncols=True)
-    meter, started = Throughput(), time.time()
-    loss_sum = torch.zeros((), device=engine.device)
-    # [non-finite loss on some rank, stop requested, -(first non-finite step)], all-reduced with MAX
-    guard = torch.zeros(3, device=engine.device)
-    first_bad = torch.zeros((), device=engine.device)  # first step with a non-finite loss here; 0: none
-    last = {}
-    non_finite = stopping = False  # read back at checks; either one ends the loop
-    stop = StopRequest()
-    profiler = StepProfiler(run_dir, t.profile_steps, rank)
-    try:
-        while step < t.max_steps:
-            tokens = train_loader.consumed * cfg.model.block_size
-            lr = lr_at(tokens, t, total_tokens)
-            set_lr(engine, lr)
-            accum = accum_at(tokens, t, micro_tokens)
-            if accum != engine.gradient_accumulation_steps():
-                engine.set_train_batch_size(t.micro_batch * world * accum)
-            logging = (step + 1) % t.log_every == 0 or step + 1 == t.max_steps
-            step_loss = torch.zeros((), device=engine.device)
-            for micro in range(accum):
-                engine.set_gradient_accumulation_boundary(micro == accum - 1)
-                windows = train_loader.next_windows()
-                if batch_log is not None:
-                    batch_log.write(f"{step + 1} " + " ".join(window_hash(row) for row in windows) + "\n")
-                # one copy (page-locked on a GPU: asynchronous), uint8 ids widened on the device
-                windows = windows.to(engine.device, non_blocking=True).long()
-                _, loss = engine(windows[:, :-1], windows[:, 1:])
-                engine.backward(loss)
-                engine.step()
-                step_loss += loss.detach().float()
-            step += 1
-            progress["step"] = step
-            profiler.step()
-            meter.add(micro_steps=accum, tokens=accum * micro_tokens)
-            bar.update(1)
+class Trainer:
+    """Builds every part of a run once (data, resume decision, engine, loaders, checkpointer, trackers),
+    then `fit` runs the loop."""
 
-            evaluating = (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
-            saving = (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps
-            # Non-finite losses are noted on the device (no host sync); every rank reads the guard at
-            # the same steps (logging, evaluation, checkpoint: one small all-reduce), so all take the
-            # same decision there, and nothing is saved after a non-finite loss.
-            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(step_loss), float(step), first_bad)
-            checking = logging or evaluating or saving
-            if checking:
-                guard[0] = (first_bad > 0).float()
-                guard[1] = float(stop.requested)
-                guard[2] = torch.where(first_bad > 0, -first_bad, -1e12)
-                dist.all_reduce(guard, op=dist.ReduceOp.MAX)
-                non_finite, stopping, neg_first_bad = guard.tolist()  # the one host read of the check
-            if non_finite:
-                gn = _grad_norm(engine)
-                dist.all_reduce(step_loss)
-                bad = int(-neg_first_bad)
-                raise RunError(
-                    f"non-finite loss at step {bad}{f' (found at step {step})' if bad != step else ''}: loss "
-                    f"{step_loss.item() / (accum * world)}, grad norm {gn}; "
-                    f"stopped without saving. The last good checkpoint is "
-                    f"{checkpoint.latest_tag(checkpoint.checkpoint_dir(run_dir)) or 'none'} (resume=auto restarts "
-                    "from it; lower train.lr or raise train.warmup_tokens)"
-                )
-            loss_sum += step_loss
-            if logging:
-                dist.all_reduce(loss_sum)
-                rates = meter.read()
-                last = {"tokens": train_loader.consumed * cfg.model.block_size,
-                        "loss": loss_sum.item() / (rates.pop("micro_steps") * world), "lr": lr,
-                        "grad_norm": _grad_norm(engine),
-                        "batch_tokens": accum * micro_tokens, **rates,
-                        "mfu": rates["tokens_per_s"] * flops_token / (peak * world)}
-                if t.cost_per_hour:
-                    last.update(usd_per_hour=t.cost_per_hour,
-                                tokens_per_usd=last["tokens_per_s"] * 3600 / t.cost_per_hour,
-                                usd_spent=spent_before + t.cost_per_hour * (time.time() - started) / 3600)
-                writer.log(step, last)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}",
-                                tok_s=f"{last['tokens_per_s']:,.0f}", mfu=f"{last['mfu']:.1%}")
-                loss_sum.zero_()
-            if stopping:
-                save(step)
-                if rank == 0:
-                    bar.write(f"stop requested ({stop.signal_name or 'by a peer rank'}): saved the checkpoint of "
-                              f"step {step} in {checkpoint.checkpoint_dir(run_dir)}; resume=auto continues")
-                break
-            if evaluating:
-                val = run_eval(step)
-                last.update(val)
-                if rank == 0:
-                    bar.write(f"step {step}: val loss {val['val_loss']:.4f} | {val['val_bpc']:.3f} bits/char")
-                meter.restart()  # keep eval time out of tokens/s
-            if saving:
-                save(step)
-                meter.restart()
-    finally:
-        profiler.close()
-        train_loader.close()
-        stop.restore()
-        bar.close()
-        if batch_log is not None:
-            batch_log.close()
+    def __init__(self, cfg: Config, rank: int, world: int):
+        self.cfg, self.rank, self.world, self.step = cfg, rank, world, 0
+        node = node_of_this_rank()
+        manifest = ensure_data(cfg, node)
+        self.tokenizer = CharTokenizer.from_vocab(manifest["vocab"], manifest["tokenizer"]["lowercase"])
+        cfg.model.vocab_size = self.tokenizer.vocab_size
+        shared = shared_between_nodes(checkpoint.checkpoint_dir(cfg.run_dir), node)
+        writes_files = node.writes(shared)  # this disk's `latest`, meta.json, conversions, pruning
+        # decided by rank 0, checked by every rank on its own disk, before anything is built
+        ckpt, universal = self._plan_resume(node, writes_files)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.model = GPT(cfg.model)
+        self.engine = build_engine(self.model, cfg, world, load_universal=universal,
+                                   node_local_checkpoints=not shared)
+        torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank dropout streams
+        self.loader = RankLoader(cfg.data.dir, "train", cfg.model.block_size, cfg.train.micro_batch, rank, world,
+                                 seed=cfg.train.seed, num_workers=cfg.data.workers,
+                                 pin_memory=self.engine.device.type == "cuda")
+        if ckpt is not None:
+            client = checkpoint.load(self.engine, ckpt)
+            self.step = client["step"]
+            self.loader.load_state_dict(client["loader"])
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpointer = checkpoint.Checkpointer(self.engine, self.run_dir, cfg, self.tokenizer, writes_files)
+        self._build_trackers(manifest)
 
-    if t.sample_tokens and not guard[1] and step == t.max_steps:
-        text = sample_text(engine, tokenizer, "\n", t.sample_tokens, t.seed + step, cfg.deepspeed.stage)
+    def _plan_resume(self, node: Node, writes_files: bool) -> tuple[checkpoint.Checkpoint | None, bool]:
+        cfg = self.cfg
+        resume = checkpoint.plan_resume(cfg.resume, cfg.run_dir, self.tokenizer.vocab, cfg.model,
+                                        cfg.deepspeed.stage, node, writes_files)
+        if resume is None:
+            return None, False
+        ckpt, meta = resume
+        if not checkpoint.needs_universal(meta, self.world):
+            return ckpt, False
+        return checkpoint.to_universal(ckpt, writes_files), True
+
+    def _build_trackers(self, manifest: dict) -> None:
+        cfg, t, rank, world = self.cfg, self.cfg.train, self.rank, self.world
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3 partitions
+        flops_token = flops_per_token(cfg.model, params - cfg.model.embedding_params())
+        peak, peak_source = peak_flops(self.engine.device, cfg.precision)
         if rank == 0:
-            print(f"\n--- sample at step {step} ---{text}\n---", flush=True)
-    writer.close()
-    return {"step": step, "stopped": bool(stopping), **last}
+            OmegaConf.save(OmegaConf.structured(cfg), self.run_dir / "config.yaml")
+            print(f"model: {params / 1e6:.2f}M parameters (12·L·d² + embeddings = "
+                  f"{cfg.model.approx_params() / 1e6:.2f}M) | ranks: {world} | ZeRO-{cfg.deepspeed.stage} "
+                  f"{cfg.precision} | data: {manifest['splits']['train']['tokens']:,} train tokens, "
+                  f"{self.loader.windows_per_epoch:,} windows/epoch | run_dir: {self.run_dir}"
+                  + (f" | resumed at step {self.step}" if self.step else ""), flush=True)
+            print(f"MFU: {flops_token / 1e6:.2f} MFLOPs/token against {peak / 1e12:.3g} TFLOP/s per device "
+                  f"({peak_source})", flush=True)
+        spent = last_logged(self.run_dir, "usd_spent", self.step) if rank == 0 and self.step else 0.0
+        self.writer = MetricsWriter(self.run_dir, enabled=rank == 0, resume_step=self.step, tracking=cfg.tracking)
+        self.writer.describe({"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "parameters": params,
+                              "world_size": world, "mfu_peak_flops_per_device": peak, "mfu_peak_source": peak_source,
+                              "resumed_at_step": self.step})
+        self.log = TrainingLog(cfg, world, self.writer, self.engine.device, flops_token, peak, spent)
+        self.evaluator = Evaluator(cfg, self.engine, self.tokenizer, rank, world, self.writer)
+        self.micro_tokens = t.micro_batch * world * cfg.model.block_size  # one micro-step on every rank
+        self.total_tokens = planned_tokens(t, self.micro_tokens)
+        self.batch_log = (open(self.run_dir / f"batches_rank{rank}.txt", "a", buffering=1)
+                          if t.record_batches else None)
+
+    def fit(self) -> dict:
+        t, last = self.cfg.train, {}
+        guard, profiler = Guard(self.engine.device), StepProfiler(self.run_dir, t.profile_steps, self.rank)
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", disable=self.rank != 0 or not t.progress,
+                   dynamic_ncols=True)
+        try:
+            while self.step < t.max_steps:
+                step_loss, lr, accum = self.train_step()
+                self.step += 1
+                profiler.step()
+                bar.update(1)
+                guard.note(self.step, step_loss)
+                logging, evaluating = self.log.due(self.step), self.evaluator.due(self.step)
+                saving = self.checkpointer.due(self.step)
+                if logging or evaluating or saving:
+                    guard.check()
+                if guard.non_finite:
+                    raise self._non_finite_error(guard, step_loss, accum)
+                self.log.add(step_loss, accum, accum * self.micro_tokens)
+                if logging:
+                    last = self.log.write(self.step, self.loader.consumed * self.cfg.model.block_size, lr,
+                                          accum * self.micro_tokens, _grad_norm(self.engine))
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}",
+                                    tok_s=f"{last['tokens_per_s']:,.0f}", mfu=f"{last['mfu']:.1%}")
+                if guard.stopping:
+                    self._save_and_stop(guard, bar)
+                    break
+                if evaluating:
+                    last.update(self._evaluate(bar))
+                if saving:
+                    self.checkpointer.save(self.step, self.loader.state_dict())
+                    self.log.meter.restart()  # keep checkpoint time out of tokens/s
+        finally:
+            profiler.close()
+            self.loader.close()
+            guard.close()
+            bar.close()
+            if self.batch_log is not None:
+                self.batch_log.close()
+        self._final_sample(stopped=guard.stopping)
+        self.writer.close()
+        return {"step": self.step, "stopped": guard.stopping, **last}
+
+    def train_step(self) -> tuple[torch.Tensor, float, int]:
+        """One optimizer step over `accum` micro-batches; returns the summed loss (on the device), lr, accum."""
+        cfg, t, engine = self.cfg, self.cfg.train, self.engine
+        tokens = self.loader.consumed * cfg.model.block_size
+        lr = lr_at(tokens, t, self.total_tokens)
+        set_lr(engine, lr)
+        accum = accum_at(tokens, t, self.micro_tokens)
+        if accum != engine.gradient_accumulation_steps():
+            engine.set_train_batch_size(t.micro_batch * self.world * accum)
+        step_loss = torch.zeros((), device=engine.device)
+        for micro in range(accum):
+            engine.set_gradient_accumulation_boundary(micro == accum - 1)
+            windows = self.loader.next_windows()
+            if self.batch_log is not None:
+                self.batch_log.write(f"{self.step + 1} " + " ".join(window_hash(row) for row in windows) + "\n")
+            # one copy (page-locked on a GPU: asynchronous), uint8 ids widened on the device
+            windows = windows.to(engine.device, non_blocking=True).long()
+            _, loss = engine(windows[:, :-1], windows[:, 1:])
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach().float()
+        return step_loss, lr, accum
+
+    def _non_finite_error(self, guard: Guard, step_loss: torch.Tensor, accum: int) -> RunError:
+        grad_norm = _grad_norm(self.engine)
+        dist.all_reduce(step_loss)
+        bad, latest = guard.bad_step, self.checkpointer.latest()
+        return RunError(
+            f"non-finite loss at step {bad}{f' (found at step {self.step})' if bad != self.step else ''}: loss "
+            f"{step_loss.item() / (accum * self.world)}, grad norm {grad_norm}; stopped without saving. The last "
+            f"good checkpoint is {latest or 'none'} (resume=auto restarts from it; lower train.lr or raise "
+            "train.warmup_tokens)")
+
+    def _save_and_stop(self, guard: Guard, bar) -> None:
+        self.checkpointer.save(self.step, self.loader.state_dict())
+        if self.rank == 0:
+            bar.write(f"stop requested ({guard.stop.signal_name or 'by a peer rank'}): saved the checkpoint of "
+                      f"step {self.step} in {self.checkpointer.directory}; resume=auto continues")
+
+    def _evaluate(self, bar) -> dict:
+        val = self.evaluator.run(self.step)
+        if self.rank == 0:
+            bar.write(f"step {self.step}: val loss {val['val_loss']:.4f} | {val['val_bpc']:.3f} bits/char")
+        self.log.meter.restart()  # keep eval time out of tokens/s
+        return val
+
+    def _final_sample(self, stopped: bool) -> None:
+        t = self.cfg.train
+        if t.sample_tokens and not stopped and self.step == t.max_steps:
+            text = sample_text(self.engine, self.tokenizer, "\n", t.sample_tokens, t.seed + self.step,
+                               self.cfg.deepspeed.stage)
+            if self.rank == 0:
+                print(f"\n--- sample at step {self.step} ---{text}\n---", flush=True)
 
 
 def _grad_norm(engine) -> float | None:

@@ -14,7 +14,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from .metrics import TAGS, Writer
+from .trackers import TAGS, Writer
 
 ID_FILE = "wandb_run.json"
 
