@@ -134,3 +134,23 @@ def test_batch_ramp_grows_linearly_then_stays_full():
     small = to_config({"train": {"grad_accum": 4, "max_steps": 5, "batch_ramp_tokens": 4000,
                                  "batch_start_tokens": 1000}}).train
     assert planned_tokens(small, micro) == 1000 + 2000 + 3000 + 4000 + 4000
+
+
+@pytest.mark.parametrize("preset, world", [(p, 2) for p in PRESETS if p != "wiki_full"]
+                         + [("wiki_full", 8), ("wiki_full", 16)])
+def test_every_preset_builds_its_model_and_deepspeed_config(preset, world):
+    """What a run builds before its first step, without a process group: the model at the data's
+    vocabulary size, and DeepSpeed's config for `world` ranks (wiki_full: one and two 8-GPU nodes)."""
+    from model import GPT
+    from trainer.engine import deepspeed_config
+
+    config = to_config(OmegaConf.to_container(compose([f"conf={preset}"]), resolve=True), world)
+    config.model.vocab_size = 70
+    model = GPT(config.model)
+    params = sum(p.numel() for p in model.parameters())
+    assert abs(params - config.model.approx_params()) / params < 0.01
+    ds = deepspeed_config(config, world, params)
+    t = config.train
+    assert ds["train_batch_size"] == t.micro_batch * t.grad_accum * world
+    assert ds["zero_optimization"]["stage"] == config.deepspeed.stage
+    assert ds["bf16"]["enabled"] or ds["torch_autocast"]["enabled"] or config.precision == "fp32"

@@ -97,7 +97,7 @@ def test_bf16_training_on_gpu_learns_and_resumes(tmp_path, shakespeare_dir):
         assert abs(b[step] - a[step]) < 1e-3, (step, b[step], a[step])
     assert _windows_by_step(half) == _windows_by_step(full)
     latest = (half / "checkpoints" / "latest").read_text().strip()
-    client = torch.load(half / "checkpoints" / latest / "mp_rank_00_model_states.pt", weights_only=False)
+    client = torch.load(half / "checkpoints" / latest / "mp_rank_00_model_states.pt", weights_only=True)
     assert isinstance(client["rng"][0]["cuda"], torch.Tensor)  # the rank's own GPU's generator only
 
 

@@ -292,7 +292,7 @@ def test_bf16_at_zero0_is_autocast_over_fp32_weights_and_resumes_bit_identically
     gaps = [abs(whole[step] - fp32[step]) for step in whole]
     assert 0 < max(gaps) < 0.02
     states = torch.load(tmp_path / "whole" / "checkpoints" / "step00000015" / "mp_rank_00_model_states.pt",
-                        map_location="cpu", weights_only=False)
+                        map_location="cpu", weights_only=True)
     assert {t.dtype for t in states["module"].values()} == {torch.float32}
 
     run_train(debug_overrides(shakespeare_dir, tmp_path / "resumed", *bf16, "train.max_steps=15"), ranks=2)
