@@ -65,7 +65,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         seen: set = set()
         functions = [getattr(item, "function", None)]
-        for name in item.fixturenames:  # and the fixtures it uses (zero0_run trains)
+        for name in item.fixturenames:  # and its fixtures (zero0_run trains); _fixtureinfo: pytest 8 internals
             functions += [d.func for d in item._fixtureinfo.name2fixturedefs.get(name, ())]
         source = "".join(_source_reached(f, inspect.getmodule(f), seen) for f in functions if f is not None)
         if any(call in source for call in STARTS_PROCESSES):
