@@ -81,7 +81,7 @@ def _mutate(tag_dir: Path, rng: random.Random, sentinel: Path) -> tuple[str, str
     names = sorted(checksums.read_meta(tag_dir)["files"])
     name = rng.choice(names)
     path = tag_dir / name
-    kind = rng.choice(["flip", "truncate", "swap", "payload", "delete", "append"])
+    kind = rng.choice(["flip", "truncate", "swap", "payload", "delete", "append", "plant", "link"])
     data = bytearray(path.read_bytes())
     if kind == "flip":
         data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
@@ -96,6 +96,14 @@ def _mutate(tag_dir: Path, rng: random.Random, sentinel: Path) -> tuple[str, str
         os.replace(path, tmp), os.replace(other, path), os.replace(tmp, other)
     elif kind == "payload":
         torch.save({"module": Payload(sentinel)}, path)
+    elif kind == "plant":  # a file DeepSpeed's patterns would pick up beside the listed ones
+        name = rng.choice(["mp_rank_01_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+        torch.save({"module": Payload(sentinel)}, tag_dir / name)
+    elif kind == "link":  # a listed file replaced by a link to one outside the checkpoint
+        outside = tag_dir.parent.parent / "outside.pt"
+        outside.write_bytes(bytes(data))
+        path.unlink()
+        path.symlink_to(outside)
     else:
         path.unlink()
     return kind, name
@@ -120,7 +128,7 @@ def test_random_damage_to_any_file_is_refused_naming_it_and_no_payload_runs(save
             assert name in message or kind == "swap" and any(n in message for n in names), (kind, name, message)
         assert not sentinel.exists(), (kind, name)
     print(f"checkpoint mutations: {SEED_COUNT} tried, {SEED_COUNT} refused, by kind {kinds}")
-    assert set(kinds) == {"flip", "truncate", "swap", "payload", "delete", "append"}
+    assert set(kinds) == {"flip", "truncate", "swap", "payload", "delete", "append", "plant", "link"}
 
 
 def test_a_payload_whose_sums_were_rewritten_still_never_runs_in_sampling(saved, tmp_path):

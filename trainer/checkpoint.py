@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from .errors import CheckpointError, RunError
 
 UNIVERSAL = "universal"  # inside a checkpoint: its conversion for resuming at another world size
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-TAG = re.compile(r"^step\d{8}$")
+TAG = re.compile(r"step[0-9]{8}")  # used with fullmatch
 RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")  # a file of one data-parallel rank's partition
 
 
@@ -67,8 +68,9 @@ def latest_tag(directory: Path) -> str | None:
     path = Path(directory) / "latest"
     if not path.is_file():
         return None
-    tag = path.read_text().strip()
-    if not TAG.match(tag) or not (Path(directory) / tag).is_dir():  # never a path: `latest` may come from elsewhere
+    tag = path.read_text(errors="replace").strip()
+    tag_dir = Path(directory) / tag
+    if not TAG.fullmatch(tag) or tag_dir.is_symlink() or not tag_dir.is_dir():  # `latest` may come from elsewhere
         raise CheckpointError(f"{path}: names {tag[:80]!r}, which is not a checkpoint in {directory}")
     return tag
 
@@ -78,7 +80,7 @@ def _prune(directory: Path, keep: int, current: str) -> None:
     on every node)."""
     if keep <= 0:
         return
-    tags = sorted(p.name for p in directory.glob("step*") if p.is_dir() and TAG.match(p.name) and p.name <= current)
+    tags = sorted(p.name for p in directory.glob("step*") if p.is_dir() and TAG.fullmatch(p.name) and p.name <= current)
     for old in tags[:-keep]:
         shutil.rmtree(directory / old, ignore_errors=True)
 
@@ -120,16 +122,16 @@ class Checkpointer:
         directory, tag = self.directory, f"step{step:08d}"
         client = {"step": step, "loader": loader_state, "rng": _all_ranks(rng_state()),
                   "world_size": dist.get_world_size(), **self.about}
-        previous = (directory / "latest").read_text().strip() if (directory / "latest").is_file() else None
-        what = (f"saving checkpoint {directory / tag} failed at step {step} (`latest` still names "
-                f"{previous or 'no checkpoint'})")
-        share, error = None, None
+        share, error, previous = None, None, None
         try:  # a full disk, a quota, a vanished mount
+            previous = latest_tag(directory)
             self.engine.save_checkpoint(str(directory), tag=tag, client_state=client, save_latest=False)
             if self.writes_files:
                 share = checksums.hash_files(directory / tag)
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
+        what = (f"saving checkpoint {directory / tag} failed at step {step} (`latest` still names "
+                f"{previous or 'no checkpoint'})")
         results = _all_ranks((share, error))  # also the barrier: every rank's files are written
         _first_error([e for _, e in results], what)
         try:
@@ -222,8 +224,9 @@ def plan_resume(resume: str, run_dir, vocab: str, model_cfg: GPTConfig, zero_sta
             ckpt = resolve(resume, run_dir)
             decision = [(str(ckpt.directory), ckpt.tag, check_compatible(ckpt, vocab, model_cfg, zero_stage))
                         if ckpt else None]
-        except (CheckpointError, FileNotFoundError) as e:
-            decision = [f"{e}"]
+        except Exception as e:  # a bad file must fail every rank, not leave the others waiting
+            decision = [str(e) if isinstance(e, (CheckpointError, FileNotFoundError))
+                        else f"resume={resume}: {type(e).__name__}: {str(e)[:300]}"]
     dist.broadcast_object_list(decision, src=0)
     if isinstance(decision[0], str):
         raise RunError(decision[0])
@@ -240,7 +243,7 @@ def plan_resume(resume: str, run_dir, vocab: str, model_cfg: GPTConfig, zero_sta
     error = None
     try:
         checksums.verify(ckpt.path, names, meta)
-    except ChecksumError as e:
+    except (ChecksumError, OSError) as e:
         error = f"node {node.index}, rank {rank}: {e}"
     from .distributed import broadcast_error  # DeepSpeed: not for sample.py and eval.py
 
@@ -249,27 +252,39 @@ def plan_resume(resume: str, run_dir, vocab: str, model_cfg: GPTConfig, zero_sta
 
 
 def to_universal(ckpt: Checkpoint, writer: bool) -> Checkpoint:
-    """Collective. One rank per disk (`writer`) converts its copy of the checkpoint (every rank's files
-    must be on that disk) with DeepSpeed's ds_to_universal into the `universal` folder inside it, once
-    (later resumes reuse it), while the others wait; returns where to load from."""
+    """Collective. One rank per disk (`writer`) converts its copy of the checkpoint (every rank's files,
+    checked, must be on that disk) with DeepSpeed's ds_to_universal into the `universal` folder inside
+    it, while the others wait; returns where to load from. A conversion found there is never reused:
+    its files have no sums, and DeepSpeed unpickles them."""
     out, error = ckpt.path / UNIVERSAL, None
-    if writer and not out.is_dir():
-        tmp = ckpt.path / f"{UNIVERSAL}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt.path),
-               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        print(f"{ckpt.path}: saved at another world size; converting to a universal checkpoint in {out}",
-              flush=True)
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            error = f"{ckpt.path}: conversion to a universal checkpoint failed: {done.stderr.strip()[-800:]}"
-        else:
-            os.replace(tmp, out)  # complete or absent, never half-written
+    if writer:
+        try:
+            _remove(out)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{UNIVERSAL}.tmp", dir=ckpt.path))  # a fresh, private name
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(ckpt.path), "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers",
+                   "1", "--num_merge_workers", "1"]
+            print(f"{ckpt.path}: saved at another world size; converting to a universal checkpoint in {out}",
+                  flush=True)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = f"{ckpt.path}: conversion to a universal checkpoint failed: {done.stderr.strip()[-800:]}"
+            else:
+                os.replace(tmp, out)  # complete or absent, never half-written
+        except Exception as e:  # reported on every rank, not left for the others to wait on
+            error = f"{ckpt.path}: conversion to a universal checkpoint failed: {type(e).__name__}: {e}"
     from .distributed import broadcast_error
 
     broadcast_error(error, patient=True)
     return Checkpoint(ckpt.path, UNIVERSAL)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def load(engine, ckpt: Checkpoint) -> dict:

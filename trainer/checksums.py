@@ -8,32 +8,45 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 from data.files import atomic_write
 
 META = "meta.json"  # step, vocab, model config, world size, ZeRO stage, and every file's sum
 # the only names a checkpoint's file list may hold: DeepSpeed's per-rank files, flat in the tag dir
-FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+\.pt$")
+FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+\.pt", re.ASCII)  # used with fullmatch
 
 
 class ChecksumError(ValueError):
     """A checkpoint file is missing, of another size, or of other content than its meta.json says."""
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, sync: bool = False) -> str:
+    """sync: also make the file durable (torch.save does not), before anything names it complete."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+        if sync:
+            os.fsync(f.fileno())
     return digest.hexdigest()
 
 
 def hash_files(tag_dir: Path) -> dict[str, dict]:
-    """{name: {"sha256", "bytes"}} of the checkpoint files present in tag_dir (this disk's share)."""
-    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(Path(tag_dir).iterdir()) if p.is_file() and FILE_NAME.match(p.name)}
+    """{name: {"sha256", "bytes"}} of the checkpoint files present in tag_dir (this disk's share),
+    each synced to disk, and the folder too: `latest` may name them only once they are durable."""
+    tag_dir = Path(tag_dir)
+    files = {p.name: {"sha256": sha256_file(p, sync=True), "bytes": p.stat().st_size}
+             for p in sorted(tag_dir.iterdir()) if p.is_file() and FILE_NAME.fullmatch(p.name)}
+    fd = os.open(tag_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return files
 
 
 def merge(shares: list[dict[str, dict]]) -> dict[str, list[dict]]:
@@ -54,17 +67,18 @@ def read_meta(tag_dir: Path) -> dict:
         raise ChecksumError(f"{path}: missing (not a checkpoint written by this trainer, or incomplete)")
     try:
         meta = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ChecksumError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a number too long to read, deep nesting
+        raise ChecksumError(f"{path}: not valid JSON ({str(e)[:200]})") from None
     if not isinstance(meta, dict):
         raise ChecksumError(f"{path}: not a JSON object")
     files = meta.get("files")
     if not isinstance(files, dict) or not files:
         raise ChecksumError(f"{path}: no `files` list of sha256 sums (written by an older version of this "
-                            "trainer, or not by it): its files cannot be checked before loading. If you trust "
-                            f"them (you wrote them), record their sums once: python -m trainer.checksums {path.parent}")
+                            "trainer, or not by it): its files cannot be checked before loading. Only for a "
+                            "checkpoint that never left your own machines, record their sums once: "
+                            f"python -m trainer.checksums {path.parent}")
     for name, copies in files.items():
-        if not (isinstance(name, str) and FILE_NAME.match(name) and isinstance(copies, list) and copies
+        if not (isinstance(name, str) and FILE_NAME.fullmatch(name) and isinstance(copies, list) and copies
                 and all(_is_sum(entry) for entry in copies)):
             raise ChecksumError(f"{path}: files[{name[:80]!r}] is not a checkpoint file name with a list of "
                                 "sha256 sums and sizes")
@@ -81,11 +95,14 @@ def verify(tag_dir: Path, names: list[str] | None = None, meta: dict | None = No
     """Check `names` (default: every file listed) against `meta` (default: tag_dir's meta.json, read
     and checked here); returns the meta.
 
-    Raises ChecksumError naming the first file that is missing, of another size or other content.
+    Raises ChecksumError naming the first file that is missing, of another size or other content,
+    and refuses a folder holding anything DeepSpeed could load that meta.json does not list: it finds
+    its files by pattern, so a planted file would be unpickled beside the checked ones.
     """
     tag_dir = Path(tag_dir)
     meta = meta if meta is not None else read_meta(tag_dir)
     files = meta["files"]
+    check_no_strangers(tag_dir, files)
     for name in names if names is not None else files:
         if name not in files:
             raise ChecksumError(f"{tag_dir / META}: lists no {name} (a checkpoint of another world size or stage?)")
@@ -103,6 +120,20 @@ def verify(tag_dir: Path, names: list[str] | None = None, meta: dict | None = No
     return meta
 
 
+def check_no_strangers(tag_dir: Path, files: dict) -> None:
+    """Every entry of tag_dir is a plain file that meta.json lists, meta.json itself (or a temporary
+    file of it), or this machine's own universal conversion (the `universal` folder and the
+    `latest_universal` note that ds_to_universal leaves beside it); nothing is a link."""
+    for entry in os.scandir(tag_dir):
+        mode = entry.stat(follow_symlinks=False).st_mode
+        listed = (entry.name in files or entry.name in (META, "latest_universal")
+                  or entry.name.startswith(META + ".tmp"))
+        expected = listed if stat.S_ISREG(mode) else stat.S_ISDIR(mode) and entry.name.startswith("universal")
+        if not expected:  # links and anything else are never expected
+            raise ChecksumError(f"{Path(tag_dir) / entry.name}: not a file {META} lists (a link, or a file "
+                                "planted beside the checkpoint): refusing to load anything from this folder")
+
+
 # the one atomic write (data/files.py), under the name checkpoint.py and the cluster driver import
 write_text_atomic = atomic_write
 
@@ -112,6 +143,8 @@ def trust(tag_dir: Path) -> dict:
     older version wrote without them. Returns the new file list."""
     path = Path(tag_dir) / META
     meta = json.loads(path.read_text())
+    if (Path(tag_dir) / "universal").exists():
+        raise ChecksumError(f"{tag_dir}: holds a universal/ conversion; remove it first (it is made again on resume)")
     meta["files"] = merge([hash_files(Path(tag_dir))])
     write_text_atomic(path, json.dumps(meta, indent=1))
     return meta["files"]

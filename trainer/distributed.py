@@ -100,12 +100,16 @@ def shared_between_nodes(path, node: Node) -> bool:
         probe.touch()
     names = [None] * dist.get_world_size()
     dist.all_gather_object(names, probe.name if probe else None)
-    seen = probe is not None and any((path / n).exists() for n in names if n and n != probe.name)
+    seen = sum((path / n).exists() for n in names if n and n != probe.name) if probe is not None else None
     answers = [None] * dist.get_world_size()
     dist.all_gather_object(answers, seen)  # also: every leader has looked before any probe goes
     if probe is not None:
         probe.unlink(missing_ok=True)
-    return any(answers)
+    counts = [a for a in answers if a is not None]
+    if set(counts) not in ({0}, {node.count - 1}):  # some nodes share the folder and others do not
+        raise RunError(f"{path}: some nodes see the same folder and others do not (each node's leader saw "
+                       f"{counts} of the other nodes' probe files): give every node its own disk, or all one")
+    return counts[0] > 0
 
 
 def broadcast_error(message: str | None, patient: bool = False) -> None:
