@@ -86,14 +86,18 @@ def subprocess_env() -> dict:
     return env
 
 
+def train_command(overrides: list[str], ranks: int, port: int) -> list[str]:
+    """launch/train.py as one plain process, or under `deepspeed --num_gpus N`."""
+    if ranks == 1:
+        return [sys.executable, "launch/train.py", *overrides]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
+            "launch/train.py", *overrides]
+
+
 def run_train(overrides: list[str], ranks: int = 1, timeout: int = 300, check: bool = True):
     """Run launch/train.py for real: one plain process, or `deepspeed --num_gpus N` ranks."""
     port = free_port()
-    if ranks == 1:
-        cmd = [sys.executable, "launch/train.py", *overrides]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(port), "launch/train.py", *overrides]
+    cmd = train_command(overrides, ranks, port)
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     proc.master_port = port
     if check and proc.returncode != 0:

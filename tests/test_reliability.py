@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import ROOT, STEPS, debug_overrides, free_port, losses, run_train, subprocess_env
+from conftest import ROOT, STEPS, debug_overrides, free_port, losses, run_train, subprocess_env, train_command
 from data.loader import WindowOrder
 from data.shards import ShardReader
 from trainer.checkpoint import load_for_inference
@@ -32,13 +32,9 @@ TOLERANCE = {2: 2e-6, 3: 2e-3}
 def _start(overrides, ranks=2, **popen):
     """A training run in its own process group, to kill or signal while it runs."""
     port = free_port()
-    if ranks == 1:
-        cmd = [sys.executable, "launch/train.py", *overrides]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(port), "launch/train.py", *overrides]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+    proc = subprocess.Popen(train_command(overrides, ranks, port), cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            **popen)
     proc.master_port = port
     return proc
 
