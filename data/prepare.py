@@ -290,19 +290,17 @@ def write_corpus(source, out_dir: str | Path, tokenizer: CharTokenizer, val_frac
     if empty:
         _clear(out_dir)
         raise ShardError(empty_split_message(out_dir, empty[0], position, val_fraction))
-    manifest = {
-        "format": FORMAT_VERSION,
-        "tokenizer": {"kind": "char", "lowercase": tokenizer.lowercase},
-        "vocab": tokenizer.vocab,
-        "frame_tokens": frame_tokens,
-        "shard_tokens": shard_tokens,
-        "source": source_info or {},
-        "val_documents": sorted(val_names),
-        "splits": splits,
-    }
+    manifest = _manifest(tokenizer, frame_tokens, shard_tokens, source_info or {}, val_names, splits)
     write_manifest(out_dir, manifest)
     (out_dir / STATE).unlink(missing_ok=True)
     return manifest
+
+
+def _manifest(tokenizer: CharTokenizer, frame_tokens: int, shard_tokens: int, source_info: dict,
+              val_names: list[str], splits: dict) -> dict:
+    return {"format": FORMAT_VERSION, "tokenizer": {"kind": "char", "lowercase": tokenizer.lowercase},
+            "vocab": tokenizer.vocab, "frame_tokens": frame_tokens, "shard_tokens": shard_tokens,
+            "source": source_info, "val_documents": sorted(val_names), "splits": splits}
 
 
 class ListSource:
