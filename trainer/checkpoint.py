@@ -234,12 +234,11 @@ def plan_resume(resume: str, run_dir, vocab: str, model_cfg: GPTConfig, zero_sta
         return None
     directory, tag, meta = decision[0]
     ckpt, rank = Checkpoint(Path(directory), tag), dist.get_rank()
+    # the files shared by a disk's ranks (the model states) are checked once, by its writer
     if not needs_universal(meta, dist.get_world_size()):
-        names = files_for_rank(meta, rank)
-    elif writer:  # converts this disk's copy: needs every file of every rank
-        names = None
-    else:
-        names = [n for n in files_for_rank(meta, rank) if RANK_FILE.search(n) is None]
+        names = [n for n in files_for_rank(meta, rank) if writer or RANK_FILE.search(n)]
+    else:  # the writer converts this disk's copy: it needs every file of every rank
+        names = None if writer else []
     error = None
     try:
         checksums.verify(ckpt.path, names, meta)
