@@ -66,11 +66,12 @@ def main():
     base = OmegaConf.merge(OmegaConf.create({"model": {"vocab_size": 70}, "train": {"micro_batch": 4}}),
                            OmegaConf.from_dotlist(args.overrides))
     rows = [("fp32", "plain loop"), ("fp32", 0), ("bf16 (autocast)", "plain loop"), ("bf16 (autocast)", 0),
-            ("bf16, DeepSpeed's bf16 wrapper", 0), ("bf16", 1), ("bf16", 2)]
+            ("bf16 (autocast), Muon", 0), ("bf16, DeepSpeed's bf16 wrapper", 0), ("bf16", 1), ("bf16", 2)]
     print("\n| precision | ZeRO stage | ops per step | host reads per step |\n|---|---:|---:|---:|")
     for name, stage in rows:
         cfg = to_config(OmegaConf.merge(base, {"precision": name.split(maxsplit=1)[0].rstrip(","),
-                                               "deepspeed": {"stage": 0 if stage == "plain loop" else stage}}))
+                                               "deepspeed": {"stage": 0 if stage == "plain loop" else stage},
+                                               "train": {"optimizer": "muon" if "Muon" in name else "adamw"}}))
         torch.manual_seed(0)
         model = GPT(cfg.model)
         if stage == "plain loop":

@@ -13,24 +13,36 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .config import GPTConfig
+from .norm import LayerNorm
 
 
 class Rotary(nn.Module):
     """Rotary position embedding: rotates pairs (x_i, x_{i+d/2}) by angle pos / base^(2i/d).
 
-    Angles are computed in fp32 on each call (no buffers), so a bf16 model keeps exact positions.
+    cos and sin are computed in fp32 once per device for the longest length seen, and sliced after
+    (no buffers, so a model cast to bf16 keeps exact positions and checkpoints hold no angles).
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
         self.head_dim, self.base = head_dim, base
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (length', head_dim / 2) with length' >= length, on the device."""
+        cached = self._tables.get(device)
+        if cached is None or cached[0].shape[0] < length:
+            d = self.head_dim
+            inv_freq = self.base ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+            angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+            cached = self._tables[device] = (angles.cos(), angles.sin())
+        return cached
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: (..., t, d), the tokens at positions start .. start + t - 1."""
-        t, d = x.shape[-2], self.head_dim
-        inv_freq = self.base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-        angles = torch.outer(torch.arange(start, start + t, device=x.device, dtype=torch.float32), inv_freq)
-        cos, sin = angles.cos(), angles.sin()
+        t = x.shape[-2]
+        cos, sin = self.tables(start + t, x.device)
+        cos, sin = cos[start:start + t], sin[start:start + t]
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
@@ -70,11 +82,15 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(cfg.dropout)
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.rotary = Rotary(self.hd) if cfg.pos_emb == "rope" else None
+        self.q_norm = LayerNorm(self.hd, cfg.bias) if cfg.qk_norm else None
+        self.k_norm = LayerNorm(self.hd, cfg.bias) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         start = cache.length if cache is not None else 0
         q = rearrange(self.q(x), "b t (g r d) -> b g r t d", g=self.n_kv, d=self.hd)
         k, v = rearrange(self.kv(x), "b t (two g d) -> two b g t d", two=2, g=self.n_kv, d=self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(q, start), self.rotary(k, start)
         if cache is not None:

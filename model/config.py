@@ -28,6 +28,12 @@ class GPTConfig:
     """learned | rope."""
     attn: str = "sdpa"
     """sdpa (torch scaled_dot_product_attention, faster) | einsum (the readable reference; tested equal)."""
+    qk_norm: bool = False
+    """LayerNorm over each head's queries and keys before attention (QK-norm): steadier logits."""
+    mlp: str = "gelu"
+    """gelu | relu2 (ReLU squared): the MLP's activation."""
+    tie_head: bool = True
+    """The output head shares the token embedding's weights; false: a head of its own."""
 
     @property
     def kv_heads(self) -> int:
@@ -61,13 +67,16 @@ class GPTConfig:
             )
         if self.attn not in ("einsum", "sdpa"):
             raise ValueError(f"model.attn={self.attn!r}: choose einsum or sdpa")
+        if self.mlp not in ("gelu", "relu2"):
+            raise ValueError(f"model.mlp={self.mlp!r}: choose gelu or relu2")
         if self.vocab_size < 1 and not (vocab_from_data and self.vocab_size == 0):
             raise ValueError("model.vocab_size must be >= 1 (it is normally set from the data manifest)")
 
     def embedding_params(self) -> int:
-        """Token embedding (shared with the output head) and learned positions."""
+        """Token embedding, an untied output head, and learned positions."""
         pos = self.block_size * self.d_model if self.pos_emb == "learned" else 0
-        return self.vocab_size * self.d_model + pos
+        head = 0 if self.tie_head else self.vocab_size * self.d_model
+        return self.vocab_size * self.d_model + head + pos
 
     def approx_params(self) -> int:
         """12·L·d² (attention 4d², MLP 8d² per layer, multi-head) plus the embeddings."""

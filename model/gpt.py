@@ -10,16 +10,7 @@ import torch.utils.checkpoint
 
 from .attention import Attention, KVCache
 from .config import GPTConfig
-
-
-class LayerNorm(nn.Module):
-    def __init__(self, d: int, bias: bool):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+from .norm import LayerNorm
 
 
 class MLP(nn.Module):
@@ -28,9 +19,14 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
         self.down = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.act = F.gelu if cfg.mlp == "gelu" else relu2
 
     def forward(self, x):
-        return self.drop(self.down(F.gelu(self.up(x))))
+        return self.drop(self.down(self.act(self.up(x))))
+
+
+def relu2(x):
+    return F.relu(x).square()
 
 
 class Block(nn.Module):
@@ -55,7 +51,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg.d_model, cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.head.weight = self.tok_emb.weight  # weight tying
+        if cfg.tie_head:
+            self.head.weight = self.tok_emb.weight
         # Recompute each block's activations in the backward pass instead of keeping them: less
         # memory for a third more compute. A training choice, so not part of GPTConfig.
         self.activation_checkpointing = False
@@ -73,7 +70,7 @@ class GPT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters counted once (the output head shares the token embedding)."""
+        """Parameters counted once (a tied output head shares the token embedding)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.cfg.embedding_params() if non_embedding else n
 

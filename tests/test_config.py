@@ -32,12 +32,19 @@ def test_baby_preset_is_the_documented_cpu_recipe():
     assert {k: cfg["model"][k] for k in ("n_layer", "n_head", "d_model", "block_size", "dropout")} == \
         {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 64, "dropout": 0.0}
     t = cfg["train"]
-    assert (t["micro_batch"], t["max_steps"], t["lr"], t["min_lr"]) == (12, 2000, 1e-3, 1e-4)
+    assert (t["micro_batch"], t["max_steps"], t["lr"], t["min_lr"]) == (12, 1500, 1e-3, 1e-4)
     assert cfg["run_dir"] == "outputs/baby" and cfg["deepspeed"]["stage"] == 0 and cfg["preset"] == "baby"
+    recipe = {k: cfg["model"][k] for k in ("pos_emb", "qk_norm", "mlp", "tie_head")}
+    assert recipe == {"pos_emb": "rope", "qk_norm": True, "mlp": "relu2", "tie_head": False}
+    assert t["optimizer"] == "muon"
+    gpt3 = _resolved("conf=baby", "recipe=gpt3")  # the recipe before bench/recipe.py, one switch away
+    assert (gpt3["model"]["pos_emb"], gpt3["model"]["tie_head"], gpt3["train"]["optimizer"]) == \
+        ("learned", True, "adamw")
 
 
 def test_shakespeare_preset_and_command_line_overrides():
-    cfg = _resolved("conf=shakespeare", "deepspeed=zero3", "precision=bf16", "model.n_layer=8")
+    cfg = _resolved("conf=shakespeare", "deepspeed=zero3", "train.optimizer=adamw", "precision=bf16",
+                    "model.n_layer=8")
     assert (cfg["model"]["n_layer"], cfg["model"]["n_head"], cfg["model"]["d_model"]) == (8, 6, 384)
     assert (cfg["model"]["block_size"], cfg["model"]["dropout"], cfg["train"]["micro_batch"]) == (256, 0.2, 64)
     assert cfg["train"]["max_steps"] == 5000

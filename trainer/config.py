@@ -37,17 +37,28 @@ class TrainConfig:
     lr: float = 1e-3
     """Peak learning rate, reached at the end of the warmup."""
     min_lr: float = 1e-4
-    """End of the cosine decay (GPT-3: 10% of lr)."""
+    """End of the decay (GPT-3: 10% of lr)."""
     warmup_tokens: int = 76_800
     """Linear warmup, in tokens trained by all ranks together."""
     decay_tokens: int | None = None
-    """Where the cosine reaches min_lr, in tokens; null: the run's end."""
+    """Where the decay reaches min_lr, in tokens; null: the run's end."""
+    schedule: str = "cosine"
+    """cosine (from lr after the warmup to min_lr) | wsd (warmup, stable at lr, then a linear
+    cooldown to min_lr over the last train.cooldown of the decay span)."""
+    cooldown: float = 0.5
+    """wsd: the fraction of the span after the warmup spent cooling down."""
     batch_ramp_tokens: int = 0
     """Grow the global batch (by accumulation) over this many tokens; 0: no ramp."""
     batch_start_tokens: int = 0
     """Global batch, in tokens, at the start of the ramp."""
+    optimizer: str = "adamw"
+    """adamw | muon (Muon, momentum-orthogonalized updates, for the blocks' matrices; AdamW for the
+    embeddings, the head, norms and biases; ZeRO-0 only). One lr drives both: Muon's is scaled to
+    match AdamW's update size."""
+    muon_momentum: float = 0.95
+    """Muon's momentum (Nesterov)."""
     weight_decay: float = 0.1
-    """AdamW weight decay, on matrices only."""
+    """Weight decay (decoupled), on matrices only."""
     beta1: float = 0.9
     """AdamW's first-moment decay."""
     beta2: float = 0.95
@@ -108,6 +119,14 @@ class TrainConfig:
         if self.decay_tokens is not None and self.decay_tokens <= self.warmup_tokens:
             raise ValueError(f"train.decay_tokens={self.decay_tokens} must be > "
                              f"train.warmup_tokens={self.warmup_tokens}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"train.schedule={self.schedule!r}: choose cosine or wsd")
+        if not 0 < self.cooldown <= 1:
+            raise ValueError(f"train.cooldown must be in (0, 1], got {self.cooldown}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"train.optimizer={self.optimizer!r}: choose adamw or muon")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if self.batch_ramp_tokens and not 0 < self.batch_start_tokens:
             raise ValueError("train.batch_ramp_tokens is set: train.batch_start_tokens must be > 0")
 
@@ -194,6 +213,10 @@ class Config:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision={self.precision!r}: choose fp32 or bf16")
         self.tracking.validate()
+        if self.train.optimizer == "muon" and self.deepspeed.stage != 0:
+            raise ValueError(f"train.optimizer=muon runs at deepspeed.stage=0 only (got {self.deepspeed.stage}): ZeRO "
+                             "1-3 hand the optimizer flat slices of the weights, and Muon orthogonalizes whole "
+                             "matrices; use deepspeed=zero0 or train.optimizer=adamw")
         if not self.run_dir:
             raise ValueError("run_dir must not be empty")
         t = self.train

@@ -6,6 +6,7 @@ import torch
 
 from .config import Config
 from .deepspeed_compat import clip_and_record_grad_norm, skip_one_rank_allreduce, zero_grad_from_a_list
+from .muon import MuonAdamW, muon_parameters
 
 
 def auto_bucket(n_params: int) -> int:
@@ -60,17 +61,24 @@ def clips_in_torch(cfg: Config) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Torch AdamW (DeepSpeed then JIT-builds no optimizer op); weight decay on matrices only.
+    """Torch AdamW (DeepSpeed then JIT-builds no optimizer op), or Muon for the blocks' matrices beside
+    it (train.optimizer); weight decay on matrices only.
 
     train.fused_adamw: torch's fused kernel, on CPU as on CUDA. It updates every tensor in one pass
     (4x faster than the default per-tensor loop on 2 CPU cores); on CUDA it keeps its step counters
     on the device, so an update never waits for the GPU.
     """
     t = cfg.train
+    adam = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=t.fused_adamw or None)
+    if t.optimizer == "muon":
+        muon, decay, no_decay = muon_parameters(model)
+        return MuonAdamW([{"params": muon, "weight_decay": t.weight_decay}],
+                         [{"params": decay, "weight_decay": t.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}], momentum=t.muon_momentum, **adam)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=t.fused_adamw or None)
+    return torch.optim.AdamW(groups, **adam)
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False,

@@ -9,8 +9,11 @@ against transformers' own modeling code, and proved by tests/test_export.py):
 - rope -> Starcoder2 (`Starcoder2ForCausalLM`): LayerNorm, a non-gated GELU MLP, sequential
   residuals, rotate-half RoPE over the whole head dim, scores scaled by 1/sqrt(head dim), and
   `num_key_value_heads` with the same (group, head) order as model/attention.py.
-Anything else (a new GPTConfig setting, another position embedding) is refused by name, never
-exported approximately.
+- rope with QK-norm -> Persimmon (`PersimmonForCausalLM`): as Starcoder2, plus a LayerNorm over each
+  head's queries and keys before RoPE (`qk_layernorm`, eps 1e-5), with RoPE over the whole head dim
+  (`partial_rotary_factor` 1). It is multi-head with biases: K/V heads repeated, zero biases (exact).
+All three take relu2 for the MLP and a tied or untied head. Anything else (a new GPTConfig setting,
+another position embedding) is refused by name, never exported approximately.
 
 The folder holds model.safetensors, config.json, the tokenizer (tokenizer.json: one token per
 character, our ids, our normalization as far as `tokenizers` can express it) and README.md.
@@ -26,15 +29,17 @@ from pathlib import Path
 import torch
 
 from model import GPT, GPTConfig
+from model.norm import EPS as LAYER_NORM_EPS
 
-LAYER_NORM_EPS = 1e-5  # model/gpt.py's LayerNorm
 TOLERANCE = 1e-5       # largest |logit difference| allowed, relative to the largest |logit| (at least 1)
 WEIGHTS = "model.safetensors"
 CARD = "README.md"
 # The GPTConfig settings this module maps (a new one must be taught here before models using it export).
 KNOWN_SETTINGS = {"vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "block_size", "dropout", "bias",
-                  "pos_emb", "attn"}
-ARCHITECTURES = {"learned": "GPT2LMHeadModel", "rope": "Starcoder2ForCausalLM"}
+                  "pos_emb", "attn", "qk_norm", "mlp", "tie_head"}
+ACTIVATIONS = {"gelu": "gelu", "relu2": "relu2"}  # model.mlp -> transformers' ACT2FN name
+ARCHITECTURES = {"learned": "GPT2LMHeadModel", "rope": "Starcoder2ForCausalLM"}  # by model.pos_emb
+QK_NORM_ARCHITECTURE = "PersimmonForCausalLM"  # rope + qk_norm
 
 
 class ExportError(ValueError):
@@ -52,7 +57,10 @@ def architecture_for(cfg: GPTConfig) -> str:
     if cfg.pos_emb not in ARCHITECTURES:
         raise ExportError(f"model.pos_emb={cfg.pos_emb!r}: no stock transformers architecture computes it "
                           f"exactly; exportable: {', '.join(f'{k} ({v})' for k, v in ARCHITECTURES.items())}")
-    return ARCHITECTURES[cfg.pos_emb]
+    if cfg.qk_norm and cfg.pos_emb != "rope":
+        raise ExportError(f"model.qk_norm=True with model.pos_emb={cfg.pos_emb!r}: GPT-2 has no QK-norm, and "
+                          "Persimmon, which has, uses RoPE; only model.pos_emb=rope exports with QK-norm")
+    return QK_NORM_ARCHITECTURE if cfg.qk_norm else ARCHITECTURES[cfg.pos_emb]
 
 
 def rope_base(model: GPT) -> float:
@@ -67,17 +75,24 @@ def hf_config(model: GPT):
     cfg = model.cfg
     arch = architecture_for(cfg)
     common = dict(vocab_size=cfg.vocab_size, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                  tie_word_embeddings=True, architectures=[arch])
+                  tie_word_embeddings=cfg.tie_head, architectures=[arch])
     if arch == "GPT2LMHeadModel":
         return transformers.GPT2Config(
             n_positions=cfg.block_size, n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
-            n_inner=4 * cfg.d_model, activation_function="gelu", layer_norm_epsilon=LAYER_NORM_EPS,
+            n_inner=4 * cfg.d_model, activation_function=ACTIVATIONS[cfg.mlp], layer_norm_epsilon=LAYER_NORM_EPS,
             resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, scale_attn_weights=True,
             scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, add_cross_attention=False,
             **common)
+    if arch == QK_NORM_ARCHITECTURE:
+        return transformers.PersimmonConfig(
+            hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model, num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head, hidden_act=ACTIVATIONS[cfg.mlp], max_position_embeddings=cfg.block_size,
+            layer_norm_eps=LAYER_NORM_EPS, qk_layernorm=True, hidden_dropout=cfg.dropout,
+            attention_dropout=cfg.dropout, rope_parameters={"rope_type": "default", "rope_theta": rope_base(model),
+                                                            "partial_rotary_factor": 1.0}, **common)
     return transformers.Starcoder2Config(
         hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads, hidden_act="gelu",
+        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads, hidden_act=ACTIVATIONS[cfg.mlp],
         max_position_embeddings=cfg.block_size, norm_epsilon=LAYER_NORM_EPS,
         rope_parameters={"rope_type": "default", "rope_theta": rope_base(model)}, sliding_window=None,
         attention_dropout=cfg.dropout, residual_dropout=cfg.dropout, embedding_dropout=cfg.dropout,
@@ -138,12 +153,40 @@ def _starcoder2_weights(model: GPT) -> dict[str, torch.Tensor]:
     return out | _norm("model.norm", model.ln_f)
 
 
+def _per_head_qkv(attn):
+    """(q, kv) -> Persimmon's fused rows: for each head its query, key and value rows (K/V heads
+    repeated for the query heads of their group)."""
+    def fuse(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        k, v = _split_kv(attn, kv, attn.n_head // attn.n_kv)
+        return torch.stack([x.unflatten(0, (attn.n_head, attn.hd)) for x in (q, k, v)], dim=1).flatten(0, 2)
+    return fuse
+
+
+def _persimmon_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """Persimmon's fused projection holds, head by head, that head's query, key and value rows."""
+    out = {"model.embed_tokens.weight": model.tok_emb.weight}
+    for i, block in enumerate(model.blocks):
+        p, attn, mlp = f"model.layers.{i}", block.attn, block.mlp
+        per_head = _per_head_qkv(attn)
+        out |= _norm(f"{p}.input_layernorm", block.ln1) | _norm(f"{p}.post_attention_layernorm", block.ln2)
+        out |= _norm(f"{p}.self_attn.q_layernorm", attn.q_norm) | _norm(f"{p}.self_attn.k_layernorm", attn.k_norm)
+        out |= {f"{p}.self_attn.query_key_value.weight": per_head(attn.q.weight, attn.kv.weight),
+                f"{p}.self_attn.query_key_value.bias": per_head(_bias(attn.q), _bias(attn.kv)),
+                f"{p}.self_attn.dense.weight": attn.out.weight, f"{p}.self_attn.dense.bias": _bias(attn.out),
+                f"{p}.mlp.dense_h_to_4h.weight": mlp.up.weight, f"{p}.mlp.dense_h_to_4h.bias": _bias(mlp.up),
+                f"{p}.mlp.dense_4h_to_h.weight": mlp.down.weight, f"{p}.mlp.dense_4h_to_h.bias": _bias(mlp.down)}
+    return out | _norm("model.final_layernorm", model.ln_f)
+
+
 def hf_weights(model: GPT) -> dict[str, torch.Tensor]:
-    """The state dict of the matching transformers model (the tied output head left out: config.json
+    """The state dict of the matching transformers model (a tied output head left out: config.json
     ties it), as contiguous fp32 tensors that share no memory, as safetensors requires."""
     arch = architecture_for(model.cfg)
     with torch.no_grad():
-        weights = _gpt2_weights(model) if arch == "GPT2LMHeadModel" else _starcoder2_weights(model)
+        weights = {"GPT2LMHeadModel": _gpt2_weights, "Starcoder2ForCausalLM": _starcoder2_weights,
+                   QK_NORM_ARCHITECTURE: _persimmon_weights}[arch](model)
+        if not model.cfg.tie_head:
+            weights["lm_head.weight"] = model.head.weight
         return {name: w.detach().to("cpu", torch.float32).contiguous().clone() for name, w in weights.items()}
 
 
@@ -279,10 +322,13 @@ def model_card(cfg: GPTConfig, arch: str, vocab: str, lowercase: bool, diff: flo
     """A short README.md: what the model is, how it was trained, how to use it, what is exact."""
     step, name = facts.get("step"), facts.get("name", "model")
     kv = {cfg.n_head: "multi-head", 1: "multi-query"}.get(cfg.kv_heads, "grouped-query")
-    rows = [("architecture", f"`{arch}` ({'GPT-2' if arch.startswith('GPT2') else 'Starcoder2'} in transformers)"),
+    family = {"GPT2LMHeadModel": "GPT-2", "Starcoder2ForCausalLM": "Starcoder2", QK_NORM_ARCHITECTURE: "Persimmon"}
+    multi_head_only = arch != "Starcoder2ForCausalLM"
+    rows = [("architecture", f"`{arch}` ({family[arch]} in transformers)"),
             ("model", f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} K/V heads, {kv}), width "
                       f"{cfg.d_model}, context {cfg.block_size} characters, {cfg.pos_emb} positions, "
-                      f"{'with' if cfg.bias else 'no'} biases"),
+                      f"{'QK-norm, ' if cfg.qk_norm else ''}{cfg.mlp} MLP, {'tied' if cfg.tie_head else 'untied'} "
+                      f"head, {'with' if cfg.bias else 'no'} biases"),
             ("vocabulary", f"{len(vocab)} characters, {'lowercased' if lowercase else 'case-sensitive'}")]
     if "data" in facts:
         rows.append(("data", facts["data"]))
@@ -295,12 +341,13 @@ def model_card(cfg: GPTConfig, arch: str, vocab: str, lowercase: bool, diff: flo
     rows.append(("checked", f"largest absolute logit difference from the training code's model: {diff:.2e} (fp32, "
                             f"2 x {cfg.block_size} random ids)"))
     notes = []
-    if arch.startswith("GPT2") and cfg.kv_heads != cfg.n_head:
-        notes.append(f"GPT-2 has no grouped K/V heads: each of the {cfg.kv_heads} K/V heads is repeated for the "
-                     f"{cfg.n_head // cfg.kv_heads} query heads of its group. Exact, but the K/V weights and the "
-                     "KV cache are that much larger than the model trained.")
-    if not cfg.bias and arch.startswith("GPT2"):
-        notes.append("The model was trained without biases; GPT-2 always has them, so they are zeros (exact).")
+    if multi_head_only and cfg.kv_heads != cfg.n_head:
+        notes.append(f"{family[arch]} has no grouped K/V heads: each of the {cfg.kv_heads} K/V heads is repeated "
+                     f"for the {cfg.n_head // cfg.kv_heads} query heads of its group. Exact, but the K/V weights and "
+                     "the KV cache are that much larger than the model trained.")
+    if not cfg.bias and multi_head_only:
+        notes.append(f"The model was trained without biases; {family[arch]} always has them, so they are zeros "
+                     "(exact).")
     elif not cfg.bias:
         notes.append("The model was trained without biases; LayerNorm's biases are zeros (exact).")
     notes.append(f"Context: at most {cfg.block_size} characters, prompt and new ones together. Our sampler "

@@ -8,13 +8,17 @@ from .config import TrainConfig
 
 
 def lr_at(tokens: int, t: TrainConfig, total_tokens: int) -> float:
-    """Linear warmup over warmup_tokens, cosine to min_lr at decay_tokens (default: the run's end), flat after."""
+    """Linear warmup over warmup_tokens, then the decay to min_lr at decay_tokens (default: the run's
+    end), flat after: a cosine, or (wsd) flat at lr and a linear cooldown over its last fraction."""
     if tokens < t.warmup_tokens:
         return t.lr * (tokens + 1) / t.warmup_tokens
     decay_end = t.decay_tokens or total_tokens
     if tokens >= decay_end:
         return t.min_lr
     progress = (tokens - t.warmup_tokens) / max(1, decay_end - t.warmup_tokens)
+    if t.schedule == "wsd":
+        left = (1.0 - progress) / t.cooldown  # 1 where the cooldown starts, 0 at its end
+        return t.lr if left >= 1 else t.min_lr + left * (t.lr - t.min_lr)
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
 
 
