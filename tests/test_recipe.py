@@ -5,10 +5,12 @@ trains at ZeRO-0 and ZeRO-3 alike, and resumes bit-identically."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
+import yaml
 from omegaconf import OmegaConf
 
 from conftest import debug_overrides, losses, run_train
@@ -196,9 +198,27 @@ def test_muon_at_a_zero_stage_that_splits_matrices_is_a_config_error_naming_both
         to_config(OmegaConf.create({"model": {"mlp": "swiglu"}}))
 
 
+def resumed_from_step_5(whole: Path, run_dir: Path, overrides: list[str], ranks: int) -> dict[int, float]:
+    """Resume `whole`'s step-5 checkpoint into a new run dir (the state a run stopped at step 5 leaves:
+    the lr schedule is fixed by decay_tokens); check that it says so and trains steps 6-10 on the
+    windows `whole` trained them on; return its losses."""
+    proc = run_train(debug_overrides(shakespeare_dir_of(whole), run_dir, *overrides,
+                                     f"resume={whole / 'checkpoints' / 'step00000005'}"), ranks=ranks)
+    assert "| resumed at step 5" in proc.stdout
+    for rank in range(ranks):
+        name = f"batches_rank{rank}.txt"
+        later = [line for line in (whole / name).read_text().splitlines() if int(line.split()[0]) > 5]
+        assert (run_dir / name).read_text().splitlines() == later
+    return losses(run_dir)
+
+
+def shakespeare_dir_of(run_dir: Path) -> str:
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["dir"]
+
+
 def test_the_recipe_model_trains_alike_at_zero3_and_zero0_and_resumes_bit_identically(tmp_path, shakespeare_dir):
-    """2 ranks, fp32: ZeRO-3 (parameters partitioned) follows ZeRO-0's losses; a ZeRO-3 run stopped at
-    step 5 and resumed repeats the uninterrupted ZeRO-3 run exactly, on the same windows."""
+    """2 ranks, fp32: ZeRO-3 (parameters partitioned) follows ZeRO-0's losses; ZeRO-3 resumed from step
+    5 repeats the uninterrupted ZeRO-3 run exactly, on the same windows."""
     common = [*RECIPE_OVERRIDES, "train.schedule=wsd", "train.eval_every=0", "train.ckpt_every=5",
               "train.max_steps=10", "train.sample_tokens=0", "train.record_batches=true"]
     run_train(debug_overrides(shakespeare_dir, tmp_path / "z0", *common, "deepspeed=zero0"), ranks=2)
@@ -207,15 +227,8 @@ def test_the_recipe_model_trains_alike_at_zero3_and_zero0_and_resumes_bit_identi
     assert z3.keys() == set(range(1, 11)) and z0[10] < z0[1] - 0.3
     assert max(abs(z3[s] - z0[s]) for s in z0) < 1e-5
 
-    run_train(debug_overrides(shakespeare_dir, tmp_path / "resumed", *common, "deepspeed=zero3",
-                              "train.max_steps=5"), ranks=2)
-    second = run_train(debug_overrides(shakespeare_dir, tmp_path / "resumed", *common, "deepspeed=zero3"), ranks=2)
-    assert "| resumed at step 5" in second.stdout
-    resumed = losses(tmp_path / "resumed")
-    assert all(resumed[s] == z3[s] for s in range(6, 11))
-    for rank in (0, 1):
-        name = f"batches_rank{rank}.txt"
-        assert (tmp_path / "resumed" / name).read_text() == (tmp_path / "z3" / name).read_text()
+    resumed = resumed_from_step_5(tmp_path / "z3", tmp_path / "resumed", [*common, "deepspeed=zero3"], ranks=2)
+    assert resumed.keys() == set(range(6, 11)) and all(resumed[s] == z3[s] for s in resumed)
 
 
 def test_muon_trains_and_resumes_bit_identically_with_its_momentum_in_the_checkpoint(tmp_path, shakespeare_dir):
@@ -229,10 +242,5 @@ def test_muon_trains_and_resumes_bit_identically_with_its_momentum_in_the_checkp
     muon_groups = [g for g in states["param_groups"] if g["muon"]]
     assert muon_groups and all("momentum_buffer" in states["state"][i] for g in muon_groups for i in g["params"])
 
-    run_train(debug_overrides(shakespeare_dir, tmp_path / "resumed", *common, "train.max_steps=5"))
-    second = run_train(debug_overrides(shakespeare_dir, tmp_path / "resumed", *common))
-    assert "| resumed at step 5" in second.stdout
-    resumed = losses(tmp_path / "resumed")
-    assert all(resumed[s] == whole[s] for s in range(6, 11))
-    assert (tmp_path / "resumed" / "batches_rank0.txt").read_text() == (tmp_path / "whole" / "batches_rank0.txt"
-                                                                        ).read_text()
+    resumed = resumed_from_step_5(tmp_path / "whole", tmp_path / "resumed", common, ranks=1)
+    assert resumed.keys() == set(range(6, 11)) and all(resumed[s] == whole[s] for s in resumed)

@@ -246,8 +246,8 @@ class Trainer:
             OmegaConf.save(OmegaConf.structured(cfg), self.run_dir / "config.yaml")
             print(f"model: {params / 1e6:.2f}M parameters (12·L·d² + embeddings = "
                   f"{cfg.model.approx_params() / 1e6:.2f}M) | ranks: {world} | ZeRO-{cfg.deepspeed.stage} "
-                  f"{cfg.precision} | data: {manifest['splits']['train']['tokens']:,} train tokens, "
-                  f"{self.loader.windows_per_epoch:,} windows/epoch | run_dir: {self.run_dir}"
+                  f"{cfg.precision} {cfg.train.optimizer} | data: {manifest['splits']['train']['tokens']:,} train "
+                  f"tokens, {self.loader.windows_per_epoch:,} windows/epoch | run_dir: {self.run_dir}"
                   + (f" | resumed at step {self.step}" if self.step else ""), flush=True)
             print(f"MFU: {flops_token / 1e6:.2f} MFLOPs/token against {peak / 1e12:.3g} TFLOP/s per device "
                   f"({peak_source})", flush=True)
