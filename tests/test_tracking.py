@@ -86,8 +86,9 @@ def test_kill_9_then_resume_continues_one_wandb_curve_from_the_checkpoint_with_o
         runs = _runs(run_dir)
         if not (latest.exists() and runs):
             return None
-        ckpt = int(latest.read_text()[4:])
-        return ckpt if max(history(runs[0]), default=0) > ckpt else None
+        logged = max(history(runs[0]), default=0)  # first (reading it takes a while), then `latest`: the
+        ckpt = int(latest.read_text()[4:])  # kill follows at once, before a step can save the next one
+        return ckpt if logged > ckpt else None
 
     deadline = time.time() + 300
     while (ckpt := past_the_checkpoint()) is None:
