@@ -4,6 +4,7 @@ einsum reference and the KV cache equal to the full forward, exports exactly or 
 trains at ZeRO-0 and ZeRO-3 alike, and resumes bit-identically."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 from conftest import debug_overrides, losses, run_train
 from model import GPT, GPTConfig
 from model.attention import Rotary
+from trainer.checkpoint import Checkpoint, CheckpointError, check_compatible
 from trainer.config import Config, ConfigError, TrainConfig, to_config
 from trainer.engine import build_optimizer
 from trainer.export import ExportError, export
@@ -244,3 +246,15 @@ def test_muon_trains_and_resumes_bit_identically_with_its_momentum_in_the_checkp
 
     resumed = resumed_from_step_5(tmp_path / "whole", tmp_path / "resumed", common, ranks=1)
     assert resumed.keys() == set(range(6, 11)) and all(resumed[s] == whole[s] for s in resumed)
+
+    # a checkpoint from before the recipe options has no qk_norm, mlp or tie_head: they were the
+    # defaults, so it resumes a default model and is refused by a recipe model, by name
+    ckpt = Checkpoint(tmp_path / "whole" / "checkpoints", "step00000005")
+    meta = json.loads((ckpt.path / "meta.json").read_text())
+    for key in ("qk_norm", "mlp", "tie_head"):
+        del meta["model_config"][key]
+    (ckpt.path / "meta.json").write_text(json.dumps(meta))
+    plain = GPTConfig(**{**meta["model_config"]})
+    check_compatible(ckpt, meta["vocab"], plain, 0)
+    with pytest.raises(CheckpointError, match=r"the model differs: model\.qk_norm: checkpoint False, config True"):
+        check_compatible(ckpt, meta["vocab"], GPTConfig(**{**meta["model_config"], "qk_norm": True}), 0)

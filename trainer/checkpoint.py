@@ -190,6 +190,7 @@ def check_compatible(ckpt: Checkpoint, vocab: str, model_cfg: GPTConfig, zero_st
     ours, theirs = asdict(model_cfg), meta.get("model_config")
     if not isinstance(theirs, dict):
         raise CheckpointError(f"{ckpt.path / META}: no model_config")
+    theirs = {**asdict(GPTConfig()), **theirs}  # a setting newer than the checkpoint was at its default
     differ = [f"model.{k}: checkpoint {v!r}, config {ours.get(k)!r}" for k, v in theirs.items()
               if ours.get(k) != v and k not in ("dropout", "attn")]
     if differ:
