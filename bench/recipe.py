@@ -80,40 +80,47 @@ def loss_at_time(curve: dict, t: float) -> float:
 
 
 def time_to_reach(curve: dict, target: float) -> float | None:
-    """The first training time at which the val loss reaches target, linear between evaluations."""
+    """The first training time at which the val loss reaches target, linear between evaluations;
+    None if it never does."""
     points = sorted(curve.values())
+    if points[0][1] <= target:
+        return points[0][0]
     for (t0, l0), (t1, l1) in zip(points, points[1:]):
         if l1 <= target:
-            return t1 if l0 <= target else t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
     return None
 
 
-def summarize(results: dict[str, list[dict]]) -> list[dict]:
+def final(run: dict) -> float:
+    return run["curve"][max(run["curve"])][1]
+
+
+def summarize(results: dict[str, list[dict]]) -> tuple[list[dict], float, float]:
+    """Each seed's variant against the same seed's today run (its time, its final loss), then the
+    mean over seeds; a time to reach is given only when every seed reached the target."""
     today = results["today"]
-    budget = mean(r["time"] for r in today)
-    target = mean(r["curve"][max(r["curve"])][1] for r in today)
     rows = []
     for name, runs in results.items():
-        at_budget = [loss_at_time(r["curve"], budget) for r in runs]
-        reach = [time_to_reach(r["curve"], target) for r in runs]
+        reach = [time_to_reach(r["curve"], final(t)) for r, t in zip(runs, today)]
         rows.append({
             "variant": name,
             "steps": max(runs[0]["curve"]),
-            "final": mean(r["curve"][max(r["curve"])][1] for r in runs),
-            "at_budget": mean(at_budget),
-            "reach": mean(reach) / budget if None not in reach else None,
+            "final": mean(final(r) for r in runs),
+            "at_budget": mean(loss_at_time(r["curve"], t["time"]) for r, t in zip(runs, today)),
+            "reach": mean(x / t["time"] for x, t in zip(reach, today)) if None not in reach else None,
             "tokens_per_s": mean(r["tokens_per_s"] for r in runs),
-            "time": mean(r["time"] for r in runs) / budget,
+            "time": mean(r["time"] / t["time"] for r, t in zip(runs, today)),
         })
-    return rows, budget, target
+    return rows, mean(t["time"] for t in today), mean(final(t) for t in today)
 
 
 def print_table(rows: list[dict], budget: float, target: float, seeds: list[int]) -> None:
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
-    print(f"\nbaby shape, seeds {', '.join(map(str, seeds))} (means); today's recipe: {budget:.1f} s of "
-          f"training, final val loss {target:.4f}. Times are fractions of today's.")
+    print(f"\nbaby shape, seeds {', '.join(map(str, seeds))} (means; each seed against today's run of the "
+          f"same seed); today's recipe: {budget:.1f} s of training, final val loss {target:.4f}. Times are "
+          "fractions of today's.")
     print("| variant | steps | final val loss | val loss at today's time | time to today's final loss | run time "
           "| tokens/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -138,9 +145,8 @@ def main() -> None:
             for name in names:
                 r = run(name, seed, args.data_dir, args.eval_every, args.eval_steps, Path(out))
                 results.setdefault(name, []).append(r)
-                last = r["curve"][max(r["curve"])][1]
-                print(f"{name} (seed {seed}): val {last:.4f}, {r['time']:.1f} s, {r['tokens_per_s']:,.0f} tokens/s",
-                      flush=True)
+                print(f"{name} (seed {seed}): val {final(r):.4f}, {r['time']:.1f} s, "
+                      f"{r['tokens_per_s']:,.0f} tokens/s", flush=True)
     rows, budget, target = summarize(results)
     print_table(rows, budget, target, args.seeds)
     if args.json:

@@ -19,23 +19,25 @@ from .norm import LayerNorm
 class Rotary(nn.Module):
     """Rotary position embedding: rotates pairs (x_i, x_{i+d/2}) by angle pos / base^(2i/d).
 
-    cos and sin are computed in fp32 once per device for the longest length seen, and sliced after
-    (no buffers, so a model cast to bf16 keeps exact positions and checkpoints hold no angles).
+    cos and sin are computed in fp32 once per device for max_len positions (more if asked), and
+    sliced after (no buffers, so a model cast to bf16 keeps exact positions and checkpoints hold no
+    angles).
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, max_len: int = 0, base: float = 10000.0):
         super().__init__()
-        self.head_dim, self.base = head_dim, base
+        self.head_dim, self.max_len, self.base = head_dim, max_len, base
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each (length', head_dim / 2) with length' >= length, on the device."""
         cached = self._tables.get(device)
         if cached is None or cached[0].shape[0] < length:
-            d = self.head_dim
-            inv_freq = self.base ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
-            angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
-            cached = self._tables[device] = (angles.cos(), angles.sin())
+            d, length = self.head_dim, max(length, self.max_len)
+            with torch.inference_mode(False):  # tables made during inference must serve training too
+                inv_freq = self.base ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+                angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+                cached = self._tables[device] = (angles.cos(), angles.sin())
         return cached
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
@@ -81,7 +83,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.n_head * self.hd, cfg.d_model, bias=cfg.bias)
         self.attn_drop = nn.Dropout(cfg.dropout)
         self.resid_drop = nn.Dropout(cfg.dropout)
-        self.rotary = Rotary(self.hd) if cfg.pos_emb == "rope" else None
+        self.rotary = Rotary(self.hd, cfg.block_size) if cfg.pos_emb == "rope" else None
         self.q_norm = LayerNorm(self.hd, cfg.bias) if cfg.qk_norm else None
         self.k_norm = LayerNorm(self.hd, cfg.bias) if cfg.qk_norm else None
 

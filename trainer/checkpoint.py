@@ -106,8 +106,9 @@ class Checkpointer:
     def __init__(self, engine, run_dir, cfg, tokenizer, writes_files: bool):
         self.engine, self.directory, self.writes_files = engine, checkpoint_dir(run_dir), writes_files
         self.every, self.keep, self.max_steps = cfg.train.ckpt_every, cfg.train.keep_ckpts, cfg.train.max_steps
+        # client state: its keys share DeepSpeed's dict in the model states file (not "optimizer")
         self.about = {"model_config": asdict(cfg.model), "vocab": tokenizer.vocab, "lowercase": tokenizer.lowercase,
-                      "zero_stage": cfg.deepspeed.stage}
+                      "zero_stage": cfg.deepspeed.stage, "train_optimizer": cfg.train.optimizer}
 
     def due(self, step: int) -> bool:
         return bool(self.every and step % self.every == 0) or step == self.max_steps
@@ -177,13 +178,18 @@ def read_meta(ckpt: Checkpoint) -> dict:
         raise CheckpointError(str(e)) from None
 
 
-def check_compatible(ckpt: Checkpoint, vocab: str, model_cfg: GPTConfig, zero_stage: int) -> dict:
+def check_compatible(ckpt: Checkpoint, vocab: str, model_cfg: GPTConfig, zero_stage: int,
+                     optimizer: str = "adamw") -> dict:
     """The checkpoint's meta.json, after checking it fits this run's data, model and ZeRO stage
     (before any weights load). Another world size is fine: see needs_universal."""
     meta = read_meta(ckpt)
     if meta.get("zero_stage") != zero_stage:
         raise CheckpointError(f"{ckpt.path}: saved with ZeRO-{meta.get('zero_stage')}, this run uses "
                               f"deepspeed=zero{zero_stage}; resume with deepspeed=zero{meta.get('zero_stage')}")
+    saved_with = meta.get("train_optimizer", "adamw")  # checkpoints from before train.optimizer: AdamW
+    if saved_with != optimizer:
+        raise CheckpointError(f"{ckpt.path}: saved with train.optimizer={saved_with}, this run uses "
+                              f"train.optimizer={optimizer}; resume with train.optimizer={saved_with}")
     if meta.get("vocab") != vocab:
         raise CheckpointError(f"{ckpt.path}: the checkpoint's vocabulary ({len(meta.get('vocab') or '')} chars) "
                               f"differs from the data's manifest.json ({len(vocab)} chars)")
@@ -213,8 +219,8 @@ def files_for_rank(meta: dict, rank: int) -> list[str]:
             if (m := RANK_FILE.search(name)) is None or int(m.group(1)) == rank]
 
 
-def plan_resume(resume: str, run_dir, vocab: str, model_cfg: GPTConfig, zero_stage: int, node, writer: bool
-                ) -> tuple[Checkpoint, dict] | None:
+def plan_resume(resume: str, run_dir, vocab: str, model_cfg: GPTConfig, zero_stage: int, node, writer: bool,
+                optimizer: str = "adamw") -> tuple[Checkpoint, dict] | None:
     """Collective. Rank 0 alone decides what to resume (nodes' disks may disagree) and checks that it
     fits this run; every rank then checks its own files of that checkpoint against rank 0's meta.json
     on its own disk, and all agree before anything is loaded. Returns (checkpoint, meta) or None.
@@ -223,7 +229,7 @@ def plan_resume(resume: str, run_dir, vocab: str, model_cfg: GPTConfig, zero_sta
     if dist.get_rank() == 0:
         try:
             ckpt = resolve(resume, run_dir)
-            decision = [(str(ckpt.directory), ckpt.tag, check_compatible(ckpt, vocab, model_cfg, zero_stage))
+            decision = [(str(ckpt.directory), ckpt.tag, check_compatible(ckpt, vocab, model_cfg, zero_stage, optimizer))
                         if ckpt else None]
         except Exception as e:  # a bad file must fail every rank, not leave the others waiting
             decision = [str(e) if isinstance(e, (CheckpointError, FileNotFoundError))

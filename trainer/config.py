@@ -127,6 +127,10 @@ class TrainConfig:
             raise ValueError(f"train.optimizer={self.optimizer!r}: choose adamw or muon")
         if not 0 <= self.muon_momentum < 1:
             raise ValueError(f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        for key, needs, value in (("cooldown", "schedule", "wsd"), ("muon_momentum", "optimizer", "muon")):
+            if getattr(self, key) != getattr(TrainConfig, key) and getattr(self, needs) != value:
+                raise ValueError(f"train.{key} is set, but applies only with train.{needs}={value} "
+                                 f"(this run: {getattr(self, needs)})")
         if self.batch_ramp_tokens and not 0 < self.batch_start_tokens:
             raise ValueError("train.batch_ramp_tokens is set: train.batch_start_tokens must be > 0")
 

@@ -229,7 +229,7 @@ class Trainer:
     def _plan_resume(self, node: Node, writes_files: bool) -> tuple[checkpoint.Checkpoint | None, bool]:
         cfg = self.cfg
         resume = checkpoint.plan_resume(cfg.resume, cfg.run_dir, self.tokenizer.vocab, cfg.model,
-                                        cfg.deepspeed.stage, node, writes_files)
+                                        cfg.deepspeed.stage, node, writes_files, cfg.train.optimizer)
         if resume is None:
             return None, False
         ckpt, meta = resume

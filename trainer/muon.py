@@ -17,19 +17,24 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (and Keller Jo
 NS_STEPS = 5
 
 
-def muon_parameters(model: torch.nn.Module) -> tuple[list, list, list]:
-    """(Muon's matrices, AdamW's decayed matrices, AdamW's undecayed vectors). Muon takes the blocks'
-    hidden matrices only: the embeddings and the head map to and from characters, not between
-    hidden features, and are better served by Adam (as in the Muon paper and modded-nanogpt)."""
-    muon, decay, no_decay = [], [], []
+def param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict], list[dict]]:
+    """(Muon's groups, AdamW's groups). Muon takes the blocks' hidden matrices only: the embeddings
+    and the head map to and from characters, not between hidden features, and are better served by
+    Adam (as in the Muon paper and modded-nanogpt); vectors (norms, biases) are not decayed. The
+    attention's kv projection stacks the keys' and the values' matrices, each orthogonalized on its
+    own, as separate projections would be ("parts": 2)."""
+    kv = {id(block.attn.kv.weight) for block in getattr(model, "blocks", [])}
+    matrices, fused, decay, no_decay = [], [], [], []
     for name, p in model.named_parameters():
         if p.dim() < 2:
             no_decay.append(p)
-        elif name.startswith("blocks."):
-            muon.append(p)
-        else:
+        elif not name.startswith("blocks."):
             decay.append(p)
-    return muon, decay, no_decay
+        else:
+            (fused if id(p) in kv else matrices).append(p)
+    return ([{"params": matrices, "weight_decay": weight_decay},
+             {"params": fused, "weight_decay": weight_decay, "parts": 2}],
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}])
 
 
 def orthogonalize(x: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
@@ -48,13 +53,16 @@ def orthogonalize(x: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> 
 class Muon(torch.optim.Optimizer):
     """Momentum orthogonalized by Newton-Schulz, for 2-D parameters."""
 
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0, parts: int = 1):
+        """parts: each parameter of a group stacks this many matrices along its rows."""
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, parts=parts))
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             for p in params:
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
@@ -62,15 +70,17 @@ class Muon(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
             updates = torch._foreach_lerp(grads, buffers, group["momentum"])  # Nesterov
+            # each matrix (a fused parameter's parts apart), batched with the others of its shape
+            parts = [u.unflatten(0, (group["parts"], -1)) for u in updates]
             by_shape: dict[torch.Size, list[int]] = {}
-            for i, p in enumerate(params):
-                by_shape.setdefault(p.shape, []).append(i)
+            for i, u in enumerate(parts):
+                by_shape.setdefault(u.shape[1:], []).append(i)
             for shape, indices in by_shape.items():
-                ortho = orthogonalize(torch.stack([updates[i] for i in indices]))
+                ortho = orthogonalize(torch.cat([parts[i] for i in indices])).split(group["parts"])
                 scale = 0.2 * math.sqrt(max(shape))  # torch's match_rms_adamw: AdamW's update size
                 for i, update in zip(indices, ortho):
                     params[i].mul_(1 - group["lr"] * group["weight_decay"])
-                    params[i].add_(update.to(params[i].dtype), alpha=-group["lr"] * scale)
+                    params[i].add_(update.flatten(0, 1).to(params[i].dtype), alpha=-group["lr"] * scale)
 
 
 class MuonAdamW(torch.optim.Optimizer):
