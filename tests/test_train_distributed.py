@@ -324,3 +324,29 @@ def test_a_bf16_zero0_checkpoint_of_deepspeeds_bf16_wrapper_is_refused_with_what
     assert proc.returncode == 1
     assert "optimizer state is that of DeepSpeed's bf16 wrapper" in proc.stderr.strip().splitlines()[-1]
     assert "resume=never" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_the_cpu_ranks_of_a_node_split_its_cores_unless_omp_num_threads_says(monkeypatch):
+    """Torch gives each process a thread per core: 2 CPU ranks on 2 cores ran 4 threads, 4x slower
+    (measured on this 2-core machine). The launcher's LOCAL_SIZE (torchrun: LOCAL_WORLD_SIZE) splits them."""
+    import os
+
+    import torch
+
+    from trainer.distributed import share_cores
+
+    before, cores = torch.get_num_threads(), len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        for variable in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+            monkeypatch.delenv("LOCAL_SIZE", raising=False)
+            monkeypatch.setenv(variable, "2")
+            torch.set_num_threads(cores)
+            share_cores()
+            assert torch.get_num_threads() == max(1, cores // 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", str(cores))
+        torch.set_num_threads(cores)
+        share_cores()
+        assert torch.get_num_threads() == cores  # the user's choice stands
+    finally:
+        torch.set_num_threads(before)

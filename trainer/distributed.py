@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
+import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
@@ -31,9 +32,10 @@ def bind_device(local_rank: int) -> None:
     """Make this rank's own GPU (LOCAL_RANK) the current device before the first collective. Torch
     runs object collectives on the current device, which is GPU 0 for every rank of a node until
     DeepSpeed's engine sets it: the start-up checks would put all of a node's ranks on one GPU. CPU
-    ranks are processes and have nothing to bind."""
+    ranks have no device: they share the node's cores instead."""
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
+        share_cores()
         return
     count = accelerator.device_count()
     if not 0 <= local_rank < count:
@@ -41,6 +43,15 @@ def bind_device(local_rank: int) -> None:
                        f"device(s): start at most {count} ranks on it (deepspeed --num_gpus, or the hostfile's "
                        "slots=)")
     accelerator.set_device(local_rank)
+
+
+def share_cores() -> None:
+    """Split the node's cores between its CPU ranks (LOCAL_SIZE from the deepspeed launcher,
+    LOCAL_WORLD_SIZE from torchrun). Torch gives every process one thread per core, so N ranks would
+    run N threads on each core: 4x slower at 2 ranks on 2 cores. OMP_NUM_THREADS, when set, decides."""
+    ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    if ranks > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks))
 
 
 def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
