@@ -317,14 +317,41 @@ def run_facts(run_dir: Path, step: int) -> dict:
     return facts
 
 
+FAMILIES = {"GPT2LMHeadModel": "GPT-2", "Starcoder2ForCausalLM": "Starcoder2", QK_NORM_ARCHITECTURE: "Persimmon"}
+
+
+def _exactness_notes(cfg: GPTConfig, arch: str, lowercase: bool) -> list[str]:
+    """The model card's list of what the export keeps exactly, and where it differs from training."""
+    family, multi_head_only = FAMILIES[arch], arch != "Starcoder2ForCausalLM"
+    notes = []
+    if multi_head_only and cfg.kv_heads != cfg.n_head:
+        notes.append(f"{family} has no grouped K/V heads: each of the {cfg.kv_heads} K/V heads is repeated "
+                     f"for the {cfg.n_head // cfg.kv_heads} query heads of its group. Exact, but the K/V weights and "
+                     "the KV cache are that much larger than the model trained.")
+    if not cfg.bias and multi_head_only:
+        notes.append(f"The model was trained without biases; {family} always has them, so they are zeros (exact).")
+    elif not cfg.bias:
+        notes.append("The model was trained without biases; LayerNorm's biases are zeros (exact).")
+    notes.append(f"Context: at most {cfg.block_size} characters, prompt and new ones together. Our sampler "
+                 "slides the window past that; `generate()` does not"
+                 + (" (GPT-2 has no positions beyond it)." if arch.startswith("GPT2")
+                    else " (RoPE goes on, to positions the model never trained on)."))
+    notes.append("Tokenizer: one token per character, the same ids as in training, and the same normalization "
+                 "(CRLF and CR to LF, tabs to spaces, other control characters dropped"
+                 + (", lowercased" if lowercase else "") + "), except for the transliteration of non-ASCII "
+                 "text, which training does with `anyascii` and `tokenizers` cannot express: here it is "
+                 "decomposed, its accents stripped and any other non-ASCII character dropped (\"é\" -> \"e\" "
+                 "as in training, but \"ß\" -> \"\" where training gives \"ss\"). ASCII text gets the same ids "
+                 "(tested); for other text, run `anyascii` over it first.")
+    return notes
+
+
 def model_card(cfg: GPTConfig, arch: str, vocab: str, lowercase: bool, diff: float, facts: dict,
                folder: Path) -> str:
     """A short README.md: what the model is, how it was trained, how to use it, what is exact."""
     step, name = facts.get("step"), facts.get("name", "model")
     kv = {cfg.n_head: "multi-head", 1: "multi-query"}.get(cfg.kv_heads, "grouped-query")
-    family = {"GPT2LMHeadModel": "GPT-2", "Starcoder2ForCausalLM": "Starcoder2", QK_NORM_ARCHITECTURE: "Persimmon"}
-    multi_head_only = arch != "Starcoder2ForCausalLM"
-    rows = [("architecture", f"`{arch}` ({family[arch]} in transformers)"),
+    rows = [("architecture", f"`{arch}` ({FAMILIES[arch]} in transformers)"),
             ("model", f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} K/V heads, {kv}), width "
                       f"{cfg.d_model}, context {cfg.block_size} characters, {cfg.pos_emb} positions, "
                       f"{'QK-norm, ' if cfg.qk_norm else ''}{cfg.mlp} MLP, {'tied' if cfg.tie_head else 'untied'} "
@@ -340,27 +367,7 @@ def model_card(cfg: GPTConfig, arch: str, vocab: str, lowercase: bool, diff: flo
         rows.append(("val bits per character", f"{facts['val_bpc']:.4f} (at step {facts['val_step']})"))
     rows.append(("checked", f"largest absolute logit difference from the training code's model: {diff:.2e} (fp32, "
                             f"2 x {cfg.block_size} random ids)"))
-    notes = []
-    if multi_head_only and cfg.kv_heads != cfg.n_head:
-        notes.append(f"{family[arch]} has no grouped K/V heads: each of the {cfg.kv_heads} K/V heads is repeated "
-                     f"for the {cfg.n_head // cfg.kv_heads} query heads of its group. Exact, but the K/V weights and "
-                     "the KV cache are that much larger than the model trained.")
-    if not cfg.bias and multi_head_only:
-        notes.append(f"The model was trained without biases; {family[arch]} always has them, so they are zeros "
-                     "(exact).")
-    elif not cfg.bias:
-        notes.append("The model was trained without biases; LayerNorm's biases are zeros (exact).")
-    notes.append(f"Context: at most {cfg.block_size} characters, prompt and new ones together. Our sampler "
-                 "slides the window past that; `generate()` does not"
-                 + (" (GPT-2 has no positions beyond it)." if arch.startswith("GPT2")
-                    else " (RoPE goes on, to positions the model never trained on)."))
-    notes.append("Tokenizer: one token per character, the same ids as in training, and the same normalization "
-                 "(CRLF and CR to LF, tabs to spaces, other control characters dropped"
-                 + (", lowercased" if lowercase else "") + "), except for the transliteration of non-ASCII "
-                 "text, which training does with `anyascii` and `tokenizers` cannot express: here it is "
-                 "decomposed, its accents stripped and any other non-ASCII character dropped (\"é\" -> \"e\" "
-                 "as in training, but \"ß\" -> \"\" where training gives \"ss\"). ASCII text gets the same ids "
-                 "(tested); for other text, run `anyascii` over it first.")
+    notes = _exactness_notes(cfg, arch, lowercase)
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [character-level, shakespeare-transformer]", "---", "",
              f"# {name}: a character-level GPT", "",
