@@ -26,7 +26,8 @@ from model.config import GPTConfig
 @dataclass
 class TrainConfig:
     """`train.*`: the optimizer, its schedule, and when to evaluate, save and log. The defaults are the
-    baby preset's (a CPU); the other presets change only what differs."""
+    GPT-3 recipe at the baby preset's size (a CPU); conf/recipe/fast.yaml and the presets change only
+    what differs."""
 
     max_steps: int = 2000
     """Optimizer steps of the whole run (a resumed run continues to the same step)."""

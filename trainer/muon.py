@@ -3,9 +3,8 @@
 DeepSpeed takes a single optimizer, and the lr schedule and checkpoints see one set of param groups
 and one state dict. Muon's step is torch.optim.Muon's (Nesterov momentum, the quintic Newton-Schulz
 iteration in bf16, decoupled weight decay, the update scaled to AdamW's size), but it
-orthogonalizes every matrix of a shape in one batched iteration: a small model has many small
-matrices, and one iteration per matrix costs more launches than the model's own step
-(docs/benchmarks.md). tests/test_recipe.py checks it against torch.optim.Muon.
+orthogonalizes every matrix of a shape in one batched iteration, so a step launches one iteration
+per shape rather than one per matrix. tests/test_recipe.py checks it against torch.optim.Muon.
 """
 from __future__ import annotations
 
