@@ -75,14 +75,14 @@ def _last_step(node: Path) -> int:
     return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
 
 
-def _wait_for(predicate, procs, timeout=240):
+def _wait_for(predicate, procs, timeout=240, poll=0.1):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
         if any(p.poll() is not None for p in procs):
             raise AssertionError(f"a node ended early: {[p.poll() for p in procs]}\n{procs[0].stdout.read()[-3000:]}")
-        time.sleep(0.1)
+        time.sleep(poll)
     raise AssertionError("timed out")
 
 
@@ -174,27 +174,31 @@ def test_a_two_node_zero2_checkpoint_resumes_on_one_node_once_its_files_are_gath
 
 def test_kill_9_of_one_node_then_sigterm_to_both_then_resume(zero0_run, tmp_path, shakespeare_dir):
     """ZeRO-0 (every node holds the whole model states). node1 dies by kill -9 mid-run: node0 fails
-    instead of hanging. The resumed job is preempted (SIGTERM to both nodes): both save and exit 0.
-    The last resume ends like an uninterrupted run."""
+    instead of hanging, and both disks keep the same last checkpoint. The resumed job is preempted
+    (SIGTERM to both nodes): both save. The last resume ends like an uninterrupted run."""
     nodes = _nodes(tmp_path, shakespeare_dir)
     args = _overrides("deepspeed=zero0", "train.ckpt_every=10", "train.log_every=1")
-    procs = _launch(nodes, args)
-    _wait_for(lambda: _last_step(nodes[0]) >= 11, procs)  # 9 steps before the checkpoint of step 20
+    endless = [*args, "train.max_steps=1000"]  # decay_tokens fixes the lr schedule: the reference's steps
+    procs = _launch(nodes, endless)
+    _wait_for(lambda: _last_step(nodes[0]) >= 11, procs, poll=0.005)  # past the checkpoint of step 10
     os.killpg(procs[1].pid, signal.SIGKILL)
     (rc0, out0), _ = _finish(procs, timeout=120)
-    assert rc0 != 0 and _last_step(nodes[0]) < STEPS, out0[-3000:]
-    assert all((_ckpts(n) / "latest").read_text() == "step00000010" for n in nodes)
+    assert rc0 != 0, out0[-3000:]
+    saved = {(_ckpts(n) / "latest").read_text() for n in nodes}
+    # a busy machine may train on past the checkpoint of step 20 before the kill lands (~15 ms a step)
+    assert len(saved) == 1 and saved <= {"step00000010", "step00000020"}, saved
+    base = int(saved.pop()[4:])
 
     (nodes[0] / RUN / "metrics.jsonl").unlink()  # so that the steps waited for are the resumed run's
-    procs = _launch(nodes, args)
-    _wait_for(lambda: _last_step(nodes[0]) >= 14, procs)
+    procs = _launch(nodes, endless)
+    _wait_for(lambda: _last_step(nodes[0]) >= base + 4, procs)
     for proc in procs:
         os.killpg(proc.pid, signal.SIGTERM)  # the whole node is preempted: launcher and rank alike
     outs = _finish(procs, timeout=120)
-    assert "resumed at step 10" in outs[0][1]
+    assert f"resumed at step {base}" in outs[0][1]
     stopped = (_ckpts(nodes[0]) / "latest").read_text()
     assert "stop requested (SIGTERM)" in outs[0][1], outs[0][1][-3000:]
-    assert stopped > "step00000013" and (_ckpts(nodes[1]) / "latest").read_text() == stopped
+    assert stopped > f"step{base + 3:08d}" and (_ckpts(nodes[1]) / "latest").read_text() == stopped
 
     outs = _run(nodes, args)
     assert f"resumed at step {int(stopped[4:])}" in outs[0][1]

@@ -43,7 +43,7 @@ signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal="SIGTERM", at=time
 
 def agree(step: int, flag: bool) -> bool:
     """Every node's flag for `step`; True when any is set (an all-reduce, through files)."""
-    (sync / f"{step}.{node}").write_text("1" if flag else "0")
+    write_text_atomic(sync / f"{step}.{node}", "1" if flag else "0")  # a peer never reads a half-written mark
     deadline = time.time() + 120
     while True:
         marks = [sync / f"{step}.{k}" for k in range(nodes)]
