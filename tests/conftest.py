@@ -74,10 +74,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.processes)
 
 
+_ports_given = 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1. Under pytest-xdist each worker takes its own 1000 ports below the
+    kernel's ephemeral range (32768 and up, where bind(0) lands), so a port handed to one test is
+    not handed to another worker's test, nor to a socket of its runs, before it is bound."""
+    global _ports_given
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    if not worker.startswith("gw"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    base = 10000 + 1000 * int(worker[2:])
+    for _ in range(1000):
+        port = base + _ports_given % 1000
+        _ports_given += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}-{base + 999}")
 
 
 def subprocess_env() -> dict:

@@ -183,7 +183,7 @@ def test_kill_9_of_one_node_then_sigterm_to_both_then_resume(zero0_run, tmp_path
     _wait_for(lambda: _last_step(nodes[0]) >= 11, procs, poll=0.005)  # past the checkpoint of step 10
     os.killpg(procs[1].pid, signal.SIGKILL)
     (rc0, out0), _ = _finish(procs, timeout=120)
-    assert rc0 != 0, out0[-3000:]
+    assert rc0 != 0 and "[killed by the test" not in out0, out0[-3000:]  # it failed, not hung
     saved = {(_ckpts(n) / "latest").read_text() for n in nodes}
     # a busy machine may train on past the checkpoint of step 20 before the kill lands (~15 ms a step)
     assert len(saved) == 1 and saved <= {"step00000010", "step00000020"}, saved
@@ -191,14 +191,14 @@ def test_kill_9_of_one_node_then_sigterm_to_both_then_resume(zero0_run, tmp_path
 
     (nodes[0] / RUN / "metrics.jsonl").unlink()  # so that the steps waited for are the resumed run's
     procs = _launch(nodes, endless)
-    _wait_for(lambda: _last_step(nodes[0]) >= base + 4, procs)
+    _wait_for(lambda: _last_step(nodes[0]) >= base + 4, procs, poll=0.005)
     for proc in procs:
         os.killpg(proc.pid, signal.SIGTERM)  # the whole node is preempted: launcher and rank alike
     outs = _finish(procs, timeout=120)
     assert f"resumed at step {base}" in outs[0][1]
     stopped = (_ckpts(nodes[0]) / "latest").read_text()
     assert "stop requested (SIGTERM)" in outs[0][1], outs[0][1][-3000:]
-    assert stopped > f"step{base + 3:08d}" and (_ckpts(nodes[1]) / "latest").read_text() == stopped
+    assert base + 3 < int(stopped[4:]) < STEPS and (_ckpts(nodes[1]) / "latest").read_text() == stopped
 
     outs = _run(nodes, args)
     assert f"resumed at step {int(stopped[4:])}" in outs[0][1]
@@ -222,7 +222,7 @@ def test_a_collective_one_rank_never_joins_fails_the_job_within_the_timeout(tmp_
         procs[1].communicate()
     assert rc0 != 0
     assert "rank 0: a collective waited longer than train.collective_timeout_s=8 at step " in out0, out0[-3000:]
-    assert 6 < waited < 60  # the timeout, then the launcher ending the job
+    assert 6 < waited < 30  # the timeout, then the launcher ending the job
 
 
 def test_each_node_prepares_its_own_disk_and_nodes_with_other_shards_are_refused(tmp_path):

@@ -116,12 +116,13 @@ def test_kill_9_then_resume_is_bit_identical_and_sees_the_same_windows(zero0_run
     run_dir = tmp_path / "run"
     overrides = debug_overrides(shakespeare_dir, run_dir, "train.ckpt_every=5", "train.record_batches=true")
     proc = _start(overrides)
-    _wait_for(lambda: _last_step(run_dir) >= 13, proc)
+    _wait_for(lambda: _last_step(run_dir) >= 13, proc, poll=0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = _last_step(run_dir)
     resumed_from = int(_latest(run_dir)[4:])
-    assert resumed_from in (10, 15) and killed_at >= resumed_from
+    # ~15 ms a step: a busy machine may let the job save at step 20 before the kill lands
+    assert resumed_from in (10, 15, 20) and STEPS > killed_at >= resumed_from
     assert _shm_buffers(proc.master_port) == []  # each rank unlinked its buffer's name right after mapping it
 
     done = run_train(overrides, ranks=2)
