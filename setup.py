@@ -20,7 +20,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "ruff>=0.6", "pyarrow>=14.0.1", "wandb>=0.17.1", "vastai==1.9.1"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "ruff>=0.6", "pyarrow>=14.0.1",
+                 "wandb>=0.17.1", "vastai==1.9.1"],
         "wiki": ["pyarrow>=14.0.1", "huggingface_hub>=0.23"],
         "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.21"],  # launch/export.py (tested
                                     # with transformers 5.24, safetensors 0.8, tokenizers 0.23)
