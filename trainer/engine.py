@@ -6,7 +6,7 @@ import torch
 
 from .config import Config
 from .deepspeed_compat import clip_and_record_grad_norm, skip_one_rank_allreduce, zero_grad_from_a_list
-from .muon import MuonAdamW, param_groups
+from .muon import MuonAdamW, adamw_groups, param_groups
 
 
 def auto_bucket(n_params: int) -> int:
@@ -72,10 +72,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     adam = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=t.fused_adamw or None)
     if t.optimizer == "muon":
         return MuonAdamW(*param_groups(model, t.weight_decay), momentum=t.muon_momentum, **adam)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, **adam)
+    return torch.optim.AdamW(adamw_groups(model.parameters(), t.weight_decay), **adam)
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False,

@@ -16,24 +16,29 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (and Keller Jo
 NS_STEPS = 5
 
 
+def adamw_groups(params, weight_decay: float) -> list[dict]:
+    """Decoupled weight decay on matrices, none on vectors (norms, biases)."""
+    params = list(params)
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict], list[dict]]:
     """(Muon's groups, AdamW's groups). Muon takes the blocks' hidden matrices only: the embeddings
     and the head map to and from characters, not between hidden features, and are better served by
-    Adam (as in the Muon paper and modded-nanogpt); vectors (norms, biases) are not decayed. The
-    attention's kv projection stacks the keys' and the values' matrices, each orthogonalized on its
-    own, as separate projections would be ("parts": 2)."""
+    Adam (as in the Muon paper and modded-nanogpt). The attention's kv projection stacks the keys'
+    and the values' matrices, each orthogonalized on its own, as separate projections would be
+    ("parts": 2)."""
     kv = {id(block.attn.kv.weight) for block in getattr(model, "blocks", [])}
-    matrices, fused, decay, no_decay = [], [], [], []
+    matrices, fused, rest = [], [], []
     for name, p in model.named_parameters():
-        if p.dim() < 2:
-            no_decay.append(p)
-        elif not name.startswith("blocks."):
-            decay.append(p)
+        if p.dim() < 2 or not name.startswith("blocks."):
+            rest.append(p)
         else:
             (fused if id(p) in kv else matrices).append(p)
     return ([{"params": matrices, "weight_decay": weight_decay},
              {"params": fused, "weight_decay": weight_decay, "parts": 2}],
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}])
+            adamw_groups(rest, weight_decay))
 
 
 def orthogonalize(x: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
