@@ -153,13 +153,11 @@ def _starcoder2_weights(model: GPT) -> dict[str, torch.Tensor]:
     return out | _norm("model.norm", model.ln_f)
 
 
-def _per_head_qkv(attn):
-    """(q, kv) -> Persimmon's fused rows: for each head its query, key and value rows (K/V heads
-    repeated for the query heads of their group)."""
-    def fuse(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        k, v = _split_kv(attn, kv, attn.n_head // attn.n_kv)
-        return torch.stack([x.unflatten(0, (attn.n_head, attn.hd)) for x in (q, k, v)], dim=1).flatten(0, 2)
-    return fuse
+def _per_head_qkv(attn, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """Persimmon's fused rows: for each head its query, key and value rows (K/V heads repeated for
+    the query heads of their group)."""
+    k, v = _split_kv(attn, kv, attn.n_head // attn.n_kv)
+    return torch.stack([x.unflatten(0, (attn.n_head, attn.hd)) for x in (q, k, v)], dim=1).flatten(0, 2)
 
 
 def _persimmon_weights(model: GPT) -> dict[str, torch.Tensor]:
@@ -167,11 +165,10 @@ def _persimmon_weights(model: GPT) -> dict[str, torch.Tensor]:
     out = {"model.embed_tokens.weight": model.tok_emb.weight}
     for i, block in enumerate(model.blocks):
         p, attn, mlp = f"model.layers.{i}", block.attn, block.mlp
-        per_head = _per_head_qkv(attn)
         out |= _norm(f"{p}.input_layernorm", block.ln1) | _norm(f"{p}.post_attention_layernorm", block.ln2)
         out |= _norm(f"{p}.self_attn.q_layernorm", attn.q_norm) | _norm(f"{p}.self_attn.k_layernorm", attn.k_norm)
-        out |= {f"{p}.self_attn.query_key_value.weight": per_head(attn.q.weight, attn.kv.weight),
-                f"{p}.self_attn.query_key_value.bias": per_head(_bias(attn.q), _bias(attn.kv)),
+        out |= {f"{p}.self_attn.query_key_value.weight": _per_head_qkv(attn, attn.q.weight, attn.kv.weight),
+                f"{p}.self_attn.query_key_value.bias": _per_head_qkv(attn, _bias(attn.q), _bias(attn.kv)),
                 f"{p}.self_attn.dense.weight": attn.out.weight, f"{p}.self_attn.dense.bias": _bias(attn.out),
                 f"{p}.mlp.dense_h_to_4h.weight": mlp.up.weight, f"{p}.mlp.dense_h_to_4h.bias": _bias(mlp.up),
                 f"{p}.mlp.dense_4h_to_h.weight": mlp.down.weight, f"{p}.mlp.dense_4h_to_h.bias": _bias(mlp.down)}
