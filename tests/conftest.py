@@ -116,7 +116,8 @@ def train_command(overrides: list[str], ranks: int, port: int, runner: bool = Fa
     """launch/train.py as one plain process, or as N ranks under DeepSpeed's node launcher
     (deepspeed.launcher.launch: what the `deepspeed` command starts on each node, and what starts the
     ranks). runner=True goes through the `deepspeed` command itself, as users type it; on one node it
-    only adds an import of deepspeed (~1.6 s), so the reference run and the multi-node tests use it."""
+    only adds an import of deepspeed (~1.6 s), so only the reference run takes it here (the multi-node
+    tests start the command themselves, with their hostfiles)."""
     script = ["launch/train.py", *overrides]
     if ranks == 1:
         return [sys.executable, *script]
