@@ -118,9 +118,9 @@ def nodes_from_vast(instances: list[dict], label: str | None = None, ids: list[i
         status = inst.get("actual_status")
         if status != "running":
             raise ClusterError(f"{name}: status {status!r}, not running")
-        direct = (inst.get("ports") or {}).get("22/tcp") or []
-        if inst.get("public_ipaddr") and direct and direct[0].get("HostPort"):
-            host, port = check_host(name, "public_ipaddr", inst["public_ipaddr"]), direct[0]["HostPort"]
+        direct = _direct_port(inst.get("ports"))
+        if inst.get("public_ipaddr") and direct:
+            host, port = check_host(name, "public_ipaddr", inst["public_ipaddr"]), direct
         elif inst.get("ssh_host") and inst.get("ssh_port"):
             host, port = check_host(name, "ssh_host", inst["ssh_host"]), inst["ssh_port"]
         else:
@@ -137,6 +137,14 @@ def nodes_from_vast(instances: list[dict], label: str | None = None, ids: list[i
     if len({(n.host, n.port) for n in nodes}) != len(nodes):
         raise ClusterError("two vast.ai instances share an ssh address")
     return nodes
+
+
+def _direct_port(ports):
+    """The direct route's port from `ports` when it has the documented shape
+    (`{"22/tcp": [{"HostPort": "41001"}]}`); any other shape (a list, null, a string) means none."""
+    mapped = ports.get("22/tcp") if isinstance(ports, dict) else None
+    first = mapped[0] if isinstance(mapped, list) and mapped else None
+    return first.get("HostPort") if isinstance(first, dict) else None
 
 
 def hostfile(nodes: list[Node]) -> str:

@@ -7,7 +7,7 @@
 #        [-- hydra overrides...]
 #   bash launch/vast_cluster.sh up|train|status|logs [-f]|fetch|down [--force] --run NAME
 #
-# The work is done by launch/vast_driver.py (--help lists every flag; each also reads the environment
+# The work is done by launch/vast/ (--help lists every flag; each also reads the environment
 # variable of the same name in capitals: NODES, GPUS, GPU_NAME, MAX_DPH, CONF, RUN, SSH_KEY, ...).
 # The API key comes from VAST_API_KEY or the file `vastai set api-key` writes; it is never printed,
 # written or put on a command line. docs/clusters.md: every step, its cost, and troubleshooting.
@@ -18,4 +18,4 @@ PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-exec "$PY" -m launch.vast_driver "$@"
+exec "$PY" -m launch.vast "$@"

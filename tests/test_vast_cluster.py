@@ -1,4 +1,4 @@
-"""launch/cluster.py (hostfile, ssh config, .deepspeed_env) and launch/vast.py (offer picking, the
+"""launch/cluster.py (hostfile, ssh config, .deepspeed_env) and launch/vast/ (offer picking, the
 checks on provider and user strings): pure functions, no processes. The driver end to end is in
 test_vast_driver.py."""
 from __future__ import annotations
@@ -16,16 +16,15 @@ from launch.cluster import (
     parse_host_list,
     write as cluster_write,
 )
-from launch.vast import (
+from launch.vast.checks import (
     RUN_NAME,
     UnsafeInput,
-    VastError,
     check_env,
     check_override,
     check_run_name,
     new_run_name,
-    pick_offers,
 )
+from launch.vast.provider import VastError, pick_offers
 
 
 def _instance(i, status="running", **kw):
@@ -75,6 +74,15 @@ def test_vast_instances_use_direct_ports_and_private_addresses():
         ("node0", "203.0.113.1", 41001, 4, "10.0.0.1"), ("node1", "203.0.113.2", 41002, 4, "10.0.0.2")]
     proxy = _instance(4, ports={}, public_ipaddr=None)
     assert nodes_from_vast([proxy])[0].host == "ssh4.vast.example" and nodes_from_vast([proxy])[0].port == 20004
+
+
+@pytest.mark.parametrize("ports", [[8080, 8081], None, "22/tcp", {"22/tcp": "41001"}, {"22/tcp": [41001]},
+                                   {"22/tcp": []}])
+def test_odd_shapes_of_ports_fall_back_to_the_proxy_route(ports):
+    """`ports` as a list (seen in public code), null, a string...: no direct route, never an AttributeError
+    (which once left both instances billing)."""
+    node = nodes_from_vast([_instance(4, ports=ports)])[0]
+    assert (node.host, node.port) == ("ssh4.vast.example", 20004)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -147,7 +155,8 @@ def test_overrides_are_refused_unless_safe_through_two_shells(override, ok):
 
 
 @pytest.mark.parametrize("name, ok", [("st-20261129-abc", True), ("a", True), ("..", False), ("-x", False),
-                                      ("Run", False), ("a_b", False), ("a/b", False), ("a" * 64, False)])
+                                      ("Run", False), ("a_b", False), ("a/b", False), ("a" * 64, False),
+                                      ("4242", False), ("abc\n", False), ("abc\ndef", False), ("-", False)])
 def test_run_names_are_overlay_names(name, ok):
     if ok:
         assert check_run_name(name) == name

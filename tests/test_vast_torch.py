@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from launch.vast_driver import DEFAULT_IMAGE
+from launch.vast.commands import DEFAULT_IMAGE
 
 
 def _torch_requirement() -> str:

@@ -1,0 +1,551 @@
+"""The user's commands, and the one teardown every exit of a paid command goes through.
+
+    bash launch/vast_cluster.sh [run] --nodes N --gpus G --gpu-name NAME --max-dph P --conf NAME
+         [--run NAME] [--timeout S] [--detach] [--resume outputs/RUN] [--max-hours H] [--max-usd D]
+         [--grace-minutes M] [-- overrides]
+    bash launch/vast_cluster.sh up|train|status|logs [-f]|fetch|down [--force] --run NAME
+
+`run` does up, train, follow (log, fetch each checkpoint), then the teardown. Every command reads and
+writes outputs/RUN/cluster/state.json, so any of them can be run again, later, from another
+terminal. docs/clusters.md describes each step, its cost, and what happens on every failure.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from launch.vast.checks import (
+    UnsafeInput,
+    check_conf,
+    check_gpu_name,
+    check_local_path,
+    check_override,
+    check_positive,
+    check_remote_dir,
+    check_run_name,
+    check_tag,
+    new_run_name,
+    printable,
+)
+from launch.vast.fetch import Fetcher
+from launch.vast.provider import Provider, VastError
+from launch.vast.provision import GONE, Provisioner
+from launch.vast.state import ROOT, DriverError, Phase, RunLock, RunState
+from launch.vast.transport import Transport, log
+from trainer.checksums import ChecksumError, verify
+
+DEFAULT_IMAGE = "pytorch/pytorch:2.6.0-cuda12.4-cudnn9-devel"   # torch 2.6: setup.py's torch>=2.6 keeps it
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+COMMANDS = ["run", "up", "train", "status", "logs", "fetch", "down"]
+
+
+class Interrupted(BaseException):
+    """A signal inside an interruptible step: unwind to the teardown (BaseException: no `except
+    Exception` in the SDK or requests can swallow it)."""
+
+
+class Signals:
+    """Ctrl-C, SIGTERM, SIGHUP, counted. Inside `interruptible()` (renting, set-up, starting training)
+    the first one unwinds to the teardown; elsewhere they are only counted, and the step that waits
+    reads the count: while training is followed the first asks the ranks to save and stop, and every
+    later one only shortens the waits. No signal ever skips the fetch or destroys unfetched work."""
+
+    def __init__(self):
+        self.count = 0
+        self.first: int | None = None
+        self.raising = False
+
+    def __enter__(self):
+        self.saved = {s: signal.signal(s, self._handle) for s in EXIT_SIGNAL}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+    @contextmanager
+    def interruptible(self):
+        self.raising = True
+        try:
+            if self.count:
+                raise Interrupted(signal.Signals(self.first).name)
+            yield
+        finally:
+            self.raising = False
+
+    def hurry(self) -> bool:
+        return self.count >= 2
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        self.first = self.first or signum
+        name = signal.Signals(signum).name
+        if self.raising:
+            self.raising = False
+            log(f"{name}: stopping; tearing down what this run rented")
+            raise Interrupted(name)
+        log(f"{name}: noted" + (" (the waits are shortened; unfetched work is still fetched before any destroy)"
+                                 if self.count >= 2 else ""))
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SIGNAL.get(self.first, 1)
+
+
+class Outcome:
+    """What a paid command ends with: its exit code, and whether the nodes stay up (detached)."""
+
+    def __init__(self):
+        self.code = 0
+        self.keep = False
+
+
+class Driver:
+    def __init__(self, args: argparse.Namespace, state: RunState, signals: Signals):
+        self.args = args
+        self.state = state
+        self.signals = signals
+        self._provider: Provider | None = None
+        self.transport = Transport(state.work, state.remote_dir)
+        self.fetcher = Fetcher(state, self.transport, args)
+
+    @property
+    def provider(self) -> Provider:
+        if self._provider is None:
+            self._provider = Provider()
+        return self._provider
+
+    @property
+    def provisioner(self) -> Provisioner:
+        return Provisioner(self.state, self.provider, self.transport, self.args)
+
+    # --- the teardown ------------------------------------------------------------------------------------
+    @contextmanager
+    def teardown_on_exit(self):
+        """From the first paid call on, every way out but kill -9 ends in finish(): any exception (a
+        bug included) and any signal."""
+        outcome = Outcome()
+        try:
+            yield outcome
+        except Interrupted:
+            outcome.code = self.signals.exit_code
+        except BaseException as e:  # noqa: BLE001 - whatever went wrong, the teardown runs
+            known = (DriverError, VastError, UnsafeInput, ChecksumError, OSError, subprocess.SubprocessError)
+            log(f"error: {e}" if isinstance(e, known) else f"error: {type(e).__name__}: {e}")
+            outcome.code = 1
+        if not outcome.keep:
+            outcome.code = self.finish(force=False) or outcome.code
+
+    def finish(self, force: bool) -> int:
+        """Fetch, destroy, confirm by listing, one verdict. 0: nothing is left; 4: kept, because work on
+        the nodes is not here (`down --force` gives it up); 3: something survives, named."""
+        s = self.state
+        if not s.paid:
+            s.phase = Phase.DOWN
+            s.save()
+            return 0
+        if s.phase in (Phase.TRAINING, Phase.ENDED) and s.live_ids() and not self.fetch_for_teardown():
+            if not force:
+                when = time.strftime("%H:%M", time.localtime(time.time() + s.grace_minutes * 60))
+                log(f"NOT destroying instances {s.live_ids()}: the run's newest work on the nodes is not here and "
+                    f"verified (they keep billing; their guards destroy them by about {when}). Retry: bash "
+                    f"launch/vast_cluster.sh fetch --run {s.run}; or give it up: bash launch/vast_cluster.sh down "
+                    f"--run {s.run} --force")
+                return 4
+            log("destroying without the newest work (--force)")
+        left = self.provisioner.destroy_all(self.signals.hurry)
+        s.phase = Phase.DOWN
+        s.save()
+        if s.fetched:
+            log(f"newest checkpoint here: outputs/{s.run}/checkpoints/{s.fetched}")
+        if left:
+            ids = " ".join(str(i) for i in s.live_ids())
+            log(f"STILL BILLING after the teardown: {'; '.join(left)}. Run: bash launch/vast_cluster.sh down --run "
+                f"{s.run}" + (f"   (or: vastai destroy instance ID -y for {ids})" if ids else "")
+                + "; check https://cloud.vast.ai/instances/")
+            return 3
+        log(f"every instance of run {s.run} is destroyed (confirmed: the listing no longer shows them)")
+        return 0
+
+    def fetch_for_teardown(self) -> bool:
+        try:
+            return self.fetcher.everything()
+        except Exception as e:  # noqa: BLE001 - any failure here is a failed fetch, never the end of the teardown
+            log(f"fetch failed: {type(e).__name__}: {e}")
+            return False
+
+    # --- up, train ------------------------------------------------------------------------------------------
+    def up(self) -> None:
+        s = self.state
+        log(f"run {s.run}: from now on, `bash launch/vast_cluster.sh down --run {s.run}` tears it down from any "
+            "terminal", out=True)
+        with self.signals.interruptible():
+            provisioner = self.provisioner
+            provisioner.rent()
+            nodes = provisioner.connect(provisioner.wait_running())
+            provisioner.set_up(nodes)
+
+    def train(self) -> None:
+        s = self.state
+        with self.signals.interruptible():
+            path = f"outputs/{s.run}/cluster/train.cmd"
+            self.transport.run(0, self.transport.in_dir(f"mkdir -p outputs/{s.run}/cluster && cat > {path}"),
+                               stdin=self.train_command().encode())
+            for k in range(len(s.node_ids())):
+                self.transport.agent(k, "training-started", "--run", s.run)
+            s.phase, s.train_started = Phase.TRAINING, time.time()   # before: a signal from here on still fetches
+            s.save()
+            started = self.transport.agent(0, "start", "--run", s.run, "--cmd-file", path)
+        log(f"training started on node0 (pid {started.get('pid')}), detached: it goes on without this terminal")
+
+    def train_command(self) -> str:
+        """The command node0 runs detached. Overrides are quoted for pdsh's remote shell (inner) and for
+        node0's shell (outer); check_override already refused what no quoting makes safe."""
+        s = self.state
+        inner = [f"conf={s.conf}", f"run_dir=outputs/{s.run}", f"train.cost_per_hour={s.total_dph}",
+                 "resume=auto", *s.overrides]
+        args = " ".join(shlex.quote(shlex.quote(o)) for o in inner)
+        return (f'export PDSH_SSH_ARGS_APPEND="-F $HOME/.ssh/{s.run}_config"\n'
+                f".venv/bin/deepspeed --hostfile hostfile --launcher pdsh --no_ssh_check "
+                f"--master_addr {s.master_addr} launch/train.py {args}\n")
+
+    # --- follow --------------------------------------------------------------------------------------------
+    def follow(self, fetch: bool = True, owner: bool = True) -> dict:
+        """Until training ends on node0: print its log, fetch each new checkpoint. For the run that owns
+        the nodes (`owner`), the first signal asks the ranks to save and stop, the second ends that wait;
+        for a reader (`logs -f`), a signal ends the reading."""
+        s = self.state
+        stop_deadline, gone, last = None, {}, {}
+        while True:
+            if owner and self.signals.count and stop_deadline is None:
+                self.stop_ranks()
+                stop_deadline = time.time() + self.args.stop_wait
+            if not owner and self.signals.count:
+                return {"state": "reader stopped"}
+            if stop_deadline and (self.signals.hurry() or time.time() > stop_deadline):
+                log("not waiting for the final checkpoint; fetching what the nodes hold")
+                return last
+            try:
+                last = self.transport.agent(0, "status", "--run", s.run, "--log-from", str(s.log_offset), timeout=60)
+            except DriverError as e:
+                if self.nodes_gone(gone):
+                    return {"state": "gone", "statuses": gone}
+                log(f"status: {e} (retrying)")
+                time.sleep(self.args.poll)
+                continue
+            gone.clear()
+            self.show_progress(last, fetch)
+            if last.get("state") not in ("running", "not started"):
+                return last
+            time.sleep(self.args.poll)
+
+    def show_progress(self, last: dict, fetch: bool) -> None:
+        s = self.state
+        for line in str(last.get("log") or "").splitlines():
+            log(line, out=True)
+        if isinstance(last.get("log_end"), int):
+            s.log_offset = last["log_end"]
+        newest = last.get("latest")
+        if fetch and isinstance(newest, str) and newest not in (s.fetched, s.fetch_failed):
+            check_tag(newest)
+            self.fetcher.checkpoint()   # a failed tag is retried at the next checkpoint and at the teardown
+        s.save()
+
+    def nodes_gone(self, seen: dict) -> bool:
+        """True once some node's instance has read as not coming back (exited, stopped, offline, unknown,
+        or missing) in `confirm_polls` listings in a row: one odd poll is not a dead node."""
+        try:
+            rows = {r.get("id"): r for r in self.provider.instances()}
+        except VastError as e:
+            log(f"listing instances failed: {e}")
+            return False
+        for inst in self.state.node_ids():
+            status = (rows.get(inst) or {}).get("actual_status", "missing")
+            bad = status in GONE or inst not in rows
+            seen[inst] = (status, seen.get(inst, (None, 0))[1] + 1 if bad else 0)
+        worst = max(count for _, count in seen.values())
+        if worst:
+            log(f"node states: { {i: st for i, (st, _) in seen.items()} } ({worst}/{self.args.confirm_polls})")
+        return worst >= self.args.confirm_polls
+
+    def stop_ranks(self) -> None:
+        for k in range(len(self.state.node_ids())):
+            try:
+                result = self.transport.agent(k, "stop", "--run", self.state.run)
+                log(f"node{k}: SIGTERM to ranks {result.get('signalled')}")
+            except DriverError as e:
+                log(f"node{k}: could not signal the ranks: {e}")
+
+    def outcome(self, last: dict) -> int:
+        """The exit code training's end deserves, logged in words."""
+        s = self.state
+        state, guard = last.get("state"), last.get("guard") or {}
+        s.phase = Phase.ENDED
+        if state == "gone":
+            s.outcome = f"gone: {last.get('statuses')}"
+            log(f"a node's instance is gone ({last.get('statuses')}): fetching what exists, then destroying")
+        elif guard.get("event") == "cap" and s.cap_reached():
+            s.outcome = "stopped at the budget cap"
+            log(f"the nodes stopped training at the budget cap ({s.cap_text()}): fetching, then destroying")
+        elif state == "succeeded":
+            s.outcome = "succeeded"
+        elif state == "lost":
+            s.outcome = "lost"
+            log("training on node0 is not running and left no exit code (a container restart, or killed): "
+                "a failure; fetching what exists")
+        else:
+            s.outcome = f"failed (exit {last.get('exit')})" if last else "stopped"
+            if last.get("exit") not in (0, None):
+                log(f"training failed on node0 (exit {last.get('exit')}); the checkpoints so far are fetched "
+                    "before the nodes are destroyed")
+        s.save()
+        if self.signals.count:
+            return self.signals.exit_code
+        return 0 if s.outcome in ("succeeded", "stopped at the budget cap") else 1
+
+    # --- status, logs ------------------------------------------------------------------------------------
+    def status(self) -> int:
+        s = self.state
+        spent_h = (time.time() - s.created_at) / 3600 if s.paid else 0.0
+        print(f"run {s.run}: phase {s.phase.value}, instances {s.live_ids()}, ${s.total_dph}/h, cap {s.cap_text()}")
+        print(f"elapsed {spent_h:.2f} h since renting, spent about ${spent_h * s.total_dph:.2f}")
+        print(f"fetched and verified here: {s.fetched or 'nothing yet'}")
+        if s.phase not in (Phase.TRAINING, Phase.ENDED) or not s.live_ids():
+            return 0
+        try:
+            st = self.transport.agent(0, "status", "--run", s.run, "--log-from", str(1 << 60))
+        except DriverError as e:
+            return self.status_unreachable(e)
+        print(f"training {st.get('state')}" + (f" (exit {st.get('exit')})" if st.get("exit") is not None else "")
+              + f"; latest checkpoint on the nodes: {st.get('latest') or 'none'}")
+        metrics = st.get("metrics") if isinstance(st.get("metrics"), dict) else {}
+        if metrics:
+            elapsed = time.time() - (st.get("started") or time.time())
+            eta = ""
+            if st.get("max_steps") and metrics.get("step"):
+                rate = metrics["step"] / max(elapsed, 1e-9)
+                eta = f", ETA {(st['max_steps'] - metrics['step']) / rate / 60:.1f} min" if rate > 0 else ""
+            print(log_safe(f"step {metrics.get('step')}, loss {metrics.get('loss')}, tokens/s "
+                           f"{metrics.get('tokens_per_s', 0):.0f}, training for {elapsed / 60:.1f} min{eta}"))
+        if st.get("guard"):
+            print(log_safe(f"guard: {st['guard']}"))
+        return 0 if st.get("state") in ("running", "succeeded") else 1
+
+    def status_unreachable(self, error: Exception) -> int:
+        print(f"node0 unreachable: {error}")
+        try:
+            rows = {r.get("id"): r.get("actual_status") for r in self.provider.instances()}
+        except VastError as e:
+            print(f"the provider could not be asked either: {e}")
+            return 1
+        states = {i: rows.get(i, "gone") for i in self.state.live_ids()}
+        print(log_safe(f"instances: {states}"))
+        print(f"stopped or offline instances keep billing their disks. Fetch and destroy: bash launch/vast_cluster.sh "
+              f"down --run {self.state.run}   (give unfetched work up: add --force)")
+        return 1
+
+    def logs(self) -> int:
+        if not self.args.follow:
+            st = self.transport.agent(0, "status", "--run", self.state.run, "--log-from", "0")
+            sys.stdout.write(log_safe(str(st.get("log", ""))))
+            return 0
+        self.state.log_offset = 0
+        last = self.follow(fetch=False, owner=False)
+        if last.get("state") == "reader stopped":
+            return self.signals.exit_code
+        return 0 if last.get("state") == "succeeded" else 1
+
+
+def log_safe(text: str) -> str:
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
+# --- the command line -------------------------------------------------------------------------------------
+def _env(name: str, default):
+    return os.environ.get(name, default)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bash launch/vast_cluster.sh", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=COMMANDS)
+    p.add_argument("--nodes", type=int, default=int(_env("NODES", 2)), help="machines (NODES)")
+    p.add_argument("--gpus", type=int, default=int(_env("GPUS", 8)), help="GPUs per machine (GPUS)")
+    p.add_argument("--gpu-name", default=_env("GPU_NAME", "H100_SXM"), help="vast.ai gpu_name (GPU_NAME)")
+    p.add_argument("--max-dph", type=float, default=float(_env("MAX_DPH", 25)), help="most $/h per machine")
+    p.add_argument("--image", default=_env("IMAGE", DEFAULT_IMAGE))
+    p.add_argument("--disk", type=int, default=int(_env("DISK", 100)), help="GB per machine")
+    p.add_argument("--conf", default=_env("CONF", "shakespeare"), help="preset (conf=NAME)")
+    p.add_argument("--run", default=_env("RUN", None), help="run name (default: st-DATE-TIME-RANDOM)")
+    p.add_argument("--ssh-key", default=_env("SSH_KEY", "~/.ssh/id_ed25519"), help="the key vast.ai knows")
+    p.add_argument("--timeout", type=int, default=int(_env("WAIT_TIMEOUT", 1200)),
+                   help="seconds instances may take to run and answer ssh")
+    p.add_argument("--detach", action="store_true", help="leave the nodes training; reattach with status/logs")
+    p.add_argument("--resume", help="outputs/RUN: continue its latest fetched checkpoint on fresh nodes")
+    p.add_argument("--max-hours", type=float, default=float(_env("MAX_HOURS", 12)),
+                   help="budget cap: the nodes save and destroy themselves H hours after renting (default 12)")
+    p.add_argument("--max-usd", type=float, help="... or once the cluster has cost D dollars")
+    p.add_argument("--grace-minutes", type=float, default=float(_env("GRACE_MINUTES", 30)),
+                   help="after training ends (or at the cap), minutes the nodes wait for the fetch before "
+                        "destroying themselves")
+    p.add_argument("--force", action="store_true", help="down: destroy even if the newest work is not fetched")
+    p.add_argument("-f", "--follow", action="store_true", help="logs: follow until training ends")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, rent nothing")
+    # knobs with defaults for real use; the tests shorten them
+    p.add_argument("--poll", type=float, default=float(_env("POLL", 10)))
+    p.add_argument("--confirm-polls", type=int, default=int(_env("CONFIRM_POLLS", 3)),
+                   help="listings in a row a node must read as gone before it counts as gone")
+    p.add_argument("--destroy-retry", type=float, default=float(_env("DESTROY_RETRY_S", 600)),
+                   help="seconds to keep retrying destroy")
+    p.add_argument("--late-create-wait", type=float, default=float(_env("LATE_CREATE_WAIT_S", 120)),
+                   help="seconds the teardown waits for an instance whose create got no answer")
+    p.add_argument("--fetch-attempts", type=int, default=int(_env("FETCH_ATTEMPTS", 5)))
+    p.add_argument("--fetch-backoff", type=float, default=float(_env("FETCH_BACKOFF_S", 5)))
+    p.add_argument("--fetch-max-gb", type=float, default=float(_env("FETCH_MAX_GB", 200)),
+                   help="the most one node's share of a checkpoint may weigh")
+    p.add_argument("--stop-wait", type=float, default=float(_env("STOP_WAIT_S", 1800)),
+                   help="seconds to wait for the final checkpoint after a stop request")
+    p.add_argument("--remote-dir", default=_env("REMOTE_DIR", "/workspace/shakespeare"))
+    p.add_argument("--net-dev", default=_env("NET_DEV", "eth0"), help="the overlay interface on the nodes")
+    p.add_argument("--node-setup", default=_env("NODE_SETUP", None),
+                   help="shell command run in the code's folder on each node (default: make setup, prepare)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides after --")
+    return p.parse_args(argv)
+
+
+def new_state(args: argparse.Namespace) -> RunState:
+    """Every local check, before anything is rented; then the run's fresh state."""
+    for flag, value in (("--nodes", args.nodes), ("--gpus", args.gpus), ("--disk", args.disk),
+                        ("--timeout", args.timeout)):
+        check_positive(flag, value)
+    check_positive("--max-hours", args.max_hours, whole=False)
+    if args.max_usd is not None:
+        check_positive("--max-usd", args.max_usd, whole=False)
+    if args.grace_minutes < 0:
+        raise UnsafeInput(f"--grace-minutes must be >= 0, got {args.grace_minutes}")
+    resume = check_resume(args.resume) if args.resume else None
+    run = check_run_name(args.run) if args.run else (resume[0] if resume else new_run_name())
+    overrides = [check_override(o) for o in args.overrides]
+    for tool in ("ssh", "ssh-keygen", "git"):
+        if shutil.which(os.environ.get("SSH", "ssh") if tool == "ssh" else tool) is None:
+            raise UnsafeInput(f"`{tool}` is not on PATH: install it (OpenSSH client, git) before renting")
+    check_local_path("this checkout's path", ROOT)
+    key = check_local_path("--ssh-key", Path(os.path.expanduser(args.ssh_key)).resolve())
+    if not key.is_file():
+        raise UnsafeInput(f"--ssh-key {args.ssh_key!r}: no such file (the private key whose public half vast.ai has)")
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0 or not listed.stdout.strip():
+        raise DriverError(f"{ROOT} is not a git checkout: the nodes get the git-tracked files only")
+    retire_old_state(run)
+    state = RunState(run=run, conf=check_conf(args.conf, ROOT), overrides=overrides, nodes=args.nodes,
+                     gpus=args.gpus, gpu_name=check_gpu_name(args.gpu_name), image=args.image, disk=args.disk,
+                     remote_dir=check_remote_dir(args.remote_dir), ssh_key=str(key), net_dev=args.net_dev,
+                     max_hours=args.max_hours, max_usd=args.max_usd, grace_minutes=args.grace_minutes,
+                     resume=resume[1] if resume else None)
+    state.save()
+    return state
+
+
+def retire_old_state(run: str) -> None:
+    path = RunState.path_for(run)
+    if path.exists():
+        old = RunState.load(run)
+        if old.live_ids() or old.creating:
+            raise DriverError(f"run {run} still has instances {old.live_ids()}: `bash launch/vast_cluster.sh down "
+                              f"--run {run}` first")
+        os.replace(path, path.with_name(f"state.{int(time.time())}.json"))
+
+
+def check_resume(path: str) -> tuple[str, str]:
+    """(run name, tag) of a verified checkpoint on this machine, or an error before anything is rented."""
+    resolved = (ROOT / path).resolve() if not os.path.isabs(path) else Path(path).resolve()
+    if resolved.parent != (ROOT / "outputs").resolve():
+        raise UnsafeInput(f"--resume {path!r}: expected outputs/RUN")
+    run = check_run_name(resolved.name)
+    latest = resolved / "checkpoints" / "latest"
+    if not latest.is_file():
+        raise DriverError(f"--resume {path}: no checkpoints/latest (fetch it first: `bash launch/vast_cluster.sh "
+                          f"fetch --run {run}`)")
+    tag = check_tag(latest.read_text().strip())
+    try:
+        verify(resolved / "checkpoints" / tag)
+    except ChecksumError as e:
+        raise DriverError(f"--resume {path}: checkpoint {tag} is not complete: {e}") from None
+    return run, tag
+
+
+def split_argv(argv: list[str]) -> argparse.Namespace:
+    overrides = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], argv[cut + 1:]
+    args = parse_args(argv)
+    args.overrides = args.overrides + overrides
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = split_argv(list(sys.argv[1:] if argv is None else argv))
+    with Signals() as signals:
+        try:
+            if args.command in ("run", "up"):
+                return start(args, signals)
+            if not args.run:
+                raise UnsafeInput(f"{args.command} needs --run NAME")
+            state = RunState.load(check_run_name(args.run))
+            log.open(state.work / "driver.log")
+            driver = Driver(args, state, signals)
+            if args.command in ("status", "logs"):   # readers: no lock, no staging
+                return driver.status() if args.command == "status" else driver.logs()
+            with RunLock(state.work):
+                return drive(driver, args.command)
+        except (UnsafeInput, DriverError, VastError) as e:
+            log(f"error: {e}")
+            return 2 if isinstance(e, UnsafeInput) else 1
+        except Interrupted:
+            return signals.exit_code
+
+
+def start(args: argparse.Namespace, signals: Signals) -> int:
+    state = new_state(args)
+    log.open(state.work / "driver.log")
+    if args.dry_run:
+        log(f"dry run: would search `cluster_id!=None num_gpus={args.gpus} gpu_name={args.gpu_name} "
+            f"dph_total<={args.max_dph}`, rent {args.nodes} nodes as {state.run}, train conf={args.conf} "
+            f"{' '.join(args.overrides)}", out=True)
+        return 0
+    driver = Driver(args, state, signals)
+    with RunLock(state.work):
+        return drive(driver, args.command)
+
+
+def drive(driver: Driver, command: str) -> int:
+    """The commands that may spend or give back money, each inside the one teardown."""
+    s, args = driver.state, driver.args
+    if command == "fetch":
+        with driver.signals.interruptible():
+            return 0 if driver.fetcher.everything() else 1
+    if command == "down":
+        return driver.finish(args.force)
+    with driver.teardown_on_exit() as outcome:
+        if command in ("run", "up"):
+            driver.up()
+        if command in ("run", "train"):
+            driver.train()
+        if command in ("up", "train") or args.detach:
+            outcome.keep = True
+            log(f"the nodes are up{' and training' if s.phase == Phase.TRAINING else ''}. Watch: bash "
+                f"launch/vast_cluster.sh status --run {s.run}  |  logs -f --run {s.run}", out=True)
+            log(f"fetch: bash launch/vast_cluster.sh fetch --run {s.run}  |  tear down (fetches first): "
+                f"bash launch/vast_cluster.sh down --run {s.run}", out=True)
+            return 0
+        outcome.code = driver.outcome(driver.follow())
+    return outcome.code

@@ -1,0 +1,114 @@
+"""launch/vast/state.py, checks.py and the signal rules of commands.py: the run's record, its lock and
+its phases, with no cluster, provider or ssh at all."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from launch.vast.checks import UnsafeInput, check_remote_dir, check_tag, printable
+from launch.vast.commands import Interrupted, Signals
+from launch.vast.state import DriverError, Instance, Phase, RunLock, RunState
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch):
+    monkeypatch.setattr("launch.vast.state.ROOT", tmp_path)
+    return RunState(run="t-state", nodes=2, total_dph=10.0, max_hours=2.0)
+
+
+def test_the_state_round_trips_through_its_file_with_its_phase(state, tmp_path):
+    state.instances = [Instance(id=5001, offer=101), Instance(id=5002, offer=102, destroyed=True)]
+    state.phase, state.paid, state.creating = Phase.TRAINING, True, [103]
+    state.save()
+    raw = json.loads((tmp_path / "outputs" / "t-state" / "cluster" / "state.json").read_text())
+    assert raw["phase"] == "training" and raw["instances"][1] == {"id": 5002, "offer": 102, "destroyed": True,
+                                                                   "by_label": False}
+    again = RunState.load("t-state")
+    assert again == state and again.phase is Phase.TRAINING
+    assert again.live_ids() == [5001] and again.node_ids() == [5001, 5002]
+    assert not list((tmp_path / "outputs" / "t-state" / "cluster").glob("*.tmp*"))   # written atomically
+
+
+def test_a_state_file_that_is_not_ours_is_one_line_naming_it(state, tmp_path):
+    path = tmp_path / "outputs" / "t-state" / "cluster" / "state.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"run": "t-state", "phase": "flying"}))
+    with pytest.raises(DriverError, match="state.json: not a run state"):
+        RunState.load("t-state")
+    with pytest.raises(DriverError, match="no such run"):
+        RunState.load("t-other")
+
+
+def test_the_cap_is_the_nearer_of_hours_and_dollars(state):
+    assert state.cap_hours() == 2.0 and state.cap_text() == "2 h"
+    state.max_usd = 5.0   # $10/h: half an hour
+    assert state.cap_hours() == 0.5 and state.cap_text() == "2 h or $5"
+    assert not state.cap_reached(state.created_at + 0.49 * 3600) and state.cap_reached(state.created_at + 1800)
+    state.max_hours = state.max_usd = None
+    assert state.cap_hours() is None and not state.cap_reached(time.time() + 10 ** 9)
+
+
+def test_one_command_drives_a_run_and_a_dead_holder_frees_it(state):
+    """A second process cannot take the run's lock while the first holds it; once the first is killed
+    with -9, the kernel frees it (no stale lock blocks `down`)."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+            "from launch.vast.state import RunLock; lock = RunLock(Path(sys.argv[2])).__enter__(); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(state.work)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DriverError, match=f"driven by pid {holder.pid}"):
+            RunLock(state.work).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(state.work):
+        pass
+
+
+def test_signals_unwind_only_inside_interruptible_steps():
+    """Inside `interruptible()` the first signal raises; elsewhere signals are counted and the waits
+    read the count (the second one hurries them)."""
+    with Signals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.count == 1 and not signals.hurry()
+        with pytest.raises(Interrupted):   # one already arrived: the next interruptible step unwinds at once
+            with signals.interruptible():
+                pass
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.hurry() and signals.exit_code == 143
+    fresh = Signals()
+    with fresh:
+        with pytest.raises(Interrupted):
+            with fresh.interruptible():
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(5)
+        assert fresh.exit_code == 129 and not fresh.raising
+
+
+@pytest.mark.parametrize("path, ok", [("/workspace/shakespeare", True), ("shakespeare", True), ("~/x", False),
+                                      ("/a b", False), ("../x", False), ("/x/../y", False), ("-x", False),
+                                      ("/x\n", False), ("$(id)", False)])
+def test_remote_dirs_are_plain_paths(path, ok):
+    if ok:
+        assert check_remote_dir(path) == path
+    else:
+        with pytest.raises(UnsafeInput, match="--remote-dir"):
+            check_remote_dir(path)
+
+
+def test_tags_and_printed_text_from_nodes_are_checked_whole():
+    assert check_tag("step00000012") == "step00000012"
+    for bad in ("step00000012\n", "step0000001", "../step00000012"):
+        with pytest.raises(UnsafeInput):
+            check_tag(bad)
+    assert printable("loss 1.2\x1b]0;pwned\x07 done\r") == "loss 1.2\\x1b]0;pwned\\x07 done\\x0d"
+    assert printable("tab\tstays") == "tab\tstays"
