@@ -69,6 +69,11 @@ def test_a_429_is_retried_by_the_sdk_and_the_last_one_raises(api):
     with pytest.raises(requests.HTTPError) as err:
         sdk(api, retry=1).search_offers(query="num_gpus=2")
     assert err.value.response.status_code == 429 and "too frequent" in err.value.response.text
+    api.rate_limits[("POST", "/api/v0/bundles/")] = 1   # the real API sends no Retry-After; the SDK honours one
+    api.retry_after = 0.6
+    started = time.monotonic()
+    assert sdk(api).search_offers(query="num_gpus=2")
+    assert time.monotonic() - started >= 0.6
 
 
 def test_success_false_comes_back_as_a_200_body_and_nothing_happens(api):
@@ -89,7 +94,7 @@ def test_a_create_whose_reply_is_late_is_sent_again_by_the_sdks_retry(api):
     """The reply comes after the client's timeout: with retry=3 the SDK sends the create again, which finds
     the offer taken (404 no_such_ask) and raises; with retry=1 it is sent once and the timeout raises.
     Either way the first create made an instance, which only a listing shows."""
-    api.create_delays = {1: 1.0, 3: 1.0}
+    api.create_delays = {1: 5.0, 3: 5.0}   # replies long after the client gave up (the server does not wait)
     with pytest.raises(requests.HTTPError) as err:
         create(sdk(api, retry=3, timeout=0.3), 101)
     assert err.value.response.status_code == 404 and "no_such_ask" in err.value.response.json()["msg"]

@@ -110,7 +110,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-# (method, path pattern) -> (permission category, operation name, path parameter named "id" or None)
+# (method, path pattern: its group, if any, is the call's "id" parameter, permission category, operation name)
 ROUTES = [
     ("POST", r"/api/v0/bundles/", "misc", "api.search.offers"),
     ("PUT", r"/api/v0/asks/(\d+)/", "instance_write", "api.instance.create"),
@@ -183,7 +183,7 @@ class StandIn:
         # create number -> listings that do not show the instance yet (it exists and bills meanwhile)
         self.hidden_listings: dict[int, int] = {}
         # create number -> the states the instance shows on successive listings, the last one kept: each a
-        # value of actual_status (None, "loading", "running", "stopped", "frozen", "exited", "rebooting",
+        # value of actual_status (STATUSES: None, "loading", "running", "stopped", "frozen", "exited", "rebooting",
         # "unknown", "offline"; cur_state follows: "stopped" for stopped, else "running") or a dict of
         # fields, e.g. [None, "loading", "unknown", "running", {"actual_status": "exited", "cur_state": "unloaded"}]
         self.status_sequences: dict[int, list] = {}
@@ -243,9 +243,11 @@ class StandIn:
         return self.base / f"i{inst}"
 
     def billed_usd(self, now: float | None = None) -> float:
-        """What the account has been charged so far: for every instance created here, dph_total x the hours its
-        contract ran (cur_state running, from creation; frozen and loading included, as the API bills GPU
-        then) plus, while stopped, only its disk (storage_cost $/GB/month x disk GB / 720 h), until destroyed."""
+        """What the account has been charged so far (up to `now`): for every instance created here, its dph_total
+        x the hours its contract ran (cur_state "running", from creation: whatever actual_status shows, so
+        loading, frozen and unknown hours count; the docs say only that running and frozen bill the GPU),
+        plus, while stopped (cur_state "stopped"), only its disk: storage_cost $/GB/month x disk GB / 720 h.
+        Nothing after destroy, or after a status sequence sets cur_state "unloaded"."""
         now = time.time() if now is None else now
         total = 0.0
         with self.lock:
