@@ -40,6 +40,7 @@ class StandIn:
         self.fail_create_at: int | None = None     # the n-th create (1-based) answers 400
         self.create_delay = 0.0                    # seconds between creating an instance and answering
         self.destroy_fails: set[int] | bool = set()
+        self.destroy_refuses: set[int] = set()     # ids whose DELETE answers 200 {"success": false}
         self.loading_listings = 0                  # listings that still show new instances as "loading"
         self.row_patch: dict[int, dict] = {}       # create number -> fields replaced in that instance's row
         self.node_faults: dict[int, dict] = {}     # create number -> fault for the fake ssh
@@ -69,7 +70,7 @@ class StandIn:
 
     def destroyed(self) -> list[int]:
         return [int(r["path"].split("/")[-2]) for r in self.calls("DELETE", r"/api/v0/instances/\d+/")
-                if r["status"] == 200]
+                if r["status"] == 200 and r["answer"].get("success")]
 
     def alive(self) -> list[int]:
         with self.lock:
@@ -151,6 +152,8 @@ class StandIn:
                 if method == "DELETE":
                     if self.destroy_fails is True or inst in self.destroy_fails:
                         return 500, {"success": False, "msg": "destroy failed (stand-in)"}
+                    if inst in self.destroy_refuses:
+                        return 200, {"success": False, "msg": "destroy refused (stand-in)"}
                     del self.instances[inst]
                     self._write_registry()
                     return 200, {"success": True}
