@@ -192,6 +192,9 @@ def test_status_reads_metrics_latest_log_and_config_and_checks_its_input(node):
                 "--wait", "0", "--poll", "1", *[x for item in options.items() for x in item]]
         assert flag in node.run(*args, code=2)
     assert not (node.cluster / "guard.json").exists()
+    node.run("fetched", "--run", RUN, "--tag", "step00000009")
+    node.run("fetched", "--run", RUN, "--tag", "step00000004")   # a late report of an older checkpoint
+    assert (node.cluster / "fetched").read_text() == "step00000009"
 
 
 def test_training_killed_before_it_wrote_its_exit_code_is_lost(node):
@@ -253,21 +256,43 @@ def test_guard_destroys_a_grace_after_training_ended_even_with_nothing_fetched(n
 
 
 def test_worker_guard_takes_training_as_ended_only_after_its_ranks_came_and_went(node, api):
+    """A node without train.pid sees training only through its ranks; `stop` signals ranks, never the
+    DeepSpeed launcher (it would kill its ranks before they save)."""
     inst = create_instance(api)
     node.run("training-started", "--run", RUN)
     guard = node.guard(*node.guard_args(api, inst, started=time.time(), grace=0, wait=60))
     time.sleep(0.4)
     assert guard.poll() is None and api.calls("DELETE") == []   # no ranks yet: not started, not ended
-    rank = subprocess.Popen([sys.executable, "rank.py", "launch/train.py", f"run_dir=outputs/{RUN}"],
-                            cwd=node.folder)
+    train_args = ["launch/train.py", f"run_dir=outputs/{RUN}"]
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "deepspeed.launcher.launch",
+                                 *train_args], cwd=node.folder)
+    rank = subprocess.Popen([sys.executable, "rank.py", *train_args], cwd=node.folder)
     wait_for(lambda: (node.folder / "rank.ready").exists())
     time.sleep(0.3)
     assert guard.poll() is None
-    rank.kill()
-    rank.wait()
+    assert node.run("stop", "--run", RUN) == {"signalled": [rank.pid]}
+    assert rank.wait(timeout=10) == 0
     record = node.finish(guard)
     assert (record["event"], record["state"], record["exit"]) == ("ended", "ranks gone", None)
-    assert record["destroyed"] is True and inst not in api.alive()
+    assert record["checkpoint"] == TAG and record["destroyed"] is True and inst not in api.alive()
+    assert launcher.poll() is None
+    launcher.kill()
+    launcher.wait()
+
+
+def test_guard_goes_back_to_watching_when_training_is_started_again_during_the_grace(node, api):
+    inst = create_instance(api)
+    (node.folder / "outputs" / RUN / "checkpoints" / TAG).mkdir(parents=True)
+    (node.folder / "outputs" / RUN / "checkpoints" / "latest").write_text(TAG)
+    node.start("exit 1")
+    guard = node.guard(*node.guard_args(api, inst, started=time.time(), grace=30))
+    wait_for(lambda: (node.guard_json() or {}).get("event") == "ended")
+    node.start("sleep 0.5; exit 0")   # the driver retries on the same nodes
+    wait_for(lambda: node.guard_json().get("restarted"))
+    assert node.guard_json()["event"] == "armed" and api.calls("DELETE") == []
+    node.run("fetched", "--run", RUN, "--tag", TAG)
+    record = node.finish(guard)
+    assert (record["event"], record["exit"], record["fetched"], record["destroyed"]) == ("ended", 0, True, True)
 
 
 def test_a_200_answer_without_success_is_not_a_destroy(node, api):
