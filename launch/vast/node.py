@@ -344,7 +344,7 @@ def destroy(opts, key: str | None, why_not: str | None) -> tuple[bool, str]:
 def watch(opts, record: dict) -> None:
     """Polls until the cap, or until training has ended and the grace for its fetch has passed; fills
     `record` (guard.json) with what happened on the way."""
-    guard_file, run = cluster_dir(opts.run) / "guard.json", Training(opts.run, opts.wait)
+    guard_file, progress = cluster_dir(opts.run) / "guard.json", Training(opts.run, opts.wait)
     while True:
         if time.time() >= record["cap_at"]:
             record.update(event="cap", **spent(opts))
@@ -354,13 +354,13 @@ def watch(opts, record: dict) -> None:
             record["checkpoint"] = latest_tag(opts.run)
             record["fetch"] = wait_for_fetch(opts, record["checkpoint"])
             return
-        ended = run.ended()
+        ended = progress.ended()
         if ended is not None:
             record.update(event="ended", **ended, **spent(opts))
             write_atomic(guard_file, json.dumps(record))
             note(f"training ended ({ended['state']}, exit {ended['exit']}): waiting for the fetch")
             record["checkpoint"] = latest_tag(opts.run)
-            record["fetch"] = wait_for_fetch(opts, record["checkpoint"], run.restarted)
+            record["fetch"] = wait_for_fetch(opts, record["checkpoint"], progress.restarted)
             if record["fetch"] != "restarted":
                 return
             record.update(event="armed", restarted=time.time())
