@@ -287,9 +287,10 @@ def test_guard_goes_back_to_watching_when_training_is_started_again_during_the_g
     node.start("exit 1")
     guard = node.guard(*node.guard_args(api, inst, started=time.time(), grace=30))
     wait_for(lambda: (node.guard_json() or {}).get("event") == "ended")
-    node.start("sleep 0.5; exit 0")   # the driver retries on the same nodes
+    node.start("while [ ! -e go ]; do sleep 0.02; done; exit 0")   # the driver retries on the same nodes
     wait_for(lambda: node.guard_json().get("restarted"))
     assert node.guard_json()["event"] == "armed" and api.calls("DELETE") == []
+    (node.folder / "go").touch()
     node.run("fetched", "--run", RUN, "--tag", TAG)
     record = node.finish(guard)
     assert (record["event"], record["exit"], record["fetched"], record["destroyed"]) == ("ended", 0, True, True)
