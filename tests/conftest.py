@@ -200,3 +200,22 @@ def zero0_run(tmp_path_factory, shakespeare_dir):
     proc = run_train(debug_overrides(shakespeare_dir, run_dir, "deepspeed=zero0", "train.record_batches=true"),
                      ranks=2, runner=True)
     return run_dir, proc
+
+
+@pytest.fixture(scope="session")
+def user_key(tmp_path_factory) -> Path:
+    """The laptop's ssh key, as vast.ai knows it, for the rented-cluster tests."""
+    key = tmp_path_factory.mktemp("user") / "id_test"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key
+
+
+@pytest.fixture
+def world(tmp_path, user_key, request):
+    """The rented-cluster driver's offline world (tests/fakes/harness.py): the real `vastai` SDK against
+    the stand-in API, nodes reached through the fake ssh."""
+    sys.path.insert(0, str(ROOT / "tests" / "fakes"))
+    from harness import World
+
+    with World(tmp_path, user_key, request.node.name) as w:
+        yield w

@@ -152,6 +152,7 @@ class Driver:
             s.phase = Phase.DOWN
             s.save()
             return 0
+        self.provisioner.refresh()   # nodes whose guards destroyed them need no fetch, and cannot give one
         if s.phase in (Phase.TRAINING, Phase.ENDED) and s.live_ids() and not self.fetch_for_teardown():
             if not force:
                 when = time.strftime("%H:%M", time.localtime(time.time() + s.grace_minutes * 60))
@@ -177,7 +178,7 @@ class Driver:
 
     def fetch_for_teardown(self) -> bool:
         try:
-            return self.fetcher.everything()
+            return self.fetcher.everything(mark=True)
         except Exception as e:  # noqa: BLE001 - any failure here is a failed fetch, never the end of the teardown
             log(f"fetch failed: {type(e).__name__}: {e}")
             return False
@@ -321,7 +322,8 @@ class Driver:
         if s.phase not in (Phase.TRAINING, Phase.ENDED) or not s.live_ids():
             return 0
         try:
-            st = self.transport.agent(0, "status", "--run", s.run, "--log-from", str(1 << 60))
+            # an offset past any log: the status without its text
+            st = self.transport.agent(0, "status", "--run", s.run, "--log-from", str(10 ** 17))
         except DriverError as e:
             return self.status_unreachable(e)
         print(f"training {st.get('state')}" + (f" (exit {st.get('exit')})" if st.get("exit") is not None else "")
@@ -532,7 +534,7 @@ def drive(driver: Driver, command: str) -> int:
     s, args = driver.state, driver.args
     if command == "fetch":
         with driver.signals.interruptible():
-            return 0 if driver.fetcher.everything() else 1
+            return 0 if driver.fetcher.everything(mark=s.phase == Phase.ENDED) else 1
     if command == "down":
         return driver.finish(args.force)
     with driver.teardown_on_exit() as outcome:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from launch.vast.checks import SAFE_FILE, TAG, printable
 from launch.vast.state import DriverError, RunState
-from launch.vast.transport import NODE_SCRIPT, Transport, log
+from launch.vast.transport import Transport, log
 from trainer.checksums import META, ChecksumError, verify, write_text_atomic
 
 RUN_FILES_MAX_BYTES = 8 << 30   # metrics, logs, events and wandb files of one run: far below this
@@ -29,11 +29,15 @@ class Fetcher:
     def local(self) -> Path:
         return self.state.run_dir / "checkpoints"
 
-    def everything(self) -> bool:
-        """The newest checkpoint and the run files. True when both are here and verified."""
-        checkpoint = self.checkpoint()
+    def everything(self, mark: bool) -> bool:
+        """The run files and the newest checkpoint. True when both are here and verified; then, with
+        `mark`, the nodes are told so: once training has ended, that mark lets their guards destroy them
+        without waiting out the grace period, so it comes last, and only from the teardown."""
         files = self.run_files()
-        return checkpoint and files
+        complete = self.checkpoint() and files
+        if complete and mark and self.state.fetched:
+            self.mark_fetched(self.state.fetched)
+        return complete
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def checkpoint(self) -> bool:
@@ -77,12 +81,14 @@ class Fetcher:
             s.save()
             log(f"checkpoint {tag} fetched from {len(s.node_ids())} nodes and verified: "
                 f"outputs/{s.run}/checkpoints/{tag}")
-        for k in range(len(s.node_ids())):   # the guards wait for this before destroying their nodes
-            try:
-                self.transport.agent(k, "fetched", "--run", s.run, "--tag", tag)
-            except DriverError:
-                pass
         return not failed
+
+    def mark_fetched(self, tag: str) -> None:
+        for k in range(len(self.state.node_ids())):   # the guards wait for this before destroying their nodes
+            try:
+                self.transport.agent(k, "fetched", "--run", self.state.run, "--tag", tag)
+            except DriverError as e:
+                log(f"node{k}: could not mark {tag} fetched ({e}): its guard waits out the grace period")
 
     def latest_on(self, k: int) -> str | None:
         command = f"cat outputs/{self.state.run}/checkpoints/latest 2>/dev/null || true"
@@ -141,16 +147,16 @@ class Fetcher:
             parts = name.split("/")
             if member.isdir():
                 return 0
-            if not member.isfile() or any(not SAFE_FILE.fullmatch(p) for p in parts):
-                raise DriverError(f"node{k}: unexpected entry {printable(name)!r} in the run files")
-            if name == ".manifest.json":
+            if name == ".manifest.json" and member.isfile():
                 manifest.update(json.loads(source.read(1 << 24) or b"{}"))
                 return member.size
+            if not member.isfile() or any(not SAFE_FILE.fullmatch(p) for p in parts):
+                raise DriverError(f"node{k}: unexpected entry {printable(name)!r} in the run files")
             received[name] = ""
             return copy_stream(source, staging / name)
 
         mode = ["--cluster-only"] if k else []
-        command = self.transport.in_dir(f"python3 {NODE_SCRIPT} pack --run {s.run} " + " ".join(mode))
+        command = self.transport.in_dir(f"python3 launch/vast/pack.py --run {s.run} " + " ".join(mode))
         self.transport.receive(k, command, accept, RUN_FILES_MAX_BYTES)
         self.check_manifest(k, staging, received, manifest)
         for name in received:

@@ -11,10 +11,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
-from launch.vast.checks import check_run_name, check_secrets, instance_id, printable
-
-# what the per-run key may do: the nodes' guard destroys its own instance with it, nothing else
-GUARD_PERMISSIONS = {"api": {"instance_read": {}, "instance_write": {}}}
+from launch.vast.checks import check_run_name, instance_id, printable
 
 
 class VastError(RuntimeError):
@@ -105,19 +102,6 @@ class Provider:
         # check_run_name insists on a letter: the SDK sends an all-digit name as an overlay *id*
         self._confirmed(f"delete overlay {name}",
                         self._call("delete overlay", self.sdk.delete_overlay, check_run_name(name)))
-
-    def create_guard_key(self, run: str) -> tuple[int, str]:
-        """A per-run key scoped to instances, for the nodes' guard: (its id, its value)."""
-        reply = self._call("create api key", self.sdk.create_api_key, f"guard-{check_run_name(run)}",
-                           GUARD_PERMISSIONS)
-        key = reply.get("key") if isinstance(reply, dict) else None
-        if not isinstance(key, str):
-            raise VastError(f"create api key: no key in the answer ({printable(str(type(reply)))})", answered=True)
-        check_secrets({"VAST_GUARD_KEY": key}, allowed=("VAST_GUARD_KEY",))
-        return instance_id(reply.get("id")), key
-
-    def delete_guard_key(self, key_id: int) -> None:
-        self._confirmed(f"delete api key {key_id}", self._call("delete api key", self.sdk.delete_api_key, int(key_id)))
 
     def create_instance(self, offer_id: int, image: str, disk: int, label: str, overlay: str,
                         env: dict[str, str]) -> int:

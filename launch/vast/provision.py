@@ -28,7 +28,7 @@ class Provisioner:
 
     # --- renting ------------------------------------------------------------------------------------
     def rent(self) -> None:
-        """Offers, the guard's key, the overlay, one create per node; each recorded as it happens."""
+        """Offers, the overlay, one create per node; each recorded as it happens."""
         s, a = self.state, self.args
         taken = [r.get("id") for r in self.provider.instances() if r.get("label") == s.run]
         if taken:
@@ -41,13 +41,10 @@ class Provisioner:
             f"budget cap {s.cap_text()} ({s.cap_hours():.2f} h)", out=True)
         s.phase, s.paid = Phase.RENTING, True   # from here on, teardown also sweeps by label
         s.save()
-        key_id, key = self.provider.create_guard_key(s.run)
-        s.guard_key_id = key_id
-        s.save()
         self.provider.create_overlay(cluster_id, s.run)
         s.overlay = s.run
         s.save()
-        env = {"VAST_GUARD_KEY": key, **{k: os.environ[k] for k in FORWARDED_SECRETS if os.environ.get(k)}}
+        env = {k: os.environ[k] for k in FORWARDED_SECRETS if os.environ.get(k)}
         for offer in s.offers:
             self.create(offer, env)
 
@@ -211,19 +208,32 @@ class Provisioner:
         left += [f"a create for offer {o} got no answer and no instance labelled {s.run} appeared" for o in s.creating]
         if s.overlay and not s.overlay_deleted:
             left.append(f"overlay {s.overlay}")
-        if s.guard_key_id and not s.guard_key_deleted:
-            left.append(f"api key {s.guard_key_id}")
         return left
 
     def sweep(self) -> bool:
         """One round: list, adopt instances labelled with the run, destroy what the list still shows,
         mark destroyed what it no longer shows. Returns whether the list was read."""
+        present = self.refresh()
+        if present is None:
+            return False
+        for inst in self.state.instances:
+            if not inst.destroyed:
+                try:
+                    self.provider.destroy_instance(inst.id)
+                    log(f"asked to destroy instance {inst.id}")
+                except VastError as e:
+                    log(f"destroy {inst.id}: {e}")
+        return True
+
+    def refresh(self) -> set[int] | None:
+        """List the account's instances: adopt those labelled with the run, mark destroyed those the
+        listing no longer shows. The ids listed, or None when the listing failed."""
         s = self.state
         try:
             rows = self.provider.instances()
         except VastError as e:
             log(f"listing instances failed: {e}")
-            return False
+            return None
         present = set()
         for row in rows:
             try:
@@ -237,19 +247,11 @@ class Provisioner:
                 log(f"instance {row['id']} carries this run's label but was not recorded (a create whose answer was "
                     "lost): destroying it too")
         for inst in s.instances:
-            if inst.destroyed:
-                continue
-            if inst.id not in present:
+            if not inst.destroyed and inst.id not in present:
                 inst.destroyed = True   # the listing no longer shows it: this is what "destroyed" means
                 log(f"instance {inst.id} is gone from the listing")
-                continue
-            try:
-                self.provider.destroy_instance(inst.id)
-                log(f"asked to destroy instance {inst.id}")
-            except VastError as e:
-                log(f"destroy {inst.id}: {e}")
         s.save()
-        return True
+        return present
 
     def give_back_extras(self) -> None:
         s = self.state
@@ -260,12 +262,6 @@ class Provisioner:
                 log(f"deleted overlay {s.overlay}")
             except VastError as e:
                 log(f"delete overlay {s.overlay}: {e}")
-        if s.guard_key_id and not s.guard_key_deleted:
-            try:
-                self.provider.delete_guard_key(s.guard_key_id)
-                s.guard_key_deleted = True
-            except VastError as e:
-                log(f"delete api key {s.guard_key_id}: {e}")
         s.save()
         for suffix in ("_key", "_key.pub"):
             (s.work / f"{s.run}{suffix}").unlink(missing_ok=True)

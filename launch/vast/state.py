@@ -65,8 +65,6 @@ class RunState:
     offers: list[int] = field(default_factory=list)
     overlay: str | None = None           # its name, once the provider confirmed it
     overlay_deleted: bool = False
-    guard_key_id: int | None = None      # the per-run scoped key (its value is never stored)
-    guard_key_deleted: bool = False
     creating: list[int] = field(default_factory=list)   # offers whose create got no clear answer
     instances: list[Instance] = field(default_factory=list)
     master_addr: str | None = None

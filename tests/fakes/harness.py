@@ -42,7 +42,8 @@ class World:
             FAKE_SSH_LOG=str(tmp / "ssh.jsonl"), FAKE_NODE_TRAIN=str(FAKES / "node_train.py"),
             FAKE_SYNC_DIR=str(tmp / "sync"), FAKE_STEP_S="0.02", NODE_SETUP=setup, POLL="0.1",
             DESTROY_RETRY_S="3", FETCH_ATTEMPTS="3", FETCH_BACKOFF_S="0.1", NET_DEV="lo", REMOTE_DIR="shakespeare",
-            WAIT_TIMEOUT="20", STOP_WAIT_S="30", CAP_GRACE_S="20", SSH_KEY=str(user_key), PYTHONUNBUFFERED="1")
+            WAIT_TIMEOUT="20", STOP_WAIT_S="30", GRACE_MINUTES="0.5", LATE_CREATE_WAIT_S="2", CONFIRM_POLLS="3",
+            SSH_KEY=str(user_key), PYTHONUNBUFFERED="1")
         self.env.pop("PYTHONPATH", None)
         self.run_dir = ROOT / "outputs" / self.run_name
 

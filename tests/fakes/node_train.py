@@ -37,6 +37,11 @@ sync.mkdir(parents=True, exist_ok=True)
 run_dir.mkdir(parents=True, exist_ok=True)
 (run_dir / f"argv.node{node}.json").write_text(json.dumps(args))
 (run_dir / "config.yaml").write_text(f"train:\n  max_steps: {max_steps}\n")
+if node == 0:   # rank 0's other run files, as the trainer and wandb's offline mode lay them out
+    (run_dir / "tensorboard").mkdir(exist_ok=True)
+    (run_dir / "tensorboard" / f"events.out.tfevents.{int(time.time())}.node0.1.0").write_bytes(os.urandom(64))
+    (run_dir / "wandb" / "offline-run-1-abc" / "files").mkdir(parents=True, exist_ok=True)
+    (run_dir / "wandb" / "offline-run-1-abc" / "run-abc.wandb").write_bytes(os.urandom(32))
 stop = {"signal": None}
 signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal="SIGTERM", at=time.time()))
 
