@@ -37,7 +37,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "tests" / "fakes"))
 from vast_api import StandIn  # noqa: E402
 
-from launch.vast import commands, state as state_module  # noqa: E402
+from launch.vast import cli, commands, state as state_module  # noqa: E402
 from launch.vast.provider import Provider, VastError  # noqa: E402
 from launch.vast.state import DriverError, RunState  # noqa: E402
 from trainer.checksums import META, hash_files, merge  # noqa: E402
@@ -170,7 +170,7 @@ class Faults:
 
 
 def _args(run: str, **extra):
-    args = commands.split_argv(["run", "--run", run, "--nodes", "2", "--gpus", "2", "--conf", "debug",
+    args = cli.split_argv(["run", "--run", run, "--nodes", "2", "--gpus", "2", "--conf", "debug",
                                 "--ssh-key", str(ROOT / "setup.py")])
     for name, value in dict(poll=0.001, destroy_retry=3.0, late_create_wait=0.3, fetch_attempts=2,
                             fetch_backoff=0.001, stop_wait=1.0, timeout=5, node_setup="true", **extra).items():
@@ -186,7 +186,7 @@ def _drive(base: Path, run: str, command: str, faults: Faults) -> int:
     args.command = command
     with commands.Signals() as signals:
         try:
-            state = commands.new_state(args) if command == "run" else RunState.load(run)
+            state = cli.new_state(args) if command == "run" else RunState.load(run)
             commands.log.open(state.work / "driver.log")
             commands.log.terminal = False
             driver = commands.Driver(args, state, signals)
@@ -198,7 +198,7 @@ def _drive(base: Path, run: str, command: str, faults: Faults) -> int:
             driver.transport = driver.fetcher.transport = SweepTransport(SweepNodes(base / "nodes", run, 2), faults)
             if command == "status":
                 return driver.status()
-            code = commands.drive(driver, command)
+            code = cli.drive(driver, command)
             (base / f"{run}.calls").write_text(str(faults.calls))
             return code
         except commands.Interrupted:

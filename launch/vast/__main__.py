@@ -1,7 +1,7 @@
 """`python -m launch.vast ...`: what `bash launch/vast_cluster.sh` runs."""
 import sys
 
-from launch.vast.commands import main
+from launch.vast.cli import main
 from launch.vast.transport import log
 
 if __name__ == "__main__":

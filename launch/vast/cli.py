@@ -1,0 +1,222 @@
+"""The user's commands, and the one teardown every exit of a paid command goes through.
+
+    bash launch/vast_cluster.sh [run] --nodes N --gpus G --gpu-name NAME --max-dph P --conf NAME
+         [--run NAME] [--timeout S] [--detach] [--resume outputs/RUN] [--max-hours H] [--max-usd D]
+         [--grace-minutes M] [-- overrides]
+    bash launch/vast_cluster.sh up|train|status|logs [-f]|fetch|down [--force] --run NAME
+
+`run` does up, train, follow (log, fetch each checkpoint), then the teardown. Every command reads and
+writes outputs/RUN/cluster/state.json, so any of them can be run again, later, from another
+terminal. docs/clusters.md describes each step, its cost, and what happens on every failure.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launch.vast.checks import (
+    UnsafeInput,
+    check_conf,
+    check_gpu_name,
+    check_local_path,
+    check_override,
+    check_positive,
+    check_remote_dir,
+    check_run_name,
+    check_tag,
+    new_run_name,
+)
+from launch.vast.commands import DEFAULT_IMAGE, Driver, Interrupted, Signals
+from launch.vast.provider import VastError
+from launch.vast.state import ROOT, DriverError, Phase, RunLock, RunState
+from launch.vast.transport import log
+from trainer.checksums import ChecksumError, verify
+
+COMMANDS = ["run", "up", "train", "status", "logs", "fetch", "down"]
+
+
+def _env(name: str, default):
+    return os.environ.get(name, default)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bash launch/vast_cluster.sh", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=COMMANDS)
+    p.add_argument("--nodes", type=int, default=int(_env("NODES", 2)), help="machines (NODES)")
+    p.add_argument("--gpus", type=int, default=int(_env("GPUS", 8)), help="GPUs per machine (GPUS)")
+    p.add_argument("--gpu-name", default=_env("GPU_NAME", "H100_SXM"), help="vast.ai gpu_name (GPU_NAME)")
+    p.add_argument("--max-dph", type=float, default=float(_env("MAX_DPH", 25)), help="most $/h per machine")
+    p.add_argument("--image", default=_env("IMAGE", DEFAULT_IMAGE))
+    p.add_argument("--disk", type=int, default=int(_env("DISK", 100)), help="GB per machine")
+    p.add_argument("--conf", default=_env("CONF", "shakespeare"), help="preset (conf=NAME)")
+    p.add_argument("--run", default=_env("RUN", None), help="run name (default: st-DATE-TIME-RANDOM)")
+    p.add_argument("--ssh-key", default=_env("SSH_KEY", "~/.ssh/id_ed25519"), help="the key vast.ai knows")
+    p.add_argument("--timeout", type=int, default=int(_env("WAIT_TIMEOUT", 1200)),
+                   help="seconds instances may take to run and answer ssh")
+    p.add_argument("--detach", action="store_true", help="leave the nodes training; reattach with status/logs")
+    p.add_argument("--resume", help="outputs/RUN: continue its latest fetched checkpoint on fresh nodes")
+    p.add_argument("--max-hours", type=float, default=float(_env("MAX_HOURS", 12)),
+                   help="budget cap: the nodes save and destroy themselves H hours after renting (default 12)")
+    p.add_argument("--max-usd", type=float, help="... or once the cluster has cost D dollars")
+    p.add_argument("--grace-minutes", type=float, default=float(_env("GRACE_MINUTES", 30)),
+                   help="after training ends (or at the cap), minutes the nodes wait for the fetch before "
+                        "destroying themselves")
+    p.add_argument("--force", action="store_true", help="down: destroy even if the newest work is not fetched")
+    p.add_argument("-f", "--follow", action="store_true", help="logs: follow until training ends")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, rent nothing")
+    # knobs with defaults for real use; the tests shorten them
+    p.add_argument("--poll", type=float, default=float(_env("POLL", 10)))
+    p.add_argument("--confirm-polls", type=int, default=int(_env("CONFIRM_POLLS", 3)),
+                   help="listings in a row a node must read as gone before it counts as gone")
+    p.add_argument("--destroy-retry", type=float, default=float(_env("DESTROY_RETRY_S", 600)),
+                   help="seconds to keep retrying destroy")
+    p.add_argument("--late-create-wait", type=float, default=float(_env("LATE_CREATE_WAIT_S", 120)),
+                   help="seconds the teardown waits for an instance whose create got no answer")
+    p.add_argument("--fetch-attempts", type=int, default=int(_env("FETCH_ATTEMPTS", 5)))
+    p.add_argument("--fetch-backoff", type=float, default=float(_env("FETCH_BACKOFF_S", 5)))
+    p.add_argument("--fetch-max-gb", type=float, default=float(_env("FETCH_MAX_GB", 200)),
+                   help="the most one node's share of a checkpoint may weigh")
+    p.add_argument("--stop-wait", type=float, default=float(_env("STOP_WAIT_S", 1800)),
+                   help="seconds to wait for the final checkpoint after a stop request")
+    p.add_argument("--remote-dir", default=_env("REMOTE_DIR", "/workspace/shakespeare"))
+    p.add_argument("--net-dev", default=_env("NET_DEV", "eth0"), help="the overlay interface on the nodes")
+    p.add_argument("--node-setup", default=_env("NODE_SETUP", None),
+                   help="shell command run in the code's folder on each node (default: make setup, prepare)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides after --")
+    return p.parse_args(argv)
+
+
+def new_state(args: argparse.Namespace) -> RunState:
+    """Every local check, before anything is rented; then the run's fresh state."""
+    for flag, value in (("--nodes", args.nodes), ("--gpus", args.gpus), ("--disk", args.disk),
+                        ("--timeout", args.timeout)):
+        check_positive(flag, value)
+    check_positive("--max-hours", args.max_hours, whole=False)
+    if args.max_usd is not None:
+        check_positive("--max-usd", args.max_usd, whole=False)
+    if args.grace_minutes < 0:
+        raise UnsafeInput(f"--grace-minutes must be >= 0, got {args.grace_minutes}")
+    resume = check_resume(args.resume) if args.resume else None
+    run = check_run_name(args.run) if args.run else (resume[0] if resume else new_run_name())
+    overrides = [check_override(o) for o in args.overrides]
+    for tool in ("ssh", "ssh-keygen", "git"):
+        if shutil.which(os.environ.get("SSH", "ssh") if tool == "ssh" else tool) is None:
+            raise UnsafeInput(f"`{tool}` is not on PATH: install it (OpenSSH client, git) before renting")
+    check_local_path("this checkout's path", ROOT)
+    key = check_local_path("--ssh-key", Path(os.path.expanduser(args.ssh_key)).resolve())
+    if not key.is_file():
+        raise UnsafeInput(f"--ssh-key {args.ssh_key!r}: no such file (the private key whose public half vast.ai has)")
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0 or not listed.stdout.strip():
+        raise DriverError(f"{ROOT} is not a git checkout: the nodes get the git-tracked files only")
+    retire_old_state(run)
+    state = RunState(run=run, conf=check_conf(args.conf, ROOT), overrides=overrides, nodes=args.nodes,
+                     gpus=args.gpus, gpu_name=check_gpu_name(args.gpu_name), image=args.image, disk=args.disk,
+                     remote_dir=check_remote_dir(args.remote_dir), ssh_key=str(key), net_dev=args.net_dev,
+                     max_hours=args.max_hours, max_usd=args.max_usd, grace_minutes=args.grace_minutes,
+                     resume=resume[1] if resume else None)
+    state.save()
+    return state
+
+
+def retire_old_state(run: str) -> None:
+    path = RunState.path_for(run)
+    if path.exists():
+        old = RunState.load(run)
+        if old.live_ids() or old.creating:
+            raise DriverError(f"run {run} still has instances {old.live_ids()}: `bash launch/vast_cluster.sh down "
+                              f"--run {run}` first")
+        os.replace(path, path.with_name(f"state.{int(time.time())}.json"))
+
+
+def check_resume(path: str) -> tuple[str, str]:
+    """(run name, tag) of a verified checkpoint on this machine, or an error before anything is rented."""
+    resolved = (ROOT / path).resolve() if not os.path.isabs(path) else Path(path).resolve()
+    if resolved.parent != (ROOT / "outputs").resolve():
+        raise UnsafeInput(f"--resume {path!r}: expected outputs/RUN")
+    run = check_run_name(resolved.name)
+    latest = resolved / "checkpoints" / "latest"
+    if not latest.is_file():
+        raise DriverError(f"--resume {path}: no checkpoints/latest (fetch it first: `bash launch/vast_cluster.sh "
+                          f"fetch --run {run}`)")
+    tag = check_tag(latest.read_text().strip())
+    try:
+        verify(resolved / "checkpoints" / tag)
+    except ChecksumError as e:
+        raise DriverError(f"--resume {path}: checkpoint {tag} is not complete: {e}") from None
+    return run, tag
+
+
+def split_argv(argv: list[str]) -> argparse.Namespace:
+    overrides = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], argv[cut + 1:]
+    args = parse_args(argv)
+    args.overrides = args.overrides + overrides
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = split_argv(list(sys.argv[1:] if argv is None else argv))
+    with Signals() as signals:
+        try:
+            if args.command in ("run", "up"):
+                return start(args, signals)
+            if not args.run:
+                raise UnsafeInput(f"{args.command} needs --run NAME")
+            state = RunState.load(check_run_name(args.run))
+            log.open(state.work / "driver.log")
+            driver = Driver(args, state, signals)
+            if args.command in ("status", "logs"):   # readers: no lock, no staging
+                return driver.status() if args.command == "status" else driver.logs()
+            with RunLock(state.work):
+                return drive(driver, args.command)
+        except (UnsafeInput, DriverError, VastError) as e:
+            log(f"error: {e}")
+            return 2 if isinstance(e, UnsafeInput) else 1
+        except Interrupted:
+            return signals.exit_code
+
+
+def start(args: argparse.Namespace, signals: Signals) -> int:
+    state = new_state(args)
+    log.open(state.work / "driver.log")
+    if args.dry_run:
+        log(f"dry run: would search `cluster_id!=None num_gpus={args.gpus} gpu_name={args.gpu_name} "
+            f"dph_total<={args.max_dph}`, rent {args.nodes} nodes as {state.run}, train conf={args.conf} "
+            f"{' '.join(args.overrides)}", out=True)
+        return 0
+    driver = Driver(args, state, signals)
+    with RunLock(state.work):
+        return drive(driver, args.command)
+
+
+def drive(driver: Driver, command: str) -> int:
+    """The commands that may spend or give back money, each inside the one teardown."""
+    s, args = driver.state, driver.args
+    if command == "fetch":
+        with driver.signals.interruptible():
+            return 0 if driver.fetcher.everything(mark=s.phase == Phase.ENDED) else 1
+    if command == "down":
+        return driver.finish(args.force)
+    with driver.teardown_on_exit() as outcome:
+        if command in ("run", "up"):
+            driver.up()
+        if command in ("run", "train"):
+            driver.train()
+        if command in ("up", "train") or args.detach:
+            outcome.keep = True
+            log(f"the nodes are up{' and training' if s.phase == Phase.TRAINING else ''}. Watch: bash "
+                f"launch/vast_cluster.sh status --run {s.run}  |  logs -f --run {s.run}", out=True)
+            log(f"fetch: bash launch/vast_cluster.sh fetch --run {s.run}  |  tear down (fetches first): "
+                f"bash launch/vast_cluster.sh down --run {s.run}", out=True)
+            return 0
+        outcome.code = driver.outcome(driver.follow())
+    return outcome.code
