@@ -9,8 +9,9 @@ node, and holds a real checkpoint with a real meta.json per node). The end-to-en
 in test_vast_driver.py.
 
 Faults: `error` (the call fails: HTTP 500, a dropped ssh), `refused` (HTTP 200 `success: false`, or a
-non-zero exit), `timeout` (the call happened but its answer is lost), `signal` (SIGINT to the driver
-just before the call), `kill9` (the driver dies there; then `status` and `down` from a new process).
+non-zero exit), `timeout` (the call happened but its answer is lost), `bug` (an exception no except
+clause names), `signal` (SIGINT to the driver just before the call), `kill9` (the driver dies there;
+then `status` and `down` from a new process).
 
 Invariants:
 1. a driver that exits by any path but kill -9 leaves nothing billing, or exits non-zero naming every
@@ -43,7 +44,7 @@ from launch.vast.state import DriverError, RunState  # noqa: E402
 from trainer.checksums import META, hash_files, merge  # noqa: E402
 
 KEY = "vast-key-SWEEP-0123456789abcdef"
-KINDS = ("error", "refused", "timeout", "signal", "kill9")
+KINDS = ("error", "refused", "timeout", "bug", "signal", "kill9")
 PROVIDER_CALLS = ("instances", "search_offers", "create_overlay", "delete_overlay",
                   "create_instance", "destroy_instance")
 TAG = "step00000004"
@@ -164,6 +165,8 @@ class Faults:
             return call()
         if self.kind == "timeout":   # it happened; the answer is lost
             call()
+        if self.kind == "bug":   # what no except clause names, as a list where a dict was expected once was
+            raise AttributeError("'list' object has no attribute 'get'")
         if where == "provider":
             raise VastError(f"sweep: {self.kind}", answered=self.kind == "refused")
         raise DriverError(f"sweep: ssh {self.kind}")
@@ -233,6 +236,13 @@ def _verdict(log: str) -> str:
     return "\n".join(line for line in log.splitlines() if "STILL BILLING" in line or "NOT destroying" in line)
 
 
+def _clear(api: StandIn, run: str) -> None:
+    with api.lock:
+        for inst in _live(api, run):
+            del api.instances[inst]
+        api.overlays.pop(run, None)
+
+
 def _live(api: StandIn, run: str) -> list[int]:
     with api.lock:
         return sorted(i for i, row in api.instances.items() if row.get("label") == run)
@@ -260,12 +270,14 @@ def test_a_seeded_sweep_of_faults_leaves_nothing_billing_unreported(tmp_path):
                 _fork(tmp_path, run, "status", Faults(0, "none"))
                 down = _fork(tmp_path, run, "down", Faults(0, "none"))
                 live, log = _live(api, run), _log(tmp_path, run)
+                _clear(api, run)
                 unanswered = down == 3 and "got no answer and no instance labelled" in _verdict(log)
                 if live or not (down == 0 or unanswered):   # a create cut off by the kill is named, not hidden
                     problems.append(f"{run} (call {at}): after kill -9, down exited {down}, live {live}")
                     counts["leak"] += 1
                 continue
             verdict = _verdict(log)
+            _clear(api, run)   # what a verdict left (named): the next run must find the same offers free
             if live and (code == 0 or not all(str(i) in verdict for i in live)):
                 problems.append(f"{run} (call {at}): exit {code}, {live} left billing, not named: {verdict}")
                 counts["leak"] += 1

@@ -128,7 +128,10 @@ class Driver:
             s.phase = Phase.DOWN
             s.save()
             return 0
-        self.provisioner.refresh()   # nodes whose guards destroyed them need no fetch, and cannot give one
+        try:
+            self.provisioner.refresh()   # nodes whose guards destroyed them need no fetch, and cannot give one
+        except Exception as e:  # noqa: BLE001 - a failed look is no reason to skip the fetch or the destroy
+            log(f"listing instances failed: {type(e).__name__}: {e}")
         if s.phase in (Phase.TRAINING, Phase.ENDED) and s.live_ids() and not self.fetch_for_teardown():
             if not force:
                 when = time.strftime("%H:%M", time.localtime(time.time() + s.grace_minutes * 60))

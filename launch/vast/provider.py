@@ -78,7 +78,9 @@ class Provider:
                 text = text.replace(key, "<key>")
             response = getattr(e, "response", None)
             answered = response is not None and 400 <= response.status_code < 500 and response.status_code != 429
-            raise VastError(f"{what} failed: {type(e).__name__}: {printable(text[:300])}", answered=answered) from None
+            said = response.text[:300] if response is not None else ""   # the API's own words (msg, error)
+            raise VastError(f"{what} failed: {type(e).__name__}: {printable(text[:300])} {printable(said)}".strip(),
+                            answered=answered) from None
 
     @staticmethod
     def _confirmed(what: str, reply) -> dict:

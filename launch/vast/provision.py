@@ -195,7 +195,11 @@ class Provisioner:
         late_until = time.time() + min(a.destroy_retry, a.late_create_wait)
         delay = min(1.0, a.poll * 3)
         while True:
-            listed = self.sweep()
+            try:
+                listed = self.sweep()
+            except Exception as e:  # noqa: BLE001 - nothing ends the teardown early: the next round retries
+                log(f"teardown: {type(e).__name__}: {e} (retrying)")
+                listed = False
             waiting_late = s.creating and time.time() < late_until and not hurry()
             if listed and not s.live_ids() and not waiting_late:
                 break
@@ -260,7 +264,7 @@ class Provisioner:
                 self.provider.delete_overlay(s.overlay)
                 s.overlay_deleted = True
                 log(f"deleted overlay {s.overlay}")
-            except VastError as e:
+            except Exception as e:  # noqa: BLE001 - reported in the verdict, never the end of the teardown
                 log(f"delete overlay {s.overlay}: {e}")
         s.save()
         for suffix in ("_key", "_key.pub"):
