@@ -259,6 +259,20 @@ def test_guard_destroys_a_grace_after_training_ended_even_with_nothing_fetched(n
     assert call["t"] - record["at"] >= 1.0 and inst not in api.alive()
 
 
+def test_with_no_checkpoint_the_guard_still_waits_for_the_laptop_to_hold_the_run_files(node, api):
+    """Training that fails before its first checkpoint: the logs and metrics are still worth fetching,
+    so the guard waits for the laptop's mark (`fetched none`), not a moment less."""
+    inst = create_instance(api)
+    guard = node.guard(*node.guard_args(api, inst, started=time.time(), grace=30))
+    node.start("exit 3")
+    wait_for(lambda: (node.guard_json() or {}).get("event") == "ended")
+    time.sleep(0.5)
+    assert guard.poll() is None and api.calls("DELETE") == []   # waiting for the laptop
+    node.run("fetched", "--run", RUN, "--tag", "none")
+    record = node.finish(guard)
+    assert (record["fetch"], record["fetched"], record["destroyed"]) == ("fetched", True, True)
+
+
 def test_worker_guard_takes_training_as_ended_only_after_its_ranks_came_and_went(node, api):
     """A node without train.pid sees training only through its ranks; `stop` signals ranks, never the
     DeepSpeed launcher (it would kill its ranks before they save)."""

@@ -2,6 +2,7 @@
 its phases, with no cluster, provider or ssh at all."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 from launch.vast.checks import UnsafeInput, check_remote_dir, check_tag, printable
-from launch.vast.commands import Interrupted, Signals
+from launch.vast.commands import Driver, Interrupted, Signals
 from launch.vast.state import DriverError, Instance, Phase, RunLock, RunState
 
 
@@ -112,3 +113,29 @@ def test_tags_and_printed_text_from_nodes_are_checked_whole():
             check_tag(bad)
     assert printable("loss 1.2\x1b]0;pwned\x07 done\r") == "loss 1.2\\x1b]0;pwned\\x07 done\\x0d"
     assert printable("tab\tstays") == "tab\tstays"
+
+
+@pytest.mark.parametrize("last, signals, code, outcome", [
+    ({"state": "succeeded", "exit": 0}, 0, 0, "succeeded"),
+    ({"state": "failed", "exit": 1}, 0, 1, "failed (exit 1)"),
+    ({"state": "lost", "exit": None}, 0, 1, "lost"),   # a container restart: no exit code is no success
+    ({"state": "gone", "statuses": {5001: ("offline", 3)}}, 0, 1, "gone: {5001: ('offline', 3)}"),
+    ({"state": "succeeded", "exit": 0, "guard": {"event": "cap"}}, 0, 0, "stopped at the budget cap"),
+    ({"state": "succeeded", "exit": 0}, 1, 130, "succeeded"),
+])
+def test_how_training_ended_decides_the_exit_code_and_phase(state, last, signals, code, outcome):
+    """The phase after following training, and the exit code it deserves, with no cluster at all."""
+    state.created_at -= 3 * 3600   # past the 2 h cap: a guard's cap event is believed only then
+    driver = Driver(argparse.Namespace(), state, Signals())
+    driver.signals.count, driver.signals.first = signals, signal.SIGINT if signals else None
+    assert driver.outcome(last) == code
+    assert state.phase is Phase.ENDED and state.outcome == outcome
+    assert RunState.load(state.run).outcome == outcome   # saved
+
+
+def test_a_guards_cap_event_before_the_cap_is_not_the_cap_path(state):
+    """A node claiming the cap while the run's own clock says otherwise: a failure to look into, not a
+    budget stop (a cap path is taken only when a cap was set and reached)."""
+    driver = Driver(argparse.Namespace(), state, Signals())
+    assert driver.outcome({"state": "failed", "exit": 143, "guard": {"event": "cap"}}) == 1
+    assert state.outcome == "failed (exit 143)"

@@ -97,7 +97,9 @@ def new_state(args: argparse.Namespace) -> RunState:
     for flag, value in (("--nodes", args.nodes), ("--gpus", args.gpus), ("--disk", args.disk),
                         ("--timeout", args.timeout)):
         check_positive(flag, value)
-    check_positive("--max-hours", args.max_hours, whole=False)
+    for flag, value in (("--max-hours", args.max_hours), ("--max-dph", args.max_dph), ("--poll", args.poll)):
+        check_positive(flag, value, whole=False)
+    check_positive("--confirm-polls", args.confirm_polls)
     if args.max_usd is not None:
         check_positive("--max-usd", args.max_usd, whole=False)
     if args.grace_minutes < 0:

@@ -35,16 +35,22 @@ class Fetcher:
         without waiting out the grace period, so it comes last, and only from the teardown."""
         files = self.run_files()
         complete = self.checkpoint() and files
-        if complete and mark and self.state.fetched:
-            self.mark_fetched(self.state.fetched)
+        if complete and mark:
+            self.mark_fetched(self.state.fetched or "none")   # "none": the run's files, and no checkpoint yet
         return complete
+
+    def nodes(self) -> list[int]:
+        """The nodes (by index, node0 first) whose instances still exist: a node its guard destroyed has
+        nothing more to give."""
+        destroyed = {i.id for i in self.state.instances if i.destroyed}
+        return [k for k, inst in enumerate(self.state.node_ids()) if inst not in destroyed]
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def checkpoint(self) -> bool:
         """The newest checkpoint on the nodes, here and verified (or none exists yet)."""
-        s, count = self.state, len(self.state.node_ids())
+        s, nodes = self.state, self.nodes()
         latest, failed = {}, []
-        for k in range(count):   # a node's `latest` moves only once every node has written that checkpoint
+        for k in nodes:   # a node's `latest` moves only once every node has written that checkpoint
             try:
                 latest[k] = self.with_retries(f"node{k}: latest", lambda k=k: self.latest_on(k))
             except DriverError as e:
@@ -58,7 +64,7 @@ class Fetcher:
         tag = known[-1]
         s.seen_latest = max(tag, s.seen_latest or "")
         if s.fetched != tag:
-            for k in (k for k in range(count) if k not in failed):
+            for k in (k for k in nodes if k not in failed):
                 try:
                     self.with_retries(f"node{k}: fetch {tag}", lambda k=k: self.checkpoint_from(k, tag))
                 except DriverError as e:
@@ -79,12 +85,12 @@ class Fetcher:
             write_text_atomic(self.local / "latest", tag)
             s.fetched, s.fetch_failed = tag, None
             s.save()
-            log(f"checkpoint {tag} fetched from {len(s.node_ids())} nodes and verified: "
+            log(f"checkpoint {tag} fetched from {len(self.nodes())} nodes and verified: "
                 f"outputs/{s.run}/checkpoints/{tag}")
         return not failed
 
     def mark_fetched(self, tag: str) -> None:
-        for k in range(len(self.state.node_ids())):   # the guards wait for this before destroying their nodes
+        for k in self.nodes():   # the guards wait for this before destroying their nodes
             try:
                 self.transport.agent(k, "fetched", "--run", self.state.run, "--tag", tag)
             except DriverError as e:
@@ -128,7 +134,7 @@ class Fetcher:
         """node0's run dir without checkpoints (metrics.jsonl, config.yaml, tensorboard/, wandb/), and
         every node's cluster/ logs into cluster/nodeK/. True when every node's pack arrived verified."""
         ok = True
-        for k in range(len(self.state.node_ids())):
+        for k in self.nodes():
             try:
                 self.with_retries(f"node{k}: run files", lambda k=k: self.run_files_from(k))
             except DriverError as e:

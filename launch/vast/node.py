@@ -40,6 +40,8 @@ TAG = re.compile(r"step[0-9]{8}")
 INSTANCE = re.compile(r"[1-9][0-9]{0,17}")
 OFFSET = re.compile(r"[0-9]{1,18}")
 API_URL = re.compile(r"https?://[^\s/?#]+\S*")
+NO_CHECKPOINT = "none"   # what `fetched` says when the laptop holds the run's files and there is no checkpoint
+FETCHED = re.compile(r"step[0-9]{8}|none")
 KEY_VAR = "CONTAINER_API_KEY"   # the key vast.ai scopes to this one instance (start, stop, destroy)
 NO_KEY = "no CONTAINER_API_KEY in this container: cannot destroy itself"
 BAD_KEY = "CONTAINER_API_KEY in this container is not printable ASCII: cannot destroy itself"
@@ -284,14 +286,13 @@ def stop_training(opts) -> dict:
 
 
 def wait_for_fetch(opts, tag: str | None, interrupted=lambda: False) -> str:
-    """Until the laptop holds `tag` or a newer one (tags sort by step), at most `grace` seconds:
-    "fetched", "not fetched", "nothing to fetch", or "restarted" when `interrupted()` says so."""
-    if tag is None:
-        return "nothing to fetch"
+    """Until the laptop holds `tag` or a newer one (tags sort by step; with no checkpoint, until it
+    says it holds the run's files: `none`), at most `grace` seconds: "fetched", "not fetched", or
+    "restarted" when `interrupted()` says so."""
     path, deadline = cluster_dir(opts.run) / "fetched", time.time() + opts.grace
     while True:
         held = read(path)
-        if held and TAG.fullmatch(held) and held >= tag:
+        if held and (held == NO_CHECKPOINT if tag is None else TAG.fullmatch(held) and held >= tag):
             return "fetched"
         if interrupted():
             return "restarted"
@@ -464,7 +465,7 @@ def parser() -> Parser:
         sub.add_parser(name).add_argument("--run", required=True, type=matching(RUN_NAME, "a run name"))
     sub.choices["start"].add_argument("--cmd-file", required=True, type=Path)
     sub.choices["status"].add_argument("--log-from", type=matching(OFFSET, "a byte offset", int), default=0)
-    sub.choices["fetched"].add_argument("--tag", required=True, type=matching(TAG, "a tag stepNNNNNNNN"))
+    sub.choices["fetched"].add_argument("--tag", required=True, type=matching(FETCHED, "a tag stepNNNNNNNN or none"))
     g = sub.choices["guard"]
     g.add_argument("--instance", required=True, type=matching(INSTANCE, "an instance id", int))
     g.add_argument("--started", required=True, type=number(), help="unix time the renting began")

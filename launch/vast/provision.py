@@ -40,6 +40,7 @@ class Provisioner:
         log(f"total cost: ${total:.4f}/h for {s.nodes} nodes ({s.nodes * s.gpus} GPUs), from now until `down`; "
             f"budget cap {s.cap_text()} ({s.cap_hours():.2f} h)", out=True)
         s.phase, s.paid = Phase.RENTING, True   # from here on, teardown also sweeps by label
+        s.created_at = time.time()               # the budget's clock starts with the first paid call
         s.save()
         self.provider.create_overlay(cluster_id, s.run)
         s.overlay = s.run
