@@ -146,8 +146,9 @@ def test_a_failure_at_each_stage_destroys_everything(world, stage):
     env_timeout = {"wait": "1", "ssh": "1"}.get(stage)
     if env_timeout:
         world.env["WAIT_TIMEOUT"] = env_timeout
-    overrides = ["fake.fail_at=6"] if stage == "train" else []
-    proc = world.driver(*world.args(overrides=overrides))
+    if stage == "train":
+        world.env["FAKE_FAIL_AT"] = "6"
+    proc = world.driver(*world.args())
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     assert len(world.api.created()) == expected
@@ -221,9 +222,10 @@ def test_signal_during_training_saves_fetches_then_destroys(world, sig):
 
 
 def test_a_second_ctrl_c_skips_the_wait_but_still_fetches_and_destroys(world):
-    """The ranks take long to act on the stop request (fake.stop_delay=60): a second Ctrl-C ends the
+    """The ranks take long to act on the stop request (FAKE_STOP_DELAY=60): a second Ctrl-C ends the
     wait; the newest complete checkpoint is fetched and verified, then everything is destroyed."""
-    proc = world.start(*world.args(steps=100000, overrides=["fake.stop_delay=60"]))
+    world.env["FAKE_STOP_DELAY"] = "60"
+    proc = world.start(*world.args(steps=100000))
     world.wait_for(lambda: len(world.api.created()) == 2 and (world.node_run(world.api.created()[1]) / "checkpoints"
                                                               / "latest").exists(), timeout=60, what="a checkpoint")
     os.killpg(proc.pid, signal.SIGINT)
@@ -345,7 +347,8 @@ def test_no_api_key_is_an_error_before_anything_is_rented(world):
 
 def test_detach_then_status_logs_fetch_down_from_another_invocation(world):
     """`--detach` returns while the nodes train; later invocations find the run through state.json."""
-    proc = world.driver(*world.args("--detach", steps=40, overrides=["fake.step_s=0.06"]))
+    world.env["FAKE_STEP_S"] = "0.1"
+    proc = world.driver(*world.args("--detach", steps=100))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"bash launch/vast_cluster.sh status --run {world.run_name}" in proc.stdout
     assert f"bash launch/vast_cluster.sh down --run {world.run_name}" in proc.stdout
@@ -361,9 +364,9 @@ def test_detach_then_status_logs_fetch_down_from_another_invocation(world):
     reader_err = reader.stderr.read()
     assert reader.wait(timeout=30) == 130 and "SIGTERM to ranks" not in reader_err, reader_err
     logs = world.driver("logs", "-f", "--run", world.run_name)
-    assert logs.returncode == 0 and "step 40: loss" in logs.stdout   # training went on after the reader's Ctrl-C
+    assert logs.returncode == 0 and "step 100: loss" in logs.stdout   # training went on after the reader's Ctrl-C
     fetch = world.driver("fetch", "--run", world.run_name)
-    assert fetch.returncode == 0 and _local_checkpoint(world)[0] == "step00000040"
+    assert fetch.returncode == 0 and _local_checkpoint(world)[0] == "step00000100"
     down = world.driver("down", "--run", world.run_name)
     assert down.returncode == 0, down.stderr[-2000:]
     world.assert_clean(proc.stdout + status.stdout + down.stderr)

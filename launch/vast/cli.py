@@ -107,6 +107,7 @@ def new_state(args: argparse.Namespace) -> RunState:
     resume = check_resume(args.resume) if args.resume else None
     run = check_run_name(args.run) if args.run else (resume[0] if resume else new_run_name())
     overrides = [check_override(o) for o in args.overrides]
+    check_config(check_conf(args.conf, ROOT), overrides, args.nodes * args.gpus)
     for tool in ("ssh", "ssh-keygen", "git"):
         if shutil.which(os.environ.get("SSH", "ssh") if tool == "ssh" else tool) is None:
             raise UnsafeInput(f"`{tool}` is not on PATH: install it (OpenSSH client, git) before renting")
@@ -118,13 +119,28 @@ def new_state(args: argparse.Namespace) -> RunState:
     if listed.returncode != 0 or not listed.stdout.strip():
         raise DriverError(f"{ROOT} is not a git checkout: the nodes get the git-tracked files only")
     retire_old_state(run)
-    state = RunState(run=run, conf=check_conf(args.conf, ROOT), overrides=overrides, nodes=args.nodes,
+    state = RunState(run=run, conf=args.conf, overrides=overrides, nodes=args.nodes,
                      gpus=args.gpus, gpu_name=check_gpu_name(args.gpu_name), image=args.image, disk=args.disk,
                      remote_dir=check_remote_dir(args.remote_dir), ssh_key=str(key), net_dev=args.net_dev,
                      max_hours=args.max_hours, max_usd=args.max_usd, grace_minutes=args.grace_minutes,
                      resume=resume[1] if resume else None)
     state.save()
     return state
+
+
+def check_config(conf: str, overrides: list[str], world_size: int) -> None:
+    """The run's config composed here, as the nodes will compose it: an unknown key, a bad value or a
+    batch the world size cannot split is one line now, not an error on the nodes after renting."""
+    from omegaconf import OmegaConf
+
+    from launch.cli import CONF_DIR, compose
+    from trainer.config import ConfigError, register_presets, to_config
+
+    register_presets(CONF_DIR)
+    try:
+        to_config(OmegaConf.to_container(compose([f"conf={conf}", *overrides]), resolve=True), world_size)
+    except ConfigError as e:
+        raise UnsafeInput(f"config error: {e} (checked here before renting)") from None
 
 
 def retire_old_state(run: str) -> None:

@@ -7,9 +7,11 @@ identical on every node, lists every file of the whole checkpoint with its sha25
 `latest` names the tag, on every node. SIGTERM: save at the next step, exit 0. Resume (resume=auto):
 from `latest` when every file meta.json lists is on this node (the real trainer needs that to convert
 a checkpoint for another world size). Nodes agree on each step through files in $FAKE_SYNC_DIR (the
-real ranks all-reduce their stop flag). Overrides read: train.max_steps, train.ckpt_every,
-fake.step_s (seconds a step takes), fake.fail_at (exit 1 at that step), fake.stop_delay (seconds a
-stop request waits before it is acted on, like a long step or a slow save).
+real ranks all-reduce their stop flag). Overrides read: train.max_steps, train.ckpt_every; the
+environment (the tests set it on the laptop, and the fake ssh passes it on): FAKE_STEP_S (seconds a
+step takes), FAKE_FAIL_AT (exit 1 at that step), FAKE_STOP_DELAY (seconds a stop request waits
+before it is acted on, like a long step or a slow save). No fake.* override: the driver composes
+the run's config before renting and refuses keys the trainer does not know.
 """
 import hashlib
 import json
@@ -27,11 +29,11 @@ settings = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("
 run_dir = Path(settings["run_dir"])
 max_steps = int(settings.get("train.max_steps", 30))
 ckpt_every = int(settings.get("train.ckpt_every", 5))
-fail_at = int(settings.get("fake.fail_at", 0))
-stop_delay = float(settings.get("fake.stop_delay", 0))
+fail_at = int(os.environ.get("FAKE_FAIL_AT", 0))
+stop_delay = float(os.environ.get("FAKE_STOP_DELAY", 0))
 node, nodes = int(os.environ["FAKE_NODE_RANK"]), int(os.environ["FAKE_NODES"])
 slots, offset, world = int(os.environ["FAKE_SLOTS"]), int(os.environ["FAKE_RANK_OFFSET"]), int(os.environ["FAKE_WORLD"])
-step_s = float(settings.get("fake.step_s", os.environ.get("FAKE_STEP_S", "0.05")))
+step_s = float(os.environ.get("FAKE_STEP_S", "0.05"))
 sync = Path(os.environ["FAKE_SYNC_DIR"]) / os.environ["FAKE_SESSION"]
 sync.mkdir(parents=True, exist_ok=True)
 run_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +106,7 @@ if latest.exists():
 for step in range(start + 1, max_steps + 1):
     time.sleep(step_s)
     if step == fail_at:
-        sys.exit(f"node {node}: failing at step {step} (fake.fail_at)")
+        sys.exit(f"node {node}: failing at step {step} (FAKE_FAIL_AT)")
     stopping = agree(step, stop["signal"] is not None and time.time() >= stop["at"] + stop_delay)
     if node == 0:
         with open(run_dir / "metrics.jsonl", "a") as f:
