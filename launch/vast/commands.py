@@ -134,9 +134,8 @@ class Driver:
             log(f"listing instances failed: {type(e).__name__}: {e}")
         if s.phase in (Phase.TRAINING, Phase.ENDED) and s.live_ids() and not self.fetch_for_teardown():
             if not force:
-                when = time.strftime("%H:%M", time.localtime(time.time() + s.grace_minutes * 60))
                 log(f"NOT destroying instances {s.live_ids()}: the run's newest work on the nodes is not here and "
-                    f"verified (they keep billing; their guards destroy them by about {when}). Retry: bash "
+                    f"verified (they keep billing; {self.guards_end()}). Retry: bash "
                     f"launch/vast_cluster.sh fetch --run {s.run}; or give it up: bash launch/vast_cluster.sh down "
                     f"--run {s.run} --force")
                 return 4
@@ -154,6 +153,15 @@ class Driver:
             return 3
         log(f"every instance of run {s.run} is destroyed (confirmed: the listing no longer shows them)")
         return 0
+
+    def guards_end(self) -> str:
+        """When the nodes' guards destroy them by themselves, in words."""
+        s = self.state
+        cap = time.strftime("%H:%M", time.localtime(s.created_at + (s.cap_hours() or 0) * 3600))
+        if s.phase == Phase.ENDED:
+            grace = time.strftime("%H:%M", time.localtime(time.time() + s.grace_minutes * 60))
+            return f"their guards destroy them by about {grace}, {s.grace_minutes:g} min after training ended"
+        return f"their guards destroy them {s.grace_minutes:g} min after training ends, or at the cap ({cap})"
 
     def fetch_for_teardown(self) -> bool:
         try:
