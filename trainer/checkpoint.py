@@ -109,7 +109,8 @@ class Checkpointer:
         self.every, self.keep, self.max_steps = cfg.train.ckpt_every, cfg.train.keep_ckpts, cfg.train.max_steps
         # client state: its keys share DeepSpeed's dict in the model states file (not "optimizer")
         self.about = {"model_config": asdict(cfg.model), "vocab": tokenizer.vocab, "lowercase": tokenizer.lowercase,
-                      "zero_stage": cfg.deepspeed.stage, "train_optimizer": cfg.train.optimizer}
+                      "zero_stage": cfg.deepspeed.stage, "train_optimizer": cfg.train.optimizer,
+                      "precision": cfg.precision}  # precision: for checksums.size_bounds
 
     def due(self, step: int) -> bool:
         return bool(self.every and step % self.every == 0) or step == self.max_steps
