@@ -219,12 +219,12 @@ def _parameters(model: dict, vocab_chars: int) -> tuple[int, int]:
     layer_tensors = len(linears) * norm[1] + 2 * norm[1]
     if model.get("qk_norm"):
         layer, layer_tensors = layer + 2 * norm[0] * head_dim, layer_tensors + 2 * norm[1]
-    top = vocab * d + norm[0] * d + (block_size := int(model["block_size"])) * d * (model.get("pos_emb") == "learned")
-    top_tensors = 2 + norm[1] - (model.get("pos_emb") != "learned")
+    top, top_tensors = vocab * d + norm[0] * d, 1 + norm[1]  # token embedding, final norm
+    if model.get("pos_emb") == "learned":
+        top, top_tensors = top + int(model["block_size"]) * d, top_tensors + 1
     if not model.get("tie_head", True):
         top, top_tensors = top + vocab * d, top_tensors + 1
-    del block_size
-    return layers * layer + top, layers * layer_tensors + top_tensors + 1
+    return layers * layer + top, layers * layer_tensors + top_tensors + 1  # + 1: the head's entry when tied
 
 
 # the one atomic write (data/files.py), under the name checkpoint.py and the cluster driver import
