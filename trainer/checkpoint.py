@@ -26,6 +26,7 @@ from model import GPT, GPTConfig
 
 from . import checksums
 from .checksums import META, ChecksumError
+from .deepspeed_compat import checkpoint_files_are_data
 from .errors import CheckpointError, RunError
 
 UNIVERSAL = "universal"  # inside a checkpoint: its conversion for resuming at another world size
@@ -108,7 +109,8 @@ class Checkpointer:
         self.every, self.keep, self.max_steps = cfg.train.ckpt_every, cfg.train.keep_ckpts, cfg.train.max_steps
         # client state: its keys share DeepSpeed's dict in the model states file (not "optimizer")
         self.about = {"model_config": asdict(cfg.model), "vocab": tokenizer.vocab, "lowercase": tokenizer.lowercase,
-                      "zero_stage": cfg.deepspeed.stage, "train_optimizer": cfg.train.optimizer}
+                      "zero_stage": cfg.deepspeed.stage, "train_optimizer": cfg.train.optimizer,
+                      "precision": cfg.precision}  # precision: for checksums.size_bounds
 
     def due(self, step: int) -> bool:
         return bool(self.every and step % self.every == 0) or step == self.max_steps
@@ -267,15 +269,17 @@ def to_universal(ckpt: Checkpoint, writer: bool) -> Checkpoint:
         try:
             _remove(out)
             tmp = Path(tempfile.mkdtemp(prefix=f"{UNIVERSAL}.tmp", dir=ckpt.path))  # a fresh, private name
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                   str(ckpt.path), "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers",
-                   "1", "--num_merge_workers", "1"]
+            # DeepSpeed's conversion, every file it reads unpickled as data (the sums only say the files
+            # are those meta.json lists, and meta.json came from the same host)
+            cmd = [sys.executable, "-m", "trainer.deepspeed_compat", str(ckpt.path), str(tmp)]
             print(f"{ckpt.path}: saved at another world size; converting to a universal checkpoint in {out}",
                   flush=True)
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=_this_checkout_first())
             if done.returncode != 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-                error = f"{ckpt.path}: conversion to a universal checkpoint failed: {done.stderr.strip()[-800:]}"
+                last = (done.stderr.strip().splitlines() or [""])[-1]
+                error = (last.removeprefix("refused: ") if last.startswith("refused: ") else  # one line: file, type
+                         f"{ckpt.path}: conversion to a universal checkpoint failed: {done.stderr.strip()[-800:]}")
             else:
                 os.replace(tmp, out)  # complete or absent, never half-written
         except Exception as e:  # reported on every rank, not left for the others to wait on
@@ -284,6 +288,13 @@ def to_universal(ckpt: Checkpoint, writer: bool) -> Checkpoint:
 
     broadcast_error(error, patient=True)
     return Checkpoint(ckpt.path, UNIVERSAL)
+
+
+def _this_checkout_first() -> dict:
+    """The environment with this checkout first on PYTHONPATH: `-m trainer...` then runs this trainer,
+    whatever the working directory or another editable install."""
+    paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
 def _remove(path: Path) -> None:
@@ -296,7 +307,8 @@ def _remove(path: Path) -> None:
 def load(engine, ckpt: Checkpoint) -> dict:
     """Collective: restore engine state and this rank's RNG; returns the client state."""
     try:
-        path, client = engine.load_checkpoint(str(ckpt.directory), tag=ckpt.tag)
+        with checkpoint_files_are_data():  # DeepSpeed's loads too: the sums are only as good as meta.json
+            path, client = engine.load_checkpoint(str(ckpt.directory), tag=ckpt.tag)
     except KeyError as e:
         if engine.zero_optimization_stage() == 0 and e.args == ("param_groups",):
             raise CheckpointError(
@@ -317,7 +329,7 @@ def load_for_inference(path) -> tuple[GPT, dict]:
     """A plain fp32 GPT (and the client state) from a run dir, a checkpoints dir or one checkpoint.
 
     Every file of the checkpoint is first checked against its meta.json (a checkpoint is whole or
-    refused); the model states load with torch's weights-only unpickler, so they can hold no code."""
+    refused); every file loads with torch's weights-only unpickler, so it can hold no code."""
     path = Path(path)
     try:
         ckpt = resolve("auto", path) if (path / "checkpoints").is_dir() else resolve(str(path), path)
@@ -339,9 +351,11 @@ def load_for_inference(path) -> tuple[GPT, dict]:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's chatter: keep stdout for results
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.directory), tag=ckpt.tag)
+            with checkpoint_files_are_data():
+                weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.directory), tag=ckpt.tag)
     else:
-        weights = torch.load(ckpt.path / states, map_location="cpu", weights_only=True)["module"]
+        with checkpoint_files_are_data():
+            weights = torch.load(ckpt.path / states, map_location="cpu")["module"]
     model = GPT(GPTConfig(**client["model_config"]))
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     missing = set(model.state_dict()) - set(weights) - {"head.weight"}

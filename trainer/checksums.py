@@ -11,6 +11,7 @@ import json
 import os
 import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 from data.files import atomic_write
@@ -132,6 +133,98 @@ def check_no_strangers(tag_dir: Path, files: dict) -> None:
         if not expected:  # links and anything else are never expected
             raise ChecksumError(f"{Path(tag_dir) / entry.name}: not a file {META} lists (a link, or a file "
                                 "planted beside the checkpoint): refusing to load anything from this folder")
+
+
+@dataclass(frozen=True)
+class SizeBounds:
+    """The most bytes each file of one checkpoint may legitimately take (see size_bounds)."""
+
+    model_states: int       # mp_rank_00_model_states.pt (ZeRO 0-2; at ZeRO-0 it holds the optimizer too)
+    rank_model_states: int  # zero_pp_rank_R_mp_rank_00_model_states.pt (ZeRO-3, one per rank)
+    optim_partition: int    # [bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt (ZeRO 1-3, one per rank)
+    meta: int               # meta.json (small and generous: the files are what a fetch must bound)
+    total: int              # every file of the checkpoint, one copy of each
+
+    def of(self, name: str) -> int:
+        """The bound for one file of the checkpoint by its name; 0 for a name no checkpoint of ours has."""
+        if name == META:
+            return self.meta
+        if name == "mp_rank_00_model_states.pt":
+            return self.model_states
+        if re.fullmatch(r"zero_pp_rank_[0-9]+_mp_rank_00_model_states\.pt", name):
+            return self.rank_model_states
+        if re.fullmatch(r"(bf16_)?zero_pp_rank_[0-9]+_mp_rank_00_optim_states\.pt", name):
+            return self.optim_partition
+        return 0
+
+
+# Measured on our checkpoints (torch 2.13, DeepSpeed 0.19.8): the pickled non-tensor part (DeepSpeed's
+# config, parameter names and shapes, our client state) is 2-6 KiB, each stored tensor adds under 300
+# bytes of zip entry and pickle record, and a rank's RNG state is a 5,056-byte tensor.
+FILE_OVERHEAD = 8 << 10   # bytes, plus 4 per vocabulary character (the vocab is in the client state)
+TENSOR_OVERHEAD = 384     # bytes per stored tensor
+RNG_BYTES = 5_200         # per rank: the CPU generator's state, and a GPU's (16 bytes)
+MARGIN = 1.25             # on the whole: a checkpoint file is never larger, and one twice as large is out
+
+
+def size_bounds(model: dict, world_size: int, zero_stage: int | None = None, vocab_chars: int = 256,
+                precision: str = "fp32") -> SizeBounds:
+    """The largest size each file of a checkpoint of this model may have, for a fetch to stop at.
+
+    model: the `model` section of the run's config (config.yaml, or meta.json's `model_config`):
+    vocab_size, n_layer, n_head, n_kv_head, d_model, block_size, bias, pos_emb, qk_norm, tie_head.
+    world_size: the ranks that saved it. zero_stage: meta.json's `zero_stage` (None: the largest of
+    any stage). vocab_chars: len(meta.json's `vocab`) when known. precision: the config's (meta.json's
+    `precision`); bf16 at ZeRO 1-3 keeps bf16 weights in the model states.
+
+    Every other tensor is counted at 4 bytes an element: the weights, and the optimizer's two moments
+    and fp32 master copy (AdamW; Muon's one momentum is less), whole in the ZeRO-0 model states (with a
+    step counter per tensor) or split over the ranks' partitions (plus up to one element of padding
+    per tensor per rank). Each file adds the measured overheads above, and the total is the sum of
+    every file's bound; MARGIN covers what the measurement did not see.
+    """
+    params, tensors = _parameters(model, vocab_chars)
+    fixed = FILE_OVERHEAD + 4 * vocab_chars + RNG_BYTES * world_size
+    stages = [zero_stage] if zero_stage is not None else [0, 1, 2, 3]
+    per_rank = -(-params // world_size) + tensors  # a partition: its share, padded
+    bounds = []
+    for stage in stages:
+        weight_bytes = 2 if precision == "bf16" and stage else 4  # ZeRO-0 bf16: autocast over fp32 weights
+        if stage == 0:  # the optimizer is in the model states: two moments and a step per tensor
+            model_states = fixed + 4 * 3 * params + TENSOR_OVERHEAD * 4 * tensors
+        else:
+            model_states = 0 if stage == 3 else fixed + weight_bytes * params + TENSOR_OVERHEAD * tensors
+        rank_states = fixed + TENSOR_OVERHEAD * tensors if stage == 3 else 0
+        optim = fixed + 4 * 3 * per_rank + TENSOR_OVERHEAD * (8 + 4 * tensors) if stage else 0
+        bounds.append((int(MARGIN * model_states), int(MARGIN * rank_states), int(MARGIN * optim)))
+    model_states, rank_states, optim = (max(b[i] for b in bounds) for i in range(3))
+    files = 1 + 2 * world_size  # the model states (or one per rank), and one partition per rank
+    # JSON: the client state's few keys, the vocab (6 bytes a character at most, escaped), a sum and a
+    # size per file per node's copy (each node writes its own copy of the model states)
+    meta = FILE_OVERHEAD + 6 * vocab_chars + 200 * files * world_size
+    total = model_states + world_size * (rank_states + optim) + meta
+    return SizeBounds(model_states, rank_states, optim, meta, total)
+
+
+def _parameters(model: dict, vocab_chars: int) -> tuple[int, int]:
+    """(elements, tensors) of the GPT in model/ with this config: its exact parameter count, from the
+    shapes model/gpt.py and model/attention.py give each layer."""
+    d, layers, heads = int(model["d_model"]), int(model["n_layer"]), int(model["n_head"])
+    vocab = max(int(model.get("vocab_size") or 0), vocab_chars)
+    kv_heads, bias = int(model.get("n_kv_head") or heads), bool(model.get("bias"))
+    head_dim = d // heads
+    norm = (2 if bias else 1, 2 if bias else 1)  # (elements per width, tensors)
+    linears = [(d, heads * head_dim), (d, 2 * kv_heads * head_dim), (heads * head_dim, d), (d, 4 * d), (4 * d, d)]
+    layer = sum(i * o + (o if bias else 0) for i, o in linears) + 2 * norm[0] * d
+    layer_tensors = len(linears) * norm[1] + 2 * norm[1]
+    if model.get("qk_norm"):
+        layer, layer_tensors = layer + 2 * norm[0] * head_dim, layer_tensors + 2 * norm[1]
+    top, top_tensors = vocab * d + norm[0] * d, 1 + norm[1]  # token embedding, final norm
+    if model.get("pos_emb") == "learned":
+        top, top_tensors = top + int(model["block_size"]) * d, top_tensors + 1
+    if not model.get("tie_head", True):
+        top, top_tensors = top + vocab * d, top_tensors + 1
+    return layers * layer + top, layers * layer_tensors + top_tensors + 1  # + 1: the head's entry when tied
 
 
 # the one atomic write (data/files.py), under the name checkpoint.py and the cluster driver import

@@ -2,20 +2,26 @@
 
 Each function says which DeepSpeed behaviour it works around, and which test fails when a DeepSpeed
 release changes that behaviour. setup.py pins DeepSpeed to [MIN_DEEPSPEED, BELOW_DEEPSPEED): raise
-the upper bound only once the suite passes with the new release (tests/test_train_distributed.py
-and tests/test_reliability.py hold every test named here).
+the upper bound only once the suite passes with the new release (tests/test_train_distributed.py,
+tests/test_reliability.py and tests/test_checkpoint_unpickling.py hold every test named here).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
+import pickle
+import re
+import sys
 from datetime import timedelta
+from importlib.metadata import version as installed_version
+from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from packaging.version import Version
 
-from .errors import RunError
+from .errors import CheckpointError, RunError
 
 MIN_DEEPSPEED = "0.19.6"  # older releases halve a gradient accumulated over micro-batches at ZeRO-0
 BELOW_DEEPSPEED = "0.20"  # the first release the suite has not passed with
@@ -27,7 +33,7 @@ def check_deepspeed(version: str | None = None) -> None:
     Caught by: test_a_deepspeed_older_than_setup_py_allows_is_refused_saying_what_to_install, and the
     halving itself by test_one_rank_accumulating_two_micro_batches_matches_two_ranks.
     """
-    version = version or deepspeed.__version__
+    version = version or installed_version("deepspeed")  # without importing it: sampling never does
     if Version(version) < Version(MIN_DEEPSPEED):
         raise RunError(f"DeepSpeed {version} is installed; this trainer needs {MIN_DEEPSPEED} or newer, since "
                        "older releases halve a gradient accumulated over micro-batches: "
@@ -129,3 +135,89 @@ def timeout_every_group(timeout: timedelta) -> None:
 
     distributed_c10d.default_pg_timeout = timeout
     distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+def deepspeed_checkpoint_types() -> list[type]:
+    """The only types beside tensors, numbers, strings, lists, tuples and dicts that DeepSpeed 0.19
+    pickles into our checkpoints: in ZeRO 1-3 optimizer partitions (fp32 and bf16) and in their
+    universal conversions. None runs code when unpickled: the loss scaler's attributes are restored
+    as they are, the enum is looked up by value, and fragment_address is a dataclass of two ints.
+    Caught by: test_checkpoint_unpickling.py::test_no_checkpoint_of_any_preset_at_any_zero_stage_is_refused
+    (every file of every preset at every stage, and their universal conversions, loads)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def checkpoint_files_are_data():
+    """While open, every torch.load in this process (ours and every one of DeepSpeed's: its checkpoint
+    engine, zero_to_fp32, ds_to_universal, the universal loaders) unpickles with torch's weights-only
+    unpickler, allowing deepspeed_checkpoint_types() and nothing else, so a file from a hostile host
+    can hold no code that runs. A refusal is a CheckpointError of one line naming the file and the type.
+
+    Works around: DeepSpeed 0.19 passes weights_only=False to every torch.load it makes, and loads
+    its files in a dozen functions of its own (no single hook to give it a safer loader): torch.load
+    itself is wrapped for the time of a load. Relies on DeepSpeed calling `torch.load` through the
+    torch module (not a name imported from it).
+    Caught by: test_checkpoint_unpickling.py (a planted payload in each file kind, through each entry
+    point: it must be refused and never run).
+    """
+    # DeepSpeed's types can only be in files DeepSpeed reads: sampling a ZeRO 0-2 checkpoint reads its
+    # model states itself, without importing DeepSpeed (1.5 s), and those hold none
+    allowed = deepspeed_checkpoint_types() if "deepspeed" in sys.modules else []
+    load = torch.load
+
+    def weights_only_load(f, *args, **kwargs):
+        kwargs["weights_only"] = True  # overrides DeepSpeed's explicit weights_only=False
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return load(f, *args, **kwargs)
+            except pickle.UnpicklingError as e:
+                kinds = ", ".join(["tensors", "numbers, strings and containers", *(t.__name__ for t in allowed)])
+                raise CheckpointError(f"{f}: holds {_refused_type(f, e)}, which a checkpoint file may not hold "
+                                      f"(only {kinds}): refusing to load it, as it could run code") from None
+
+    torch.load = weights_only_load
+    try:
+        yield
+    finally:
+        torch.load = load
+
+
+def _refused_type(f, error: Exception) -> str:
+    """The global(s) a refused file names, read from its pickle without running it (torch's scan), or
+    else from torch's message."""
+    if isinstance(f, (str, os.PathLike)):
+        with contextlib.suppress(Exception):  # not a zip: a legacy or damaged file
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+            if names:
+                return " and ".join(names[:3])
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    return found.group(1) if found else "a pickle instruction the weights-only unpickler refuses"
+
+
+def ds_to_universal(source: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal conversion of the checkpoint in `source` into `out`, in this process,
+    with every file it reads unpickled as data (checkpoint_files_are_data).
+
+    Relies on: its command line's main(args) and the names of its arguments (one worker each, so it
+    starts no process pool, which would not inherit the guard on platforms that spawn).
+    Caught by: test_reliability.py::test_a_zero_checkpoint_resumes_at_another_world_size_through_a_universal_conversion
+    (a conversion that resumes) and test_checkpoint_unpickling.py (a payload it must refuse).
+    """
+    from deepspeed.checkpoint import ds_to_universal as conversion
+
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with checkpoint_files_are_data():
+        conversion.main(args)
+
+
+if __name__ == "__main__":  # python -m trainer.deepspeed_compat SOURCE OUT: what checkpoint.to_universal runs
+    try:
+        ds_to_universal(Path(sys.argv[1]), Path(sys.argv[2]))
+    except CheckpointError as e:
+        sys.exit(f"refused: {e}")
