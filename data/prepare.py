@@ -86,8 +86,12 @@ def check_matches(cfg: DataConfig) -> dict:
         raise ValueError(
             f"{Path(cfg.dir) / MANIFEST}: prepared from data.source={prepared_from} "
             f"(data.path={manifest['source'].get('path')}), but data.source={cfg.source}; "
-            "use another data.dir (e.g. data=text sets shards/text)"
+            "use another data.dir (data=text sets shards/NAME for data.path=NAME.txt)"
         )
+    prepared_path = manifest.get("source", {}).get("path")
+    if cfg.source == "text" and prepared_path and Path(prepared_path).resolve() != Path(cfg.path).resolve():
+        raise ValueError(f"{Path(cfg.dir) / MANIFEST}: prepared from data.path={prepared_path}, but data.path="
+                         f"{cfg.path}; use another data.dir for this text")
     if manifest["tokenizer"]["lowercase"] != cfg.lowercase:
         raise ValueError(
             f"{Path(cfg.dir) / MANIFEST}: prepared with lowercase={manifest['tokenizer']['lowercase']}, "

@@ -15,6 +15,7 @@ import textwrap
 import typing
 from collections.abc import Iterator
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import PurePath
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -202,9 +203,13 @@ class Config:
     precision: str = "fp32"
     """fp32 | bf16 (at ZeRO-0: torch autocast over fp32 weights; ZeRO 1-3: DeepSpeed's bf16)."""
     run_dir: str = "outputs/run"
-    """Holds config.yaml, metrics.jsonl, tensorboard/ and checkpoints/ (conf/train.yaml: outputs/PRESET)."""
+    """Holds config.yaml, metrics.jsonl, tensorboard/ and checkpoints/ (conf/train.yaml: outputs/PRESET;
+    outputs/PRESET-NAME for data.source=text, NAME the name of data.dir)."""
     resume: str = "auto"
     """auto (the run_dir's latest checkpoint, when there is one) | never | PATH of a checkpoint dir."""
+    init_from: str = ""
+    """Fine-tuning: a run dir (or checkpoint) whose weights this run starts from, with a fresh optimizer
+    and data order, when run_dir has no checkpoint of its own; "": random weights."""
     preset: str = ""
     """The preset chosen with conf=NAME (set by conf/train.yaml)."""
 
@@ -230,6 +235,21 @@ class Config:
             if got != t.global_batch:
                 raise ValueError(f"train.global_batch={t.global_batch} but train.micro_batch={t.micro_batch} x "
                                  f"train.grad_accum={t.grad_accum} x {world_size} ranks = {got}")
+
+
+def default_run_dir(preset: str, source: str, data_dir: str) -> str:
+    """conf/train.yaml's run_dir: outputs/PRESET on the preset's own data; on your own text,
+    outputs/PRESET-NAME (NAME: data.dir's folder), so that it never continues another run."""
+    return f"outputs/{preset}" if source != "text" else f"outputs/{preset}-{PurePath(data_dir).name}"
+
+
+def corpus_name(path: str) -> str:
+    """conf/data/text.yaml's data.dir: shards/NAME, NAME the file's stem or the folder's name."""
+    return PurePath(path).stem or "text"
+
+
+OmegaConf.register_new_resolver("default_run_dir", default_run_dir, replace=True)
+OmegaConf.register_new_resolver("corpus_name", corpus_name, replace=True)
 
 
 class ConfigError(ValueError):
