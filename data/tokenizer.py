@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import string
+from functools import lru_cache
 
 from anyascii import anyascii
 
@@ -10,6 +11,18 @@ _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
 # Printable ASCII plus newline; tabs become spaces and every other control character is dropped.
 _PRINTABLE = "\n" + "".join(chr(c) for c in range(32, 127))
+
+
+@lru_cache(maxsize=1)
+def transliterations() -> dict[str, str]:
+    """Every non-ASCII character that `normalize` turns into ASCII text, with that text (anyascii's,
+    before lowercasing); any other non-ASCII character is dropped. For exporting the normalization."""
+    table = {}
+    for code in range(0x80, 0x110000):
+        if not 0xD800 <= code < 0xE000:  # surrogates are no characters
+            if ascii_text := anyascii(chr(code)):
+                table[chr(code)] = ascii_text
+    return table
 
 
 class CharTokenizer:
