@@ -161,3 +161,24 @@ def test_every_preset_builds_its_model_and_deepspeed_config(preset, world):
     assert ds["train_batch_size"] == t.micro_batch * t.grad_accum * world
     assert ds["zero_optimization"]["stage"] == config.deepspeed.stage
     assert ds["bf16"]["enabled"] or ds["torch_autocast"]["enabled"] or config.precision == "fp32"
+
+
+def test_your_own_text_gets_its_own_shards_and_run_dir():
+    """A text corpus never lands in a preset's run dir (or another text's shards) by default."""
+    book = _resolved("data=text", "data.path=/home/me/book.txt")
+    assert (book["data"]["dir"], book["run_dir"]) == ("shards/book", "outputs/baby-book")
+    novel = _resolved("conf=debug", "data=text", "data.path=novel.txt", "data.dir=shards/mine")
+    assert novel["run_dir"] == "outputs/debug-mine"
+    assert _resolved()["run_dir"] == "outputs/baby" and _resolved("conf=wiki_100")["run_dir"] == "outputs/wiki_100"
+
+
+def test_the_keys_command_shows_a_presets_values():
+    def keys(*args) -> dict[str, str]:
+        printed = subprocess.run([sys.executable, "-m", "trainer.config", *args], cwd=ROOT, env=subprocess_env(),
+                                 capture_output=True, text=True, check=True).stdout
+        return dict(line.split(" = ", 1) for line in printed.splitlines() if not line.startswith(" "))
+
+    defaults, debug = keys(), keys("conf=debug", "train.lr=0.01")
+    assert defaults["train.max_steps"] == "2000" and defaults["model.n_layer"] == "4"
+    assert (debug["train.max_steps"], debug["model.n_layer"], debug["train.lr"]) == ("40", "2", "0.01")
+    assert (debug["preset"], debug["run_dir"]) == ("debug", "outputs/debug")
