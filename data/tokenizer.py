@@ -7,7 +7,7 @@ from functools import lru_cache
 
 from anyascii import anyascii
 
-_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
 # Printable ASCII plus newline; tabs become spaces and every other control character is dropped.
 _PRINTABLE = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -61,7 +61,7 @@ class CharTokenizer:
 
     def normalize(self, text: str) -> str:
         # anyascii maps each code point on its own: only the non-ASCII runs need it (the fast path)
-        text = _NON_ASCII.sub(lambda m: anyascii(m.group()), text)
+        text = NON_ASCII.sub(lambda m: anyascii(m.group()), text)
         text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
         if self.lowercase:
             text = text.lower()

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from data.loader import RankLoader
-from data.prepare import check_matches, is_prepared, missing_shards_error, prepare
+from data.prepare import check_matches, is_prepared, missing_shards_error, prepare, split_size_error
 from data.shards import ShardReader
 from data.tokenizer import CharTokenizer
 from model import GPT
@@ -62,6 +62,10 @@ def ensure_data(cfg: Config, node: Node) -> dict:
                 print(f"no shards in {cfg.data.dir}: preparing them from data.source={cfg.data.source}", flush=True)
                 prepare(cfg.data)
             check_matches(cfg.data)
+            too_small = split_size_error(cfg.data.dir, cfg.model.block_size, cfg.train.micro_batch,
+                                         dist.get_world_size(), cfg.preset, cfg.data.val_fraction)
+            if too_small:
+                raise RunError(too_small)
             if cfg.data.verify:
                 for split in ("train", "val"):
                     ShardReader(cfg.data.dir, split).verify()
