@@ -1,5 +1,6 @@
 """Presets and config errors, composed in-process with Hydra's compose API as the entry point
 composes them (launch/train.py's load_config), and one real entry-point process."""
+import io
 import math
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import ROOT, subprocess_env
 from launch.cli import CONF_DIR, compose
 from launch.train import load_config
-from trainer.config import Config, ConfigError, register_presets, to_config
+from trainer.config import Config, ConfigError, print_keys, register_presets, to_config
 from trainer.schedule import accum_at, lr_at, planned_tokens
 
 PRESETS = register_presets(CONF_DIR)
@@ -173,10 +174,11 @@ def test_your_own_text_gets_its_own_shards_and_run_dir():
 
 
 def test_the_keys_command_shows_a_presets_values():
+    """`python -m trainer.config conf=debug ...` (its arguments go to print_keys) prints that run's values."""
     def keys(*args) -> dict[str, str]:
-        printed = subprocess.run([sys.executable, "-m", "trainer.config", *args], cwd=ROOT, env=subprocess_env(),
-                                 capture_output=True, text=True, check=True).stdout
-        return dict(line.split(" = ", 1) for line in printed.splitlines() if not line.startswith(" "))
+        out = io.StringIO()
+        print_keys(out, overrides=list(args))
+        return dict(line.split(" = ", 1) for line in out.getvalue().splitlines() if not line.startswith(" "))
 
     defaults, debug = keys(), keys("conf=debug", "train.lr=0.01")
     assert defaults["train.max_steps"] == "2000" and defaults["model.n_layer"] == "4"
