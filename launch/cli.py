@@ -10,8 +10,14 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def set_environment() -> None:
-    """One JIT-extension cache for every entry point, so DeepSpeed's CPU op is built once per checkout."""
+    """One JIT-extension cache and one ninja for every way of running (make, the venv's python,
+    an activated venv), so DeepSpeed's CPU op is built once per checkout: ninja rebuilds everything
+    that another version of ninja built. The Makefile sets the same two."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(CONF_DIR.parent / ".cache" / "torch_extensions"))
+    scripts = os.path.dirname(sys.executable)  # the venv's bin/, whose ninja came with DeepSpeed
+    if os.path.isfile(os.path.join(scripts, "ninja")):
+        os.environ["PATH"] = os.pathsep.join([scripts, *(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                                          if p != scripts)])
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -40,42 +46,11 @@ def exit_on_config_error(error: Exception) -> None:
     sys.exit(f"config error: {lines[0]}{f' {key.group()}' if key else ''}")
 
 
-def _one_line(error: Exception) -> str:
-    """Hydra's and OmegaConf's multi-line messages as one line that names the key or the option."""
-    from hydra.errors import MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
-
-    cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
-    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-        return f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
-    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options:
-        group, _, name = error.missing_cfg_file.rpartition("/")
-        return f"{group}={name}: no such option; choose one of {', '.join(error.options)}"
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(line for line in lines[:2] if not line.startswith("See http"))
-
-
 def compose(overrides: list[str]):
-    """conf/train.yaml composed with `key=value` overrides as @hydra.main composes it, `${hydra:...}`
-    resolvable, the `hydra` node removed. Any Hydra or OmegaConf error (an unknown key, preset or
-    option, a wrong type, bad syntax) is raised as a ConfigError of one line naming the key."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import HydraException
-    from omegaconf import open_dict
-    from omegaconf.errors import OmegaConfBaseException
+    """conf/train.yaml composed with `key=value` overrides (trainer.config.compose)."""
+    from trainer.config import compose as compose_config
 
-    from trainer.config import ConfigError
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_one_line(e)) from None
+    return compose_config(CONF_DIR, overrides)
 
 
 def parse_dotlist(schema, argv: list[str], prog: str):

@@ -14,13 +14,14 @@ from trainer.config import ConfigError, register_presets, to_config
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
-    from data.prepare import prepare
+    from data.prepare import prepare, split_size_error
     from data.shards import ShardError
 
     try:
-        data = to_config(OmegaConf.to_container(cfg, resolve=True)).data
+        config = to_config(OmegaConf.to_container(cfg, resolve=True))
     except ConfigError as e:
         exit_on_config_error(e)
+    data = config.data
     try:
         manifest = prepare(data)
     except (ShardError, ValueError, OSError, RuntimeError, ImportError) as e:
@@ -34,6 +35,10 @@ def main(cfg: DictConfig) -> None:
         print(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens, {len(info['shards'])} "
               f"shard(s), {size / 1e6:.2f} MB compressed ({info['tokens'] / max(size, 1):.2f}x)")
     print(f"wrote {data.dir}/manifest.json (vocab of {len(manifest['vocab'])} characters)")
+    too_small = split_size_error(data.dir, config.model.block_size, config.train.micro_batch, 1, config.preset,
+                                 data.val_fraction)
+    if too_small:
+        sys.exit(f"error: {too_small}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Presets and config errors, composed in-process with Hydra's compose API as the entry point
 composes them (launch/train.py's load_config), and one real entry-point process."""
+import io
 import math
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import ROOT, subprocess_env
 from launch.cli import CONF_DIR, compose
 from launch.train import load_config
-from trainer.config import Config, ConfigError, register_presets, to_config
+from trainer.config import Config, ConfigError, print_keys, register_presets, to_config
 from trainer.schedule import accum_at, lr_at, planned_tokens
 
 PRESETS = register_presets(CONF_DIR)
@@ -161,3 +162,25 @@ def test_every_preset_builds_its_model_and_deepspeed_config(preset, world):
     assert ds["train_batch_size"] == t.micro_batch * t.grad_accum * world
     assert ds["zero_optimization"]["stage"] == config.deepspeed.stage
     assert ds["bf16"]["enabled"] or ds["torch_autocast"]["enabled"] or config.precision == "fp32"
+
+
+def test_your_own_text_gets_its_own_shards_and_run_dir():
+    """A text corpus never lands in a preset's run dir (or another text's shards) by default."""
+    book = _resolved("data=text", "data.path=/home/me/book.txt")
+    assert (book["data"]["dir"], book["run_dir"]) == ("shards/book", "outputs/baby-book")
+    novel = _resolved("conf=debug", "data=text", "data.path=novel.txt", "data.dir=shards/mine")
+    assert novel["run_dir"] == "outputs/debug-mine"
+    assert _resolved()["run_dir"] == "outputs/baby" and _resolved("conf=wiki_100")["run_dir"] == "outputs/wiki_100"
+
+
+def test_the_keys_command_shows_a_presets_values():
+    """`python -m trainer.config conf=debug ...` (its arguments go to print_keys) prints that run's values."""
+    def keys(*args) -> dict[str, str]:
+        out = io.StringIO()
+        print_keys(out, overrides=list(args))
+        return dict(line.split(" = ", 1) for line in out.getvalue().splitlines() if not line.startswith(" "))
+
+    defaults, debug = keys(), keys("conf=debug", "train.lr=0.01")
+    assert defaults["train.max_steps"] == "2000" and defaults["model.n_layer"] == "4"
+    assert (debug["train.max_steps"], debug["model.n_layer"], debug["train.lr"]) == ("40", "2", "0.01")
+    assert (debug["preset"], debug["run_dir"]) == ("debug", "outputs/debug")

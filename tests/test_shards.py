@@ -221,3 +221,25 @@ def test_a_frame_holding_ids_beyond_the_vocabulary_is_refused_when_read(tmp_path
     with pytest.raises(ShardError, match=f"{shard['file']}: frame at byte {offsets[1]} holds token id 200, beyond "
                                          f"the vocabulary of {tok.vocab_size}"):
         reader.read_frame(1)
+
+
+def test_prepare_reports_what_normalization_changed_and_refuses_a_split_too_small(tmp_path):
+    """launch/prepare.py says how many non-ASCII characters it transliterated or dropped, and a text
+    too small for the preset's context and batch is refused at once, naming the minimum."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    text = tmp_path / "small.txt"
+    text.write_text("Straße café 東京\u200b, " * 160)  # 3.7 KB once normalized: enough for train, not for val
+    proc = subprocess.run([sys.executable, "launch/prepare.py", "data=text", f"data.path={text}",
+                           f"data.dir={tmp_path / 'shards'}"], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                          text=True)
+    assert "normalized to ASCII: 640 non-ASCII characters transliterated (e.g. 'ß'->'ss', 'é'->'e', " \
+           "'東'->'dong', '京'->'jing'), 160 dropped (e.g. '\\u200b')" in proc.stdout
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: data.dir={tmp_path / 'shards'}: the val split gives 4 windows of model.block_size+1=65 tokens; "
+        "conf=baby needs 12 (train.micro_batch x ranks): at least 844 characters in val, about 8.4 KB of text at "
+        "data.val_fraction=0.1 (or lower train.micro_batch or model.block_size)")

@@ -104,13 +104,13 @@ class Checkpointer:
     writes_files: this rank writes its disk's meta.json and `latest`, and prunes (one rank per disk).
     """
 
-    def __init__(self, engine, run_dir, cfg, tokenizer, writes_files: bool):
+    def __init__(self, engine, run_dir, cfg, tokenizer, writes_files: bool, identity: dict | None = None):
         self.engine, self.directory, self.writes_files = engine, checkpoint_dir(run_dir), writes_files
         self.every, self.keep, self.max_steps = cfg.train.ckpt_every, cfg.train.keep_ckpts, cfg.train.max_steps
         # client state: its keys share DeepSpeed's dict in the model states file (not "optimizer")
         self.about = {"model_config": asdict(cfg.model), "vocab": tokenizer.vocab, "lowercase": tokenizer.lowercase,
                       "zero_stage": cfg.deepspeed.stage, "train_optimizer": cfg.train.optimizer,
-                      "precision": cfg.precision}  # precision: for checksums.size_bounds
+                      "precision": cfg.precision, **(identity or {})}  # precision: for checksums.size_bounds
 
     def due(self, step: int) -> bool:
         return bool(self.every and step % self.every == 0) or step == self.max_steps
@@ -180,11 +180,25 @@ def read_meta(ckpt: Checkpoint) -> dict:
         raise CheckpointError(str(e)) from None
 
 
+def _another_run(ckpt: Checkpoint, differs: str, weights_fit: bool = True) -> CheckpointError:
+    """A checkpoint of another run: one line saying what differs and the ways on."""
+    run = ckpt.directory.parent
+    ways = (f"train in a new run_dir, or start from its weights on this data with run_dir=NEW init_from={run}"
+            if weights_fit else "train in a new run_dir")
+    return CheckpointError(f"{run} holds another run ({differs}); nothing was written: {ways}")
+
+
 def check_compatible(ckpt: Checkpoint, vocab: str, model_cfg: GPTConfig, zero_stage: int,
-                     optimizer: str = "adamw") -> dict:
-    """The checkpoint's meta.json, after checking it fits this run's data, model and ZeRO stage
-    (before any weights load). Another world size is fine: see needs_universal."""
+                     optimizer: str = "adamw", identity: dict | None = None) -> dict:
+    """The checkpoint's meta.json, after checking it belongs to this run (identity: the data's
+    manifest digest and the preset, when the checkpoint records them) and fits its model and ZeRO
+    stage (before any weights load). Another world size is fine: see needs_universal."""
     meta = read_meta(ckpt)
+    for key, what in (("data_digest", "data"), ("preset", "preset")):
+        if identity and key in meta and meta[key] != identity[key]:
+            shown = "data_dir" if key == "data_digest" else key
+            raise _another_run(ckpt, f"{what} differs: checkpoint {shown}={meta.get(shown)}, this run "
+                                     f"{shown}={identity[shown]}")
     if meta.get("zero_stage") != zero_stage:
         raise CheckpointError(f"{ckpt.path}: saved with ZeRO-{meta.get('zero_stage')}, this run uses "
                               f"deepspeed=zero{zero_stage}; resume with deepspeed=zero{meta.get('zero_stage')}")
@@ -193,8 +207,8 @@ def check_compatible(ckpt: Checkpoint, vocab: str, model_cfg: GPTConfig, zero_st
         raise CheckpointError(f"{ckpt.path}: saved with train.optimizer={saved_with}, this run uses "
                               f"train.optimizer={optimizer}; resume with train.optimizer={saved_with}")
     if meta.get("vocab") != vocab:
-        raise CheckpointError(f"{ckpt.path}: the checkpoint's vocabulary ({len(meta.get('vocab') or '')} chars) "
-                              f"differs from the data's manifest.json ({len(vocab)} chars)")
+        raise _another_run(ckpt, f"vocabulary differs: checkpoint {len(meta.get('vocab') or '')} chars, this run's "
+                                 f"data {len(vocab)}", weights_fit=False)
     ours, theirs = asdict(model_cfg), meta.get("model_config")
     if not isinstance(theirs, dict):
         raise CheckpointError(f"{ckpt.path / META}: no model_config")
@@ -202,7 +216,7 @@ def check_compatible(ckpt: Checkpoint, vocab: str, model_cfg: GPTConfig, zero_st
     differ = [f"model.{k}: checkpoint {v!r}, config {ours.get(k)!r}" for k, v in theirs.items()
               if ours.get(k) != v and k not in ("dropout", "attn")]
     if differ:
-        raise CheckpointError(f"{ckpt.path}: the model differs: {'; '.join(differ)}")
+        raise _another_run(ckpt, f"the model differs: {'; '.join(differ)}", weights_fit=False)
     if not isinstance(meta.get("world_size"), int) or meta["world_size"] < 1:
         raise CheckpointError(f"{ckpt.path / META}: world_size is {meta.get('world_size')!r}")
     return meta
@@ -222,7 +236,7 @@ def files_for_rank(meta: dict, rank: int) -> list[str]:
 
 
 def plan_resume(resume: str, run_dir, vocab: str, model_cfg: GPTConfig, zero_stage: int, node, writer: bool,
-                optimizer: str = "adamw") -> tuple[Checkpoint, dict] | None:
+                optimizer: str = "adamw", identity: dict | None = None) -> tuple[Checkpoint, dict] | None:
     """Collective. Rank 0 alone decides what to resume (nodes' disks may disagree) and checks that it
     fits this run; every rank then checks its own files of that checkpoint against rank 0's meta.json
     on its own disk, and all agree before anything is loaded. Returns (checkpoint, meta) or None.
@@ -231,7 +245,8 @@ def plan_resume(resume: str, run_dir, vocab: str, model_cfg: GPTConfig, zero_sta
     if dist.get_rank() == 0:
         try:
             ckpt = resolve(resume, run_dir)
-            decision = [(str(ckpt.directory), ckpt.tag, check_compatible(ckpt, vocab, model_cfg, zero_stage, optimizer))
+            decision = [(str(ckpt.directory), ckpt.tag, check_compatible(ckpt, vocab, model_cfg, zero_stage, optimizer,
+                                                                            identity))
                         if ckpt else None]
         except Exception as e:  # a bad file must fail every rank, not leave the others waiting
             decision = [str(e) if isinstance(e, (CheckpointError, FileNotFoundError))

@@ -15,6 +15,7 @@ import textwrap
 import typing
 from collections.abc import Iterator
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path, PurePath
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -202,9 +203,13 @@ class Config:
     precision: str = "fp32"
     """fp32 | bf16 (at ZeRO-0: torch autocast over fp32 weights; ZeRO 1-3: DeepSpeed's bf16)."""
     run_dir: str = "outputs/run"
-    """Holds config.yaml, metrics.jsonl, tensorboard/ and checkpoints/ (conf/train.yaml: outputs/PRESET)."""
+    """Holds config.yaml, metrics.jsonl, tensorboard/ and checkpoints/ (conf/train.yaml: outputs/PRESET;
+    outputs/PRESET-NAME for data.source=text, NAME the name of data.dir)."""
     resume: str = "auto"
     """auto (the run_dir's latest checkpoint, when there is one) | never | PATH of a checkpoint dir."""
+    init_from: str = ""
+    """Fine-tuning: a run dir (or checkpoint) whose weights this run starts from, with a fresh optimizer
+    and data order, when run_dir has no checkpoint of its own; "": random weights."""
     preset: str = ""
     """The preset chosen with conf=NAME (set by conf/train.yaml)."""
 
@@ -232,6 +237,21 @@ class Config:
                                  f"train.grad_accum={t.grad_accum} x {world_size} ranks = {got}")
 
 
+def default_run_dir(preset: str, source: str, data_dir: str) -> str:
+    """conf/train.yaml's run_dir: outputs/PRESET on the preset's own data; on your own text,
+    outputs/PRESET-NAME (NAME: data.dir's folder), so that it never continues another run."""
+    return f"outputs/{preset}" if source != "text" else f"outputs/{preset}-{PurePath(data_dir).name}"
+
+
+def corpus_name(path: str) -> str:
+    """conf/data/text.yaml's data.dir: shards/NAME, NAME the file's stem or the folder's name."""
+    return PurePath(path).stem or "text"
+
+
+OmegaConf.register_new_resolver("default_run_dir", default_run_dir, replace=True)
+OmegaConf.register_new_resolver("corpus_name", corpus_name, replace=True)
+
+
 class ConfigError(ValueError):
     """A bad setting, named by its key."""
 
@@ -250,14 +270,48 @@ def to_config(cfg: DictConfig | dict, world_size: int | None = None) -> Config:
     return config
 
 
+def _one_line(error: Exception) -> str:
+    """Hydra's and OmegaConf's multi-line messages as one line that names the key or the option."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        return f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options:
+        group, _, name = error.missing_cfg_file.rpartition("/")
+        return f"{group}={name}: no such option; choose one of {', '.join(error.options)}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(line for line in lines[:2] if not line.startswith("See http"))
+
+
+def compose(conf_dir, overrides: list[str]):
+    """conf/train.yaml composed with `key=value` overrides as @hydra.main composes it, `${hydra:...}`
+    resolvable, the `hydra` node removed. Any Hydra or OmegaConf error (an unknown key, preset or
+    option, a wrong type, bad syntax) is raised as a ConfigError of one line naming the key."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf import open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_one_line(e)) from None
+
+
 def register_presets(conf_dir) -> list[str]:
     """Register the typed schema, and make every conf/NAME.yaml (but train.yaml) selectable as `conf=NAME`.
 
     Hydra names a config group after its folder; registering the top-level preset files under the
     group `conf` keeps them beside the groups they override (conf/model/, conf/data/, ...).
     """
-    from pathlib import Path
-
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
@@ -289,13 +343,27 @@ def describe(cls=Config, prefix: str = "") -> Iterator[tuple[str, object, str]]:
             yield f"{prefix}{f.name}", default, docs.get(f.name, "")
 
 
-def print_keys(out=sys.stdout) -> None:
-    """Every key, its default and its doc: `python -m trainer.config`."""
+def print_keys(out=sys.stdout, overrides: list[str] = ()) -> None:
+    """Every key, its value and its doc: `python -m trainer.config [conf=NAME key=value ...]` (no
+    overrides: the dataclasses' defaults; with them: the values that run would use)."""
+    values = None
+    if overrides:
+        conf_dir = Path(__file__).resolve().parents[1] / "conf"
+        register_presets(conf_dir)
+        values = OmegaConf.to_container(compose(conf_dir, list(overrides)), resolve=True)
     for key, default, doc in describe():
-        print(f"{key} = {OmegaConf.to_yaml({'v': default}).strip()[3:]}", file=out)
+        value = default
+        if values is not None:
+            value = values
+            for part in key.split("."):
+                value = value.get(part, default) if isinstance(value, dict) else default
+        print(f"{key} = {OmegaConf.to_yaml({'v': value}).strip()[3:]}", file=out)
         for line in textwrap.wrap(" ".join(doc.split()), 96):
             print(f"    {line}", file=out)
 
 
 if __name__ == "__main__":
-    print_keys()
+    try:
+        print_keys(overrides=sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -69,10 +71,25 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
         bind_device(int(os.environ["LOCAL_RANK"]))
     if timeout_s:
         timeout_every_group(timedelta(seconds=timeout_s))
+    if get_accelerator().device_name() == "cpu" and os.environ.get("LOCAL_RANK", "0") == "0":
+        announce_op_build()
     deepspeed.init_distributed(**({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
     _patient_group = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT) if dist.get_world_size() > 1 else None
     unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+def announce_op_build(op: str = "deepspeed_shm_comm") -> None:
+    """Say so when DeepSpeed is about to JIT-build its CPU communication op (it builds in silence):
+    when its build dir has no library yet, or ninja finds work to do there."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / op
+    if (build / f"{op}.so").is_file() and shutil.which("ninja"):
+        dry_run = subprocess.run(["ninja", "-n", "-C", str(build)], capture_output=True, text=True)
+        if dry_run.returncode == 0 and "no work to do" in dry_run.stdout:
+            return
+    print(f"building DeepSpeed's CPU communication op {op} in {build} (once: 30-90 s)", flush=True)
 
 
 @dataclass(frozen=True)

@@ -16,20 +16,25 @@ All three take relu2 for the MLP and a tied or untied head. Anything else (a new
 another position embedding) is refused by name, never exported approximately.
 
 The folder holds model.safetensors, config.json, the tokenizer (tokenizer.json: one token per
-character, our ids, our normalization as far as `tokenizers` can express it) and README.md.
+character, our ids, our normalization: anyascii's table as a precompiled charsmap) and README.md.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import unicodedata
 from dataclasses import asdict
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from data.tokenizer import transliterations
 from model import GPT, GPTConfig
 from model.norm import EPS as LAYER_NORM_EPS
+
+from . import charsmap
 
 TOLERANCE = 1e-5       # largest |logit difference| allowed, relative to the largest |logit| (at least 1)
 WEIGHTS = "model.safetensors"
@@ -188,29 +193,53 @@ def hf_weights(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def hf_tokenizer(vocab: str, lowercase: bool, block_size: int):
-    """A fast tokenizer with our ids: one token per character of `vocab`.
-
-    Its normalizer does what data/tokenizer.py's does, but for the anyascii transliteration, which
-    `tokenizers` cannot express: non-ASCII text is decomposed (NFKD), its accents stripped and
-    whatever is still not ASCII dropped ("é" -> "e" as anyascii does, but "ß" -> "" where anyascii
-    gives "ss"). On ASCII text both give the same ids (tests/test_export.py).
-    """
+    """A fast tokenizer with our ids: one token per character of `vocab`, and data/tokenizer.py's
+    normalization as a `tokenizers` normalizer, so that any text gets the ids ours gives it."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
 
-    steps = [normalizers.NFKD(), normalizers.StripAccents(), normalizers.Replace(Regex(r"[^\x00-\x7f]"), ""),
+    steps = [*_transliteration_steps(), normalizers.Replace(Regex(r"[^\x00-\x7f]"), ""),
              normalizers.Replace("\r\n", "\n"), normalizers.Replace("\r", "\n"), normalizers.Replace("\t", " ")]
     if lowercase:
         steps.append(normalizers.Lowercase())
     dropped = "".join(chr(c) for c in range(128) if chr(c) not in vocab)
     if dropped:  # the ASCII characters outside the vocabulary: controls (and capitals when lowercased)
-        steps.append(normalizers.Replace(Regex("[" + "".join(f"\\x{ord(c):02x}" for c in dropped) + "]"), ""))
+        steps.append(normalizers.Replace(Regex(_char_class(dropped)), ""))
     # BPE without merges over the whole text: each character is its own token, no pre-tokenizer needed
     tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(vocab)}, merges=[]))
     tokenizer.normalizer = normalizers.Sequence(steps)
     tokenizer.decoder = decoders.Fuse()  # ids back to text with nothing between characters
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=block_size,
                                    clean_up_tokenization_spaces=False)
+
+
+@lru_cache(maxsize=1)
+def _transliteration_steps() -> tuple:
+    """anyascii's transliteration as normalizers. Most characters go through one precompiled charsmap
+    (a single pass); it matches whole grapheme clusters by their first character, so the characters
+    that join a cluster (marks, format characters) are replaced first, one Replace per distinct text."""
+    from tokenizers import Regex, normalizers
+
+    table = transliterations()
+    joining = [chr(c) for c in range(0x80, 0x110000)
+               if unicodedata.category(chr(c)) in ("Mn", "Mc", "Me", "Cf") and not 0xD800 <= c < 0xE000]
+    by_text: dict[str, list[str]] = {}
+    for char in joining:
+        by_text.setdefault(table.get(char, ""), []).append(char)
+    steps = [normalizers.Replace(Regex(_char_class(chars)), text) for text, chars in by_text.items()]
+    rest = {char: text for char, text in table.items() if char not in set(joining)}
+    return (*steps, normalizers.Precompiled(charsmap.build(rest)))
+
+
+def _char_class(chars) -> str:
+    """A regex character class of `chars`, runs of consecutive code points as ranges."""
+    codes, ranges = sorted(ord(c) for c in chars), []
+    for code in codes:
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1][1] = code
+        else:
+            ranges.append([code, code])
+    return "[" + "".join(f"\\x{{{a:x}}}" if a == b else f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in ranges) + "]"
 
 
 def max_logit_difference(model: GPT, hf_model, ids: torch.Tensor) -> float:
@@ -333,13 +362,12 @@ def _exactness_notes(cfg: GPTConfig, arch: str, lowercase: bool) -> list[str]:
                  "slides the window past that; `generate()` does not"
                  + (" (GPT-2 has no positions beyond it)." if arch.startswith("GPT2")
                     else " (RoPE goes on, to positions the model never trained on)."))
-    notes.append("Tokenizer: one token per character, the same ids as in training, and the same normalization "
-                 "(CRLF and CR to LF, tabs to spaces, other control characters dropped"
-                 + (", lowercased" if lowercase else "") + "), except for the transliteration of non-ASCII "
-                 "text, which training does with `anyascii` and `tokenizers` cannot express: here it is "
-                 "decomposed, its accents stripped and any other non-ASCII character dropped (\"é\" -> \"e\" "
-                 "as in training, but \"ß\" -> \"\" where training gives \"ss\"). ASCII text gets the same ids "
-                 "(tested); for other text, run `anyascii` over it first.")
+    notes.append("Tokenizer: one token per character, the same ids as in training, and the same normalization in "
+                 "`tokenizer.json`: non-ASCII text transliterated as `anyascii` does (\"Straße\" -> \"Strasse\", "
+                 "\"東京\" -> \"DongJing\"), what it cannot spell dropped, CRLF and CR to LF, tabs to spaces, other "
+                 "control characters dropped" + (", lowercased" if lowercase else "") + ". Any text gets the ids our "
+                 "tokenizer gives it (tested on mixed scripts). Unicode newer than this Python's `unicodedata` may "
+                 "differ in combining characters.")
     return notes
 
 

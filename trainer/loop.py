@@ -6,6 +6,7 @@ import hashlib
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from data.loader import RankLoader
-from data.prepare import check_matches, is_prepared, missing_shards_error, prepare
+from data.prepare import check_matches, is_prepared, missing_shards_error, prepare, split_size_error
 from data.shards import ShardReader
 from data.tokenizer import CharTokenizer
 from model import GPT
@@ -38,6 +39,8 @@ from .profile import StepProfiler
 from .schedule import accum_at, lr_at, planned_tokens
 from .stopping import StopRequest
 
+_SAMPLING = {"dropout": 0.0, "attn": "sdpa"}  # settings a checkpoint's weights do not depend on
+
 
 def window_hash(window: torch.Tensor) -> str:
     """Short id of one training window (block_size + 1 token ids), for train.record_batches."""
@@ -59,6 +62,10 @@ def ensure_data(cfg: Config, node: Node) -> dict:
                 print(f"no shards in {cfg.data.dir}: preparing them from data.source={cfg.data.source}", flush=True)
                 prepare(cfg.data)
             check_matches(cfg.data)
+            too_small = split_size_error(cfg.data.dir, cfg.model.block_size, cfg.train.micro_batch,
+                                         dist.get_world_size(), cfg.preset, cfg.data.val_fraction)
+            if too_small:
+                raise RunError(too_small)
             if cfg.data.verify:
                 for split in ("train", "val"):
                     ShardReader(cfg.data.dir, split).verify()
@@ -208,9 +215,12 @@ class Trainer:
         shared = shared_between_nodes(checkpoint.checkpoint_dir(cfg.run_dir), node)
         writes_files = node.writes(shared)  # this disk's `latest`, meta.json, conversions, pruning
         # decided by rank 0, checked by every rank on its own disk, before anything is built
+        self.identity = {"preset": cfg.preset, "data_dir": cfg.data.dir, "data_digest": _manifest_digest(cfg.data.dir)}
         ckpt, universal = self._plan_resume(node, writes_files)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = GPT(cfg.model)
+        if ckpt is None and cfg.init_from:
+            self._start_from_weights(cfg.init_from)
         self.engine = build_engine(self.model, cfg, world, load_universal=universal,
                                    node_local_checkpoints=not shared)
         torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank dropout streams
@@ -223,19 +233,36 @@ class Trainer:
             self.loader.load_state_dict(client["loader"])
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpointer = checkpoint.Checkpointer(self.engine, self.run_dir, cfg, self.tokenizer, writes_files)
+        self.checkpointer = checkpoint.Checkpointer(self.engine, self.run_dir, cfg, self.tokenizer, writes_files,
+                                                    self.identity)
         self._build_trackers(manifest)
 
     def _plan_resume(self, node: Node, writes_files: bool) -> tuple[checkpoint.Checkpoint | None, bool]:
         cfg = self.cfg
         resume = checkpoint.plan_resume(cfg.resume, cfg.run_dir, self.tokenizer.vocab, cfg.model,
-                                        cfg.deepspeed.stage, node, writes_files, cfg.train.optimizer)
+                                        cfg.deepspeed.stage, node, writes_files, cfg.train.optimizer, self.identity)
         if resume is None:
             return None, False
         ckpt, meta = resume
         if not checkpoint.needs_universal(meta, self.world):
             return ckpt, False
         return checkpoint.to_universal(ckpt, writes_files), True
+
+    def _start_from_weights(self, source: str) -> None:
+        """Fine-tuning: another run's weights on this run's data, with a fresh optimizer and data order.
+        Every rank reads its own disk's copy (nodes share no disk)."""
+        try:
+            trained, client = checkpoint.load_for_inference(source)
+        except (FileNotFoundError, checkpoint.CheckpointError) as e:
+            raise RunError(f"init_from={source}: {e}") from None
+        same_model = asdict(trained.cfg) | _SAMPLING == asdict(self.cfg.model) | _SAMPLING
+        if client["vocab"] != self.tokenizer.vocab or not same_model:
+            raise RunError(f"init_from={source}: its model or vocabulary differs from this run's; use the preset and "
+                           "model.* settings it was trained with (its config.yaml)")
+        self.model.load_state_dict(trained.state_dict())
+        if self.rank == 0:
+            print(f"init_from={source}: starting from the weights of its step {client['step']}, with a fresh "
+                  "optimizer and data order", flush=True)
 
     def _build_trackers(self, manifest: dict) -> None:
         cfg, t, rank, world = self.cfg, self.cfg.train, self.rank, self.world
@@ -265,6 +292,9 @@ class Trainer:
 
     def fit(self) -> dict:
         t, last = self.cfg.train, {}
+        if self.step >= t.max_steps and self.rank == 0:
+            print(f"{self.run_dir} is already at step {self.step} of train.max_steps={t.max_steps}: nothing to train "
+                  "(raise train.max_steps to go on, or choose a new run_dir)", flush=True)
         guard, profiler = Guard(self.engine.device), StepProfiler(self.run_dir, t.profile_steps, self.rank)
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", disable=self.rank != 0 or not t.progress,
                    dynamic_ncols=True)
