@@ -19,6 +19,7 @@ import torch.distributed as dist
 from conftest import ROOT, debug_overrides, run_train, subprocess_env
 from trainer import checksums
 from trainer.checkpoint import Checkpoint, load_for_inference, plan_resume
+from trainer.deepspeed_compat import end_process_group
 from trainer.distributed import Node, RunError
 from trainer.errors import CheckpointError
 
@@ -48,7 +49,7 @@ def world_of_one():
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def _copy(saved: Path, tmp_path: Path) -> Path:

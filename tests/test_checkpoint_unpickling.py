@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from conftest import ROOT, free_port, run_train, subprocess_env
 from trainer import checksums
+from trainer.deepspeed_compat import end_process_group
 
 PRESETS = ("debug", "baby", "shakespeare", "wiki_100", "wiki_full")
 SMALL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.n_kv_head=null", "model.block_size=16",
@@ -98,7 +99,7 @@ def world_of_one():
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    end_process_group()
     torch.set_num_threads(threads)
     for key, value in saved.items():
         if value is None:

@@ -137,6 +137,23 @@ def timeout_every_group(timeout: timedelta) -> None:
     distributed_c10d.default_pg_nccl_timeout = timeout
 
 
+def end_process_group() -> None:
+    """Destroy this process's group and DeepSpeed's cached clone of the world group.
+
+    DeepSpeed keeps a clone of the world group in `deepspeed.utils.groups._WORLD_GROUP` and reuses it
+    for every engine: after the group is destroyed, a new process group in the same process (tests
+    that train in-process, one module after another) would meet that dead clone ("Group ... is not
+    registered"). Caught by: tests/test_checkpoint_unpickling.py's in-process world followed, on one
+    pytest worker, by tests/test_train_distributed.py's in-process engine test
+    (test_zero0_engine_steps_never_wait_for_the_device_nor_walk_the_model_nor_add_ops).
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = None
+
+
 def deepspeed_checkpoint_types() -> list[type]:
     """The only types beside tensors, numbers, strings, lists, tuples and dicts that DeepSpeed 0.19
     pickles into our checkpoints: in ZeRO 1-3 optimizer partitions (fp32 and bf16) and in their

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from .deepspeed_compat import check_deepspeed, timeout_every_group, unlink_shm_buffer
+from .deepspeed_compat import check_deepspeed, end_process_group, timeout_every_group, unlink_shm_buffer
 from .errors import RunError
 
 # Waits in which one rank per node does long solo work (preparing a corpus, converting a checkpoint)
@@ -156,4 +156,4 @@ def shutdown() -> None:
     """A barrier before tearing down, so no rank's gloo peer vanishes while it still talks."""
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    end_process_group()
