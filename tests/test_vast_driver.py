@@ -28,8 +28,9 @@ from harness import SECRET, World  # noqa: E402
 
 from trainer.checksums import verify  # noqa: E402
 
-pytestmark = pytest.mark.skipif(__import__("shutil").which("ssh-keygen") is None,
-                                reason="ssh-keygen missing (`make test` installs openssh-client)")
+pytestmark = [pytest.mark.cluster,
+              pytest.mark.skipif(__import__("shutil").which("ssh-keygen") is None,
+                                 reason="ssh-keygen missing (`make test-cluster` installs openssh-client)")]
 
 
 

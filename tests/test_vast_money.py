@@ -15,8 +15,9 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.skipif(__import__("shutil").which("ssh-keygen") is None,
-                                reason="ssh-keygen missing (`make test` installs openssh-client)")
+pytestmark = [pytest.mark.cluster,
+              pytest.mark.skipif(__import__("shutil").which("ssh-keygen") is None,
+                                 reason="ssh-keygen missing (`make test-cluster` installs openssh-client)")]
 
 
 def _destroys_by_own_key(world) -> list[int]:

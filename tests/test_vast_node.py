@@ -20,6 +20,8 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "tests" / "fakes"))
 from vast_api import StandIn  # noqa: E402
 
+pytestmark = pytest.mark.cluster   # `make test-cluster`: the rented-cluster scenarios
+
 KEY = "guard-key-SECRET-0123456789abcdef"   # each instance's own key (CONTAINER_API_KEY) in these tests
 ACCOUNT_KEY = "account-key-0123456789abcdef0123"
 RUN = "t-guard"

@@ -31,12 +31,15 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import vastai  # noqa: F401 - imported once here, not in each forked run (half a second each)
 
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests" / "fakes"))
 from vast_api import StandIn  # noqa: E402
+
+pytestmark = pytest.mark.cluster   # `make test-cluster`: the rented-cluster scenarios
 
 from launch.vast import cli, commands, state as state_module  # noqa: E402
 from launch.vast.provider import Provider, VastError  # noqa: E402
