@@ -381,7 +381,8 @@ def test_resume_on_fresh_nodes_with_another_node_count(world):
     world.api.offers.append({"id": 104, "cluster_id": 7, "machine_id": 5, "dph_total": 13.0, "num_gpus": 2,
                              "gpu_name": "H100 SXM"})
     second = world.driver("run", "--nodes", "3", "--gpus", "2", "--conf", "debug", "--resume",
-                          f"outputs/{world.run_name}", "--", "train.max_steps=8", "train.ckpt_every=4")
+                          f"outputs/{world.run_name}", "--", "deepspeed=zero1", "train.max_steps=8",
+                          "train.ckpt_every=4")
     assert second.returncode == 0, second.stderr[-3000:]
     new = world.api.created()
     assert len(new) == 3

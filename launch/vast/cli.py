@@ -12,6 +12,7 @@ terminal. docs/clusters.md describes each step, its cost, and what happens on ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -81,7 +82,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fetch-attempts", type=int, default=int(_env("FETCH_ATTEMPTS", 5)))
     p.add_argument("--fetch-backoff", type=float, default=float(_env("FETCH_BACKOFF_S", 5)))
     p.add_argument("--fetch-max-gb", type=float, default=float(_env("FETCH_MAX_GB", 200)),
-                   help="the most one node's share of a checkpoint may weigh")
+                   help="the most a node's share of a checkpoint may weigh when the model config is unknown")
     p.add_argument("--stop-wait", type=float, default=float(_env("STOP_WAIT_S", 1800)),
                    help="seconds to wait for the final checkpoint after a stop request")
     p.add_argument("--remote-dir", default=_env("REMOTE_DIR", "/workspace/shakespeare"))
@@ -107,7 +108,7 @@ def new_state(args: argparse.Namespace) -> RunState:
     resume = check_resume(args.resume) if args.resume else None
     run = check_run_name(args.run) if args.run else (resume[0] if resume else new_run_name())
     overrides = [check_override(o) for o in args.overrides]
-    check_config(check_conf(args.conf, ROOT), overrides, args.nodes * args.gpus)
+    config = check_config(check_conf(args.conf, ROOT), overrides, args.nodes * args.gpus)
     for tool in ("ssh", "ssh-keygen", "git"):
         if shutil.which(os.environ.get("SSH", "ssh") if tool == "ssh" else tool) is None:
             raise UnsafeInput(f"`{tool}` is not on PATH: install it (OpenSSH client, git) before renting")
@@ -123,14 +124,16 @@ def new_state(args: argparse.Namespace) -> RunState:
                      gpus=args.gpus, gpu_name=check_gpu_name(args.gpu_name), image=args.image, disk=args.disk,
                      remote_dir=check_remote_dir(args.remote_dir), ssh_key=str(key), net_dev=args.net_dev,
                      max_hours=args.max_hours, max_usd=args.max_usd, grace_minutes=args.grace_minutes,
-                     resume=resume[1] if resume else None)
+                     resume=resume[1] if resume else None, model=dataclasses.asdict(config.model),
+                     precision=config.precision, zero_stage=config.deepspeed.stage)
     state.save()
     return state
 
 
-def check_config(conf: str, overrides: list[str], world_size: int) -> None:
+def check_config(conf: str, overrides: list[str], world_size: int):
     """The run's config composed here, as the nodes will compose it: an unknown key, a bad value or a
-    batch the world size cannot split is one line now, not an error on the nodes after renting."""
+    batch the world size cannot split is one line now, not an error on the nodes after renting. Its
+    model section is what bounds a fetch (a host's meta.json could claim any model)."""
     from omegaconf import OmegaConf
 
     from launch.cli import CONF_DIR, compose
@@ -138,7 +141,7 @@ def check_config(conf: str, overrides: list[str], world_size: int) -> None:
 
     register_presets(CONF_DIR)
     try:
-        to_config(OmegaConf.to_container(compose([f"conf={conf}", *overrides]), resolve=True), world_size)
+        return to_config(OmegaConf.to_container(compose([f"conf={conf}", *overrides]), resolve=True), world_size)
     except ConfigError as e:
         raise UnsafeInput(f"config error: {e} (checked here before renting)") from None
 

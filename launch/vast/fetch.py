@@ -14,7 +14,7 @@ from pathlib import Path
 from launch.vast.checks import SAFE_FILE, TAG, printable
 from launch.vast.state import DriverError, RunState
 from launch.vast.transport import Transport, log
-from trainer.checksums import META, ChecksumError, verify, write_text_atomic
+from trainer.checksums import META, ChecksumError, SizeBounds, size_bounds, verify, write_text_atomic
 
 RUN_FILES_MAX_BYTES = 8 << 30   # metrics, logs, events and wandb files of one run: far below this
 
@@ -108,6 +108,7 @@ class Fetcher:
         taken, sub-folders (a universal/ conversion made on the node) skipped, anything else refused."""
         staging = self.staging(f"node{k}")
         received: list[str] = []
+        bounds = self.bounds()
 
         def accept(member, source) -> int:
             parts = member.name.rstrip("/").split("/")
@@ -115,11 +116,15 @@ class Fetcher:
                 return 0
             if not (member.isfile() and len(parts) == 2 and parts[0] == tag and SAFE_FILE.fullmatch(parts[1])):
                 raise DriverError(f"node{k}: unexpected entry {printable(member.name)!r} in the checkpoint archive")
+            if bounds and member.size > bounds.of(parts[1]):
+                raise DriverError(f"node{k}: {tag}/{printable(parts[1])} is {member.size} bytes; a checkpoint of "
+                                  f"this model holds no such file over {bounds.of(parts[1])} bytes: fetch stopped")
             received.append(parts[1])
             return copy_stream(source, staging / parts[1])
 
         command = self.transport.in_dir(f"tar -cf - -C outputs/{self.state.run}/checkpoints {tag}")
-        self.transport.receive(k, command, accept, self.args.fetch_max_gb * (1 << 30))
+        total = bounds.total if bounds else self.args.fetch_max_gb * (1 << 30)
+        self.transport.receive(k, command, accept, total)
         target = self.local / tag
         target.mkdir(parents=True, exist_ok=True)
         meta = staging / META
@@ -128,6 +133,14 @@ class Fetcher:
         for name in received:
             os.replace(staging / name, target / name)
         log(f"node{k}: {tag}: {len(received)} files")
+
+    def bounds(self) -> SizeBounds | None:
+        """The most each file of one of this run's checkpoints may weigh, from the model config composed
+        on this laptop (trainer/checksums.size_bounds)."""
+        s = self.state
+        if not s.model:
+            return None
+        return size_bounds(s.model, len(s.node_ids()) * s.gpus, s.zero_stage, precision=s.precision)
 
     # --- the rest of the run dir ----------------------------------------------------------------------------
     def run_files(self) -> bool:

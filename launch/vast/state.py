@@ -57,6 +57,9 @@ class RunState:
     max_usd: float | None = None
     grace_minutes: float = 30.0
     resume: str | None = None            # the tag uploaded to the fresh nodes
+    model: dict = field(default_factory=dict)   # the run's model config, composed here: bounds each fetch
+    precision: str = "fp32"
+    zero_stage: int | None = None
     phase: Phase = Phase.NEW
     created_at: float = field(default_factory=time.time)
     paid: bool = False                   # a paid call was sent: teardown also sweeps by label

@@ -143,7 +143,7 @@ class Transport:
                     source = tar.extractfile(member) if member.isfile() else None
                     total += accept(member, source)
         except (tarfile.TarError, DriverError) as e:
-            child.kill()
+            os.killpg(child.pid, signal.SIGKILL)   # its whole session: nothing may hold the pipes open
             child.wait()
             detail = child.stderr.read().decode(errors="replace").strip()[-500:]
             raise DriverError(str(e) if isinstance(e, DriverError) else f"node{node}: {detail or e}") from None

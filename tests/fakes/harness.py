@@ -62,9 +62,11 @@ class World:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def args(self, *extra, nodes=2, command="run", steps=12, overrides=()):
+        """A run of the debug preset at ZeRO-1: the stand-in trainer writes ZeRO-1's files (the fetch
+        bounds each by the stage the driver composed)."""
         return [command, "--nodes", str(nodes), "--gpus", "2", "--gpu-name", "H100_SXM", "--max-dph", "20",
-                "--conf", "debug", "--run", self.run_name, *extra, "--", f"train.max_steps={steps}",
-                "train.ckpt_every=4", *overrides]
+                "--conf", "debug", "--run", self.run_name, *extra, "--", "deepspeed=zero1",
+                f"train.max_steps={steps}", "train.ckpt_every=4", *overrides]
 
     def driver(self, *argv, timeout=120, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", "launch/vast_cluster.sh", *argv], cwd=ROOT, env=self.env, capture_output=True,
