@@ -51,6 +51,7 @@ KINDS = ("error", "refused", "timeout", "bug", "signal", "kill9")
 PROVIDER_CALLS = ("instances", "search_offers", "create_overlay", "delete_overlay",
                   "create_instance", "destroy_instance")
 TAG = "step00000004"
+CONFIG = None   # the run's config, composed once by the test (see _drive)
 
 
 class Killed(Exception):
@@ -177,7 +178,7 @@ class Faults:
 
 def _args(run: str, **extra):
     args = cli.split_argv(["run", "--run", run, "--nodes", "2", "--gpus", "2", "--conf", "debug",
-                                "--ssh-key", str(ROOT / "setup.py")])
+                           "--ssh-key", str(ROOT / "setup.py"), "--", "deepspeed=zero1"])   # ZeRO-1's files
     for name, value in dict(poll=0.001, destroy_retry=3.0, late_create_wait=0.3, fetch_attempts=2,
                             fetch_backoff=0.001, stop_wait=1.0, timeout=5, node_setup="true", **extra).items():
         setattr(args, name, value)
@@ -187,6 +188,7 @@ def _args(run: str, **extra):
 def _drive(base: Path, run: str, command: str, faults: Faults) -> int:
     """One driver command in this (forked) process, with faults injected; returns its exit code."""
     state_module.ROOT = base   # outputs/ go to the test's folder; conf/ and git stay this checkout's
+    cli.check_config = lambda *args: CONFIG   # composed once, in the parent (Hydra takes seconds a run)
     os.environ.update(VAST_API_KEY=KEY)
     args = _args(run)
     args.command = command
@@ -252,6 +254,8 @@ def _live(api: StandIn, run: str) -> list[int]:
 
 
 def test_a_seeded_sweep_of_faults_leaves_nothing_billing_unreported(tmp_path):
+    global CONFIG
+    CONFIG = cli.check_config("debug", ["deepspeed=zero1"], 4)   # what every run of the sweep composes
     api = StandIn(tmp_path / "cloud", KEY, "ssh-ed25519 AAAA sweep")
     os.environ["VAST_URL"] = api.url
     seed = int(os.environ.get("SWEEP_SEED", "20261206"))
