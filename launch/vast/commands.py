@@ -322,10 +322,10 @@ class Driver:
             if st.get("max_steps") and metrics.get("step"):
                 rate = metrics["step"] / max(elapsed, 1e-9)
                 eta = f", ETA {(st['max_steps'] - metrics['step']) / rate / 60:.1f} min" if rate > 0 else ""
-            print(log_safe(f"step {metrics.get('step')}, loss {metrics.get('loss')}, tokens/s "
+            print(printable(f"step {metrics.get('step')}, loss {metrics.get('loss')}, tokens/s "
                            f"{metrics.get('tokens_per_s', 0):.0f}, training for {elapsed / 60:.1f} min{eta}"))
         if st.get("guard"):
-            print(log_safe(f"guard: {st['guard']}"))
+            print(printable(f"guard: {st['guard']}"))
         return 0 if st.get("state") in ("running", "succeeded") else 1
 
     def status_unreachable(self, error: Exception) -> int:
@@ -336,7 +336,7 @@ class Driver:
             print(f"the provider could not be asked either: {e}")
             return 1
         states = {i: rows.get(i, "gone") for i in self.state.live_ids()}
-        print(log_safe(f"instances: {states}"))
+        print(printable(f"instances: {states}"))
         print(f"stopped or offline instances keep billing their disks. Fetch and destroy: bash launch/vast_cluster.sh "
               f"down --run {self.state.run}   (give unfetched work up: add --force)")
         return 1
@@ -344,14 +344,10 @@ class Driver:
     def logs(self) -> int:
         if not self.args.follow:
             st = self.transport.agent(0, "status", "--run", self.state.run, "--log-from", "0")
-            sys.stdout.write(log_safe(str(st.get("log", ""))))
+            sys.stdout.write(printable(str(st.get("log", ""))))
             return 0
         self.state.log_offset = 0
         last = self.follow(fetch=False, owner=False)
         if last.get("state") == "reader stopped":
             return self.signals.exit_code
         return 0 if last.get("state") == "succeeded" else 1
-
-
-def log_safe(text: str) -> str:
-    return "\n".join(printable(line) for line in text.split("\n"))

@@ -128,10 +128,10 @@ class Transport:
             raise DriverError(f"node{node}: {NODE_SCRIPT} {args[0]} printed no JSON object: {out[-300:]!r}")
         return reply
 
-    def receive(self, node: int, command: str, accept, max_bytes: int) -> list[tuple[str, bytes | Path]]:
+    def receive(self, node: int, command: str, accept, max_bytes: int) -> int:
         """Run `command` (which writes a tar to stdout) and hand each member to `accept(member, stream)`,
-        which stores it and returns the bytes written. Stops, naming the node and the member, past
-        `max_bytes` in all."""
+        which stores it and returns the bytes written; returns the total. Stops, naming the node and
+        the member, past `max_bytes` in all."""
         child = self.popen(node, command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         total = 0
         try:
