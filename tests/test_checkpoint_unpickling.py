@@ -58,7 +58,32 @@ PAYLOADS = {
     "builtins.exec": lambda marker: Call(exec, (f"open({str(marker)!r}, 'w').close()",)),
     "subprocess.Popen": lambda marker: Call(subprocess.Popen, (["touch", str(marker)],)),
     "nested in an allowed type": _nested,
+    # what CPython 3.11.0-3.11.4 write for an enum member, pointed at something else
+    "getattr beyond an enum's members": lambda marker: Call(getattr, (_loss_scaler(), "__init__")),
 }
+
+
+def _loss_scaler():
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    return LossScaler
+
+
+def test_an_enum_pickled_by_name_as_python_3_11_2_writes_it_loads(tmp_path):
+    """Debian 12's python3 (3.11.2, under many GPU images) pickles ZeroStageEnum.optimizer_states as
+    getattr(ZeroStageEnum, "optimizer_states"): a node's ZeRO checkpoint holds that, and must load here;
+    the same getattr of anything but an allowed enum's member is refused."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from trainer.deepspeed_compat import checkpoint_files_are_data
+    from trainer.errors import CheckpointError
+
+    torch.save({"zero_stage": Call(getattr, (ZeroStageEnum, "optimizer_states"))}, tmp_path / "by_name.pt")
+    torch.save({"x": Call(getattr, (ZeroStageEnum, "__class__"))}, tmp_path / "other.pt")
+    with checkpoint_files_are_data():
+        assert torch.load(tmp_path / "by_name.pt")["zero_stage"] is ZeroStageEnum.optimizer_states
+        with pytest.raises(CheckpointError, match="other.pt: holds"):
+            torch.load(tmp_path / "other.pt")
 
 
 def overrides(preset: str, stage: int, run_dir: Path, data_dir: Path, *extra: str) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import enum
 import os
 import pickle
 import re
@@ -185,11 +186,15 @@ def checkpoint_files_are_data():
     # DeepSpeed's types can only be in files DeepSpeed reads: sampling a ZeRO 0-2 checkpoint reads its
     # model states itself, without importing DeepSpeed (1.5 s), and those hold none
     allowed = deepspeed_checkpoint_types() if "deepspeed" in sys.modules else []
+    # CPython 3.11.0-3.11.4 (Debian 12's python3, and the images built on it) pickle an enum member as
+    # getattr(Enum, "NAME"): under that name, a lookup of a member of an allowed enum and nothing else
+    enums = [t for t in allowed if isinstance(t, type) and issubclass(t, enum.Enum)]
+    guarded = [*allowed, (_enum_member_lookup(enums), "builtins.getattr")] if enums else allowed
     load = torch.load
 
     def weights_only_load(f, *args, **kwargs):
         kwargs["weights_only"] = True  # overrides DeepSpeed's explicit weights_only=False
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(guarded):
             try:
                 return load(f, *args, **kwargs)
             except pickle.UnpicklingError as e:
@@ -202,6 +207,15 @@ def checkpoint_files_are_data():
         yield
     finally:
         torch.load = load
+
+
+def _enum_member_lookup(enums: list[type]):
+    def enum_member(cls, name):
+        if cls not in enums or not isinstance(name, str) or name not in cls.__members__:
+            raise pickle.UnpicklingError(f"getattr({getattr(cls, '__name__', type(cls).__name__)}, {name!r}) "
+                                         "is not a member of an allowed enum")
+        return cls[name]
+    return enum_member
 
 
 def _refused_type(f, error: Exception) -> str:

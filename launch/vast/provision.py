@@ -156,7 +156,7 @@ class Provisioner:
             return self.args.node_setup
         data = " ".join(shlex.quote(o) for o in s.overrides if o.startswith(("data.", "data=")))
         setup_log = f"outputs/{s.run}/cluster/setup.log"
-        return (f"mkdir -p outputs/{s.run}/cluster && {{ make setup && .venv/bin/python launch/prepare.py "
+        return (f"mkdir -p outputs/{s.run}/cluster && {{ make setup-node && .venv/bin/python launch/prepare.py "
                 f"conf={s.conf} {data} && {{ command -v pdsh || {{ apt-get update -qq && "
                 f"apt-get install -y -qq pdsh; }}; }}; }} > {setup_log} 2>&1 || {{ tail -n 30 {setup_log}; exit 1; }}")
 

@@ -23,17 +23,26 @@ SECRET = "vast-key-SECRET-0123456789abcdef"
 
 
 class World:
-    def __init__(self, tmp: Path, user_key: Path, name: str, gpus: int = 2):
+    def __init__(self, tmp: Path, user_key: Path, name: str, gpus: int = 2, lab=None):
         self.tmp = tmp
+        self.lab = lab
         self.run_name = re.sub(r"[^a-z0-9-]+", "-", f"t-{name}".lower()).strip("-")[:40] + f"-{os.getpid() % 10000}"
-        self.api = StandIn(tmp / "cloud", SECRET, (user_key.with_suffix(".pub")).read_text(), gpus=gpus)
+        self.api = StandIn(tmp / "cloud", SECRET, (user_key.with_suffix(".pub")).read_text(), gpus=gpus, lab=lab)
+        self.run_dir = ROOT / "outputs" / self.run_name
+        if lab is not None:   # real hosts: real ssh, make setup, pdsh and deepspeed; the driver's defaults
+            self.env = dict(
+                os.environ, HOME=str(self._home()), VAST_URL=self.api.url, VAST_API_KEY=SECRET, POLL="0.5",
+                DESTROY_RETRY_S="20", FETCH_ATTEMPTS="3", FETCH_BACKOFF_S="0.5", WAIT_TIMEOUT="120",
+                STOP_WAIT_S="60", GRACE_MINUTES="2", LATE_CREATE_WAIT_S="2", CONFIRM_POLLS="2", SSH_KEY=str(user_key),
+                PYTHONUNBUFFERED="1")
+            self.env.pop("PYTHONPATH", None)
+            return
         bin_dir = tmp / "bin"
         bin_dir.mkdir(exist_ok=True)
         for tool in ("ssh",):
             (bin_dir / tool).write_text(f"#!{sys.executable}\n" + (FAKES / tool).read_text())
             (bin_dir / tool).chmod(0o755)
-        home = tmp / "laptop"
-        home.mkdir(exist_ok=True)
+        home = self._home()
         setup = (f"mkdir -p .venv/bin && ln -sf {sys.executable} .venv/bin/python && "
                  f"cp {FAKES / 'deepspeed'} .venv/bin/deepspeed && chmod +x .venv/bin/deepspeed")
         self.env = dict(
@@ -45,7 +54,11 @@ class World:
             WAIT_TIMEOUT="20", STOP_WAIT_S="30", GRACE_MINUTES="0.5", LATE_CREATE_WAIT_S="2", CONFIRM_POLLS="3",
             SSH_KEY=str(user_key), PYTHONUNBUFFERED="1")
         self.env.pop("PYTHONPATH", None)
-        self.run_dir = ROOT / "outputs" / self.run_name
+
+    def _home(self) -> Path:
+        home = self.tmp / "laptop"
+        home.mkdir(exist_ok=True)
+        return home
 
     def __enter__(self):
         self.api.__enter__()
@@ -68,13 +81,18 @@ class World:
                 "--conf", "debug", "--run", self.run_name, *extra, "--", "deepspeed=zero1",
                 f"train.max_steps={steps}", "train.ckpt_every=4", *overrides]
 
+    def command(self, argv) -> list[str]:
+        """The driver's command line, in the lab's laptop namespace when there is a lab."""
+        command = ["bash", "launch/vast_cluster.sh", *argv]
+        return command if self.lab is None else self.lab.laptop(command)
+
     def driver(self, *argv, timeout=120, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "launch/vast_cluster.sh", *argv], cwd=ROOT, env=self.env, capture_output=True,
-                              text=True, timeout=timeout, **kw)
+        return subprocess.run(self.command(argv), cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=timeout, **kw)
 
     def start(self, *argv, **kw) -> subprocess.Popen:
-        return subprocess.Popen(["bash", "launch/vast_cluster.sh", *argv], cwd=ROOT, env=self.env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kw)
+        return subprocess.Popen(self.command(argv), cwd=ROOT, env=self.env, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True, **kw)
 
     def fetched_checkpoint(self, step: int, nodes: int, slots: int):
         """outputs/RUN as a finished run leaves it: every node's share of checkpoint `step` merged here

@@ -136,8 +136,12 @@ HOURS_PER_MONTH = 30 * 24
 
 
 class StandIn:
-    def __init__(self, base: Path, api_key: str, user_pub: str, gpus: int = 2):
+    def __init__(self, base: Path, api_key: str, user_pub: str, gpus: int = 2, lab=None):
         self.base = Path(base)
+        # tests/lab's hosts: each create boots one (its ssh address in the row, CONTAINER_* in its PID 1's
+        # environment), each destroy ends it and its disk; the API listens on the lab's laptop network
+        self.lab = lab
+        self.host_disk_mb: dict[int, int] = {}     # create number -> its host's /workspace as a tmpfs of N MB
         self.base.mkdir(parents=True, exist_ok=True)
         self.registry = self.base / "nodes.json"
         self.api_key = api_key
@@ -205,8 +209,11 @@ class StandIn:
         # billing: id -> {"dph": $/h while its contract runs, "storage": $/h always, "events": [(t, state)]}
         # with state "running" (GPU and disk billed), "stopped" (disk only), "gone" (nothing)
         self.bills: dict[int, dict] = {}
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if lab is None:
+            self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        else:
+            self.server = lab.in_laptop(lambda: ThreadingHTTPServer((lab.address, 0), self._handler()))
+        self.url = f"http://{self.server.server_address[0]}:{self.server.server_address[1]}"
         # a short poll: shutdown() waits for the loop's next look (0.5 s by default, in every test)
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
         self._write_registry()
@@ -517,13 +524,37 @@ class StandIn:
         overlay = next((k[3:] for k in (body.get("env") or {}) if k.startswith("-n ")), None)
         if overlay in self.overlays:
             self.overlays[overlay].setdefault("instances", []).append(inst)
-        disk = self.node_dir(inst)
-        (disk / ".ssh").mkdir(parents=True, exist_ok=True)
-        (disk / ".ssh" / "authorized_keys").write_text(self.user_pub)
-        self._write_registry()
+        if self.lab is not None:
+            self._boot(inst, row, number)
+        else:
+            disk = self.node_dir(inst)
+            (disk / ".ssh").mkdir(parents=True, exist_ok=True)
+            (disk / ".ssh" / "authorized_keys").write_text(self.user_pub)
+            self._write_registry()
         if number in self.create_answers:
             return self.create_answers[number]
         return 200, {"success": True, "new_contract": inst, "instance_api_key": self.instance_keys[inst]}
+
+    def _boot(self, inst: int, row: dict, number: int) -> None:
+        """A lab host for the instance: the account's key authorized, the instance's own key in its
+        container's environment, its address where vast.ai lists the direct route (port 22)."""
+        host = self.lab.boot(self.user_pub, {"CONTAINER_ID": str(inst), "CONTAINER_API_KEY": self.instance_keys[inst]},
+                             workspace_mb=self.host_disk_mb.get(number))
+        row.update({"_host": host, "public_ipaddr": host.addr, "ssh_host": host.addr, "ssh_port": 22,
+                    "ports": {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": "22"}]}, "local_ipaddrs": host.addr,
+                    "direct_port_start": 22, "direct_port_end": 22})
+
+    def host(self, inst: int):
+        """The lab host behind an instance."""
+        return self.instances[inst]["_host"]
+
+    def preempt(self, inst: int, states=("exited", "offline")) -> None:
+        """The machine under an instance goes away: every process on its host ends at once, and the
+        listings show `states` in turn (the last one kept), as when a host fails or is reclaimed."""
+        with self.lock:
+            row = self.instances[inst]
+            row["_host"].kill()
+            row["_sequence"] = list(states)
 
     def _list(self, query: dict) -> tuple[int, object]:
         def arg(name, default):
@@ -613,7 +644,9 @@ class StandIn:
         if method == "DELETE":
             if self.destroy_fails is True or inst in self.destroy_fails:
                 return 500, {"success": False, "msg": "destroy failed (stand-in)"}
-            del self.instances[inst]
+            row = self.instances.pop(inst)
+            if row.get("_host") is not None:
+                self.lab.destroy(row["_host"])
             self._bill(inst, "gone")
             for overlay in self.overlays.values():
                 if inst in (overlay.get("instances") or []):
