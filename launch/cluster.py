@@ -31,8 +31,10 @@ SSH_OPTIONS = {
     "IdentitiesOnly": "yes",
     "StrictHostKeyChecking": "accept-new",
     "BatchMode": "yes",              # never prompt: unattended
-    "ServerAliveInterval": "30",
-    "ServerAliveCountMax": "6",
+    # a peer gone silent (a cut overlay, a dead host) ends its session within a minute: pdsh on node0
+    # waits for every node's ssh, so this bounds how long a failed job's launcher outlives its ranks
+    "ServerAliveInterval": "15",
+    "ServerAliveCountMax": "4",
     "ConnectTimeout": "15",
 }
 
