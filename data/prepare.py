@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import multiprocessing
 import signal
@@ -22,10 +23,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .archives import ARCHIVES, read_archive, split_offsets
 from .config import AUTO_PREPARED, DataConfig
 from .documents import Document
 from .files import atomic_write
 from .shards import (
+    ALL_SPLITS,
     FORMAT_VERSION,
     MANIFEST,
     SHA256,
@@ -39,7 +42,7 @@ from .shards import (
     write_manifest,
 )
 from .sources import open_source
-from .tokenizer import NON_ASCII, CharTokenizer
+from .tokenizer import NON_ASCII, CharTokenizer, Tokenizer, make_tokenizer
 
 STATE = "prepare_state.json"
 SAVE_EVERY_S = 30.0
@@ -56,6 +59,9 @@ def prepare_command(cfg: DataConfig, preset: str) -> str:
     args += [f"data.source={cfg.source}", f"data.path={cfg.path}", f"data.dir={cfg.dir}"]
     if cfg.max_documents is not None:
         args.append(f"data.max_documents={cfg.max_documents}")
+    if cfg.source in ARCHIVES:
+        args += [f"data.{key}={getattr(cfg, key)}" for key, default in (("fraction", 1.0), ("expect_bytes", None))
+                 if getattr(cfg, key) != default]
     return "python launch/prepare.py " + " ".join(args)
 
 
@@ -70,7 +76,9 @@ def missing_shards_error(cfg: DataConfig, preset: str) -> str | None:
 
 
 def prepare(cfg: DataConfig, show_progress: bool = True) -> dict:
-    tokenizer = CharTokenizer(lowercase=cfg.lowercase)
+    if cfg.source in ARCHIVES:
+        return prepare_archive(cfg)
+    tokenizer = make_tokenizer(cfg.tokenizer, cfg.lowercase)
     source = open_source(cfg.source, cfg.path, cfg.subset, cfg.max_documents, cfg.revision)
     return write_corpus(source, cfg.dir, tokenizer, val_fraction=cfg.val_fraction, frame_tokens=cfg.frame_tokens,
                         shard_tokens=cfg.shard_tokens, workers=cfg.workers, show_progress=show_progress,
@@ -93,7 +101,14 @@ def check_matches(cfg: DataConfig) -> dict:
     if cfg.source == "text" and prepared_path and Path(prepared_path).resolve() != Path(cfg.path).resolve():
         raise ValueError(f"{Path(cfg.dir) / MANIFEST}: prepared from data.path={prepared_path}, but data.path="
                          f"{cfg.path}; use another data.dir for this text")
-    if manifest["tokenizer"]["lowercase"] != cfg.lowercase:
+    if manifest["tokenizer"]["kind"] != cfg.tokenizer:
+        raise ValueError(f"{Path(cfg.dir) / MANIFEST}: prepared with data.tokenizer={manifest['tokenizer']['kind']}, "
+                         f"but data.tokenizer={cfg.tokenizer}; use another data.dir or re-prepare")
+    if cfg.source in ARCHIVES and manifest["source"].get("cuts") != _cuts(cfg, manifest["source"].get("bytes")):
+        raise ValueError(f"{Path(cfg.dir) / MANIFEST}: cut at byte offsets {manifest['source'].get('cuts')}, but "
+                         f"data.split={list(cfg.split)} and data.fraction={cfg.fraction} cut at "
+                         f"{_cuts(cfg, manifest['source'].get('bytes'))}; use another data.dir or re-prepare")
+    if cfg.tokenizer == "char" and manifest["tokenizer"]["lowercase"] != cfg.lowercase:
         raise ValueError(
             f"{Path(cfg.dir) / MANIFEST}: prepared with lowercase={manifest['tokenizer']['lowercase']}, "
             f"but data.lowercase={cfg.lowercase}; use another data.dir or re-prepare"
@@ -148,7 +163,7 @@ class Encoded:
     non_ascii: Counter  # the characters normalization transliterated or dropped, for the report
 
 
-def encode_chunk(docs: list[Document], tokenizer: CharTokenizer, splitter: Splitter) -> Encoded:
+def encode_chunk(docs: list[Document], tokenizer: Tokenizer, splitter: Splitter) -> Encoded:
     train, val, n_train, val_names = [], [], 0, []
     for doc in docs:
         text = tokenizer.normalize(doc.text).strip("\n") + "\n\n"
@@ -200,7 +215,7 @@ def _encode_in_order(chunks: Iterator[list[Document]], tokenizer, splitter, work
 
 
 def _clear(out_dir: Path) -> None:
-    for path in [*out_dir.glob("train_*.zst*"), *out_dir.glob("val_*.zst*"), out_dir / STATE]:
+    for path in [*(p for split in ALL_SPLITS for p in out_dir.glob(f"{split}_*.zst*")), out_dir / STATE]:
         path.unlink(missing_ok=True)
 
 
@@ -219,7 +234,7 @@ def read_state(out_dir: Path, settings: dict, by_position: bool) -> dict:
     if fields.get(state, "", "settings", dict) != settings:
         raise ShardError(f"{fields.path}: the interrupted prepare had other settings")
     frame_tokens, shard_frames = settings["frame_tokens"], settings["shard_tokens"] // settings["frame_tokens"]
-    vocab_size = CharTokenizer(lowercase=settings["lowercase"]).vocab_size
+    vocab_size = make_tokenizer(settings["tokenizer"], settings["lowercase"]).vocab_size
     position = fields.integer(state, "", "position", 0)
     val_names = fields.strings(state, "", "val_names")
     splits = fields.splits(state)
@@ -281,7 +296,7 @@ def empty_split_message(out_dir: Path, split: str, documents: int, val_fraction:
             "or prepare more documents")
 
 
-def write_corpus(source, out_dir: str | Path, tokenizer: CharTokenizer, val_fraction: float = 0.1,
+def write_corpus(source, out_dir: str | Path, tokenizer: Tokenizer, val_fraction: float = 0.1,
                  frame_tokens: int = 1 << 16, shard_tokens: int = 1 << 28, level: int = 3, workers: int = 0,
                  show_progress: bool = False, source_info: dict | None = None,
                  chunk_chars: int | None = None) -> dict:
@@ -291,7 +306,8 @@ def write_corpus(source, out_dir: str | Path, tokenizer: CharTokenizer, val_frac
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # a dir without a manifest is "not prepared"
     shard_frames = shard_tokens // frame_tokens
-    settings = {"format": FORMAT_VERSION, "source": source_info or {}, "lowercase": tokenizer.lowercase,
+    settings = {"format": FORMAT_VERSION, "source": source_info or {}, "tokenizer": tokenizer.kind,
+                "lowercase": tokenizer.lowercase,
                 "val_fraction": val_fraction, "frame_tokens": frame_tokens, "shard_tokens": shard_tokens,
                 "level": level}
     splitter = Splitter(val_fraction, source.names)
@@ -332,15 +348,15 @@ def write_corpus(source, out_dir: str | Path, tokenizer: CharTokenizer, val_frac
         raise ShardError(empty_split_message(out_dir, empty[0], position, val_fraction))
     manifest = _manifest(tokenizer, frame_tokens, shard_tokens, source_info or {}, val_names, splits)
     write_manifest(out_dir, manifest)
-    if show_progress and non_ascii:
+    if show_progress and non_ascii and tokenizer.kind == "char":
         print(normalization_report(non_ascii, tokenizer), flush=True)
     (out_dir / STATE).unlink(missing_ok=True)
     return manifest
 
 
-def _manifest(tokenizer: CharTokenizer, frame_tokens: int, shard_tokens: int, source_info: dict,
+def _manifest(tokenizer: Tokenizer, frame_tokens: int, shard_tokens: int, source_info: dict,
               val_names: list[str], splits: dict) -> dict:
-    return {"format": FORMAT_VERSION, "tokenizer": {"kind": "char", "lowercase": tokenizer.lowercase},
+    return {"format": FORMAT_VERSION, "tokenizer": {"kind": tokenizer.kind, "lowercase": tokenizer.lowercase},
             "vocab": tokenizer.vocab, "frame_tokens": frame_tokens, "shard_tokens": shard_tokens,
             "source": source_info, "val_documents": sorted(val_names), "splits": splits}
 
@@ -359,9 +375,52 @@ class ListSource:
         return iter(self.docs[skip:])
 
 
-def write_shards(docs: Iterable[Document], out_dir, tokenizer: CharTokenizer, val_fraction: float = 0.1,
+def write_shards(docs: Iterable[Document], out_dir, tokenizer: Tokenizer, val_fraction: float = 0.1,
                  frame_tokens: int = 1 << 16, shard_frames: int = 4096, **kw) -> dict:
     """write_corpus for a list of documents, with the shard size counted in frames."""
     return write_corpus(ListSource(docs), out_dir, tokenizer, val_fraction, frame_tokens,
                         shard_frames * frame_tokens, **kw)
 
+
+
+# --- enwik8 and text8: one file of bytes, cut at byte offsets ---------------------------------------
+
+def _cuts(cfg: DataConfig, size: int | None) -> str | None:
+    """The byte offsets (as the manifest records them) where cfg cuts a file of `size` bytes."""
+    if size is None:
+        return None
+    return " ".join(map(str, split_offsets(round(size * cfg.fraction), cfg.split)))
+
+
+def prepare_archive(cfg: DataConfig) -> dict:
+    """enwik8 / text8: the zip checked whole before anything is written (a refused one leaves data.dir
+    as it was), then its file's first data.fraction cut by data.split into train, val and test."""
+    data = read_archive(cfg.path, cfg.source, cfg.expect_bytes)
+    cuts = _cuts(cfg, len(data))
+    offsets = [int(c) for c in cuts.split()]
+    sizes = dict(zip(ALL_SPLITS, (hi - lo for lo, hi in itertools.pairwise(offsets))))
+    if not all(sizes.values()):
+        raise ShardError(f"{cfg.path}: data.split={list(cfg.split)} of {offsets[-1]:,} bytes leaves the "
+                         f"{min(sizes, key=sizes.get)} split empty; use a larger file or data.fraction")
+    info = {"source": cfg.source, "path": str(cfg.path), "bytes": len(data), "cuts": cuts}
+    return write_byte_splits(memoryview(data), offsets, cfg.dir, info, ARCHIVES[cfg.source].member,
+                             cfg.frame_tokens, cfg.shard_tokens)
+
+
+def write_byte_splits(data: memoryview, cuts: list[int], out_dir: str | Path, source_info: dict, name: str,
+                      frame_tokens: int, shard_tokens: int, level: int = 3) -> dict:
+    """data[cuts[i]:cuts[i + 1]] as split i of train, val, test (byte ids, one document each), the
+    manifest last. Quick enough to start over when interrupted: no prepare state."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # a dir without a manifest is "not prepared"
+    _clear(out_dir)
+    splits = {}
+    for split, lo, hi in zip(ALL_SPLITS, cuts, cuts[1:]):
+        writer = SplitWriter(out_dir, split, frame_tokens, shard_tokens // frame_tokens, level)
+        for start in range(lo, hi, CHUNK_CHARS):
+            writer.add(data[start:min(start + CHUNK_CHARS, hi)], documents=int(start == lo))
+        splits[split] = writer.finish()
+    manifest = _manifest(make_tokenizer("bytes"), frame_tokens, shard_tokens, source_info, [name], splits)
+    write_manifest(out_dir, manifest)
+    return manifest

@@ -4,6 +4,7 @@ Layout of a prepared data dir:
     manifest.json          vocab, tokenizer options, frame size, and per split: shards, frames, checksums
     train_00000.zst ...    concatenated zstd frames; frame i holds tokens [i*F, (i+1)*F) of the shard
     val_00000.zst ...
+    test_00000.zst ...     only where the source has a test split (enwik8, text8)
 Any window inside a frame is read by decompressing that frame alone. A manifest (and prepare's
 state) may come from another machine: every field is checked when it is read, before any file it
 names is opened (JsonFields), and a frame's header must declare the size the manifest gives before
@@ -25,12 +26,13 @@ import numpy as np
 import zstandard
 
 from .files import atomic_write
-from .tokenizer import CharTokenizer
+from .tokenizer import TOKENIZERS, from_vocab, make_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-SPLITS = ("train", "val")
-SHARD_NAME = re.compile(r"(train|val)_\d{5}\.zst")
+SPLITS = ("train", "val")  # what training reads: every data dir has them
+ALL_SPLITS = (*SPLITS, "test")  # test: the benchmarks' held-out split (enwik8, text8), for eval.py alone
+SHARD_NAME = re.compile(r"(train|val|test)_\d{5}\.zst")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_FRAME_TOKENS = 1 << 24  # tokens a frame may hold: what one read of a frame may allocate
 MAX_VOCAB = 256             # ids are uint8
@@ -107,10 +109,13 @@ class JsonFields:
         return values
 
     def splits(self, doc: dict) -> list[tuple[str, str, dict]]:
-        """(split, its field name, its entry) of doc["splits"], which holds one object per split."""
+        """(split, its field name, its entry) of doc["splits"], which holds one object per split: train
+        and val, and test where the source has one."""
         splits = self.get(doc, "", "splits", dict)
-        self.equal("splits (keys)", sorted(splits), sorted(SPLITS), "one entry per split")
-        return [(split, f"splits.{split}", self.get(splits, "splits", split, dict)) for split in SPLITS]
+        if sorted(splits) != sorted(ALL_SPLITS):
+            self.equal("splits (keys)", sorted(splits), sorted(SPLITS), f"one entry per split (and {ALL_SPLITS[-1]})")
+        return [(split, f"splits.{split}", self.get(splits, "splits", split, dict)) for split in ALL_SPLITS
+                if split in splits]
 
     def equal(self, field: str, value, expected_value, why: str) -> None:
         if type(value) is not type(expected_value) or value != expected_value:
@@ -160,14 +165,18 @@ def check_manifest(fields: JsonFields, manifest: dict) -> dict:
     """Every field of a manifest that a reader uses, checked (see JsonFields); returns it."""
     fields.equal("format", manifest.get("format"), FORMAT_VERSION, "the format this code reads")
     tokenizer = fields.get(manifest, "", "tokenizer", dict)
-    fields.equal("tokenizer (keys)", sorted(tokenizer), ["kind", "lowercase"], "the char tokenizer's settings")
-    fields.equal("tokenizer.kind", fields.get(tokenizer, "tokenizer", "kind", str), "char", "the only kind")
+    fields.equal("tokenizer (keys)", sorted(tokenizer), ["kind", "lowercase"], "the tokenizer's settings")
+    kind = fields.get(tokenizer, "tokenizer", "kind", str)
+    if kind not in TOKENIZERS:
+        raise fields.error("tokenizer.kind", kind, " or ".join(TOKENIZERS))
     lowercase = fields.get(tokenizer, "tokenizer", "lowercase", bool)
+    if kind != "char":
+        fields.equal("tokenizer.lowercase", lowercase, False, f"the {kind} tokenizer never lowercases")
     vocab = fields.get(manifest, "", "vocab", str)
     if not 1 <= len(vocab) <= MAX_VOCAB or len(set(vocab)) != len(vocab):
         raise fields.error("vocab", vocab, f"1 to {MAX_VOCAB} distinct characters")
-    fields.equal("vocab", vocab, CharTokenizer(lowercase=lowercase).vocab,
-                 f"the char tokenizer's vocabulary with lowercase={lowercase}")
+    fields.equal("vocab", vocab, make_tokenizer(kind, lowercase).vocab,
+                 f"the {kind} tokenizer's vocabulary" + (f" with lowercase={lowercase}" if kind == "char" else ""))
     frame_tokens = fields.integer(manifest, "", "frame_tokens", 1, MAX_FRAME_TOKENS)
     shard_tokens = fields.integer(manifest, "", "shard_tokens", frame_tokens)
     if shard_tokens % frame_tokens:
@@ -401,8 +410,11 @@ class ShardReader:
         self.data_dir = Path(data_dir)
         self.split = split
         self.manifest = load_manifest(self.data_dir)
-        if split not in SPLITS:
-            raise ShardError(f"{self.data_dir / MANIFEST}: has no split {split!r}")
+        if split not in ALL_SPLITS:
+            raise ShardError(f"{self.data_dir / MANIFEST}: has no split {split!r} (choose {', '.join(ALL_SPLITS)})")
+        if split not in self.manifest["splits"]:
+            raise ShardError(f"{self.data_dir / MANIFEST}: has no {split} split, only {' and '.join(SPLITS)} (the "
+                             f"enwik8 and text8 presets prepare a {split} split)")
         info = self.manifest["splits"][split]
         self.files = [self.data_dir / s["file"] for s in info["shards"]]
         for shard, path in zip(info["shards"], self.files):
@@ -427,8 +439,8 @@ class ShardReader:
         return state
 
     @property
-    def tokenizer(self) -> CharTokenizer:
-        return CharTokenizer.from_vocab(self.manifest["vocab"], self.manifest["tokenizer"]["lowercase"])
+    def tokenizer(self):
+        return tokenizer_of(self.manifest)
 
     def verify(self) -> None:
         """Recompute every shard's sha256 against the manifest (and every frame's crc32 and size)."""
@@ -484,6 +496,11 @@ def regular_file_size(path: Path) -> int | None:
     if not stat.S_ISREG(info.st_mode):
         raise ShardError(f"{path}: not a regular file (a link or a folder); a data dir holds plain files")
     return info.st_size
+
+
+def tokenizer_of(manifest: dict):
+    """The tokenizer a (checked) manifest was written with."""
+    return from_vocab(manifest["tokenizer"]["kind"], manifest["vocab"], manifest["tokenizer"]["lowercase"])
 
 
 def load_manifest(data_dir: str | Path) -> dict:

@@ -1,4 +1,5 @@
-"""Character tokenizer with a fixed vocabulary, so streaming sources never need two passes."""
+"""Tokenizers with a fixed vocabulary, so streaming sources never need two passes: characters
+(normalized to printable ASCII, lossy) and bytes (UTF-8, lossless, vocab 256)."""
 from __future__ import annotations
 
 import re
@@ -26,13 +27,16 @@ def transliterations() -> dict[str, str]:
 
 
 class CharTokenizer:
-    """Normalizes text to printable ASCII (optionally lowercased) and maps each character to a uint8.
+    """`data.tokenizer=char`: normalizes text to printable ASCII (optionally lowercased) and maps each
+    character to a uint8.
 
     Normalization: transliterate with anyascii (e.g. "é" -> "e", "ß" -> "ss"), turn tabs into spaces
     and CRLF/CR into LF, drop any other control character, and lowercase unless `lowercase=False`.
     Encoding text that still holds a character outside the vocabulary (only possible when the text
     skipped `normalize`) raises ValueError naming it, or drops it with `errors="skip"`.
     """
+
+    kind = "char"
 
     def __init__(self, lowercase: bool = True):
         self.lowercase = lowercase
@@ -86,3 +90,63 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(self.vocab[int(i)] for i in ids)
+
+    def decode_text(self, ids) -> str:
+        """What sampling prints."""
+        return self.decode(ids)
+
+
+class ByteTokenizer:
+    """`data.tokenizer=bytes`: the UTF-8 bytes of the text are the ids, so nothing is lost:
+    decode(encode(s)) == s.encode("utf-8") for any text. The vocabulary, as stored with the shards,
+    is the 256 characters U+0000..U+00FF, one per byte value (JSON holds it as a string, as it holds
+    the char tokenizer's)."""
+
+    kind = "bytes"
+    lowercase = False  # never: the manifest and checkpoints record it beside the kind
+    vocab = "".join(map(chr, range(256)))
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def normalize(self, text: str) -> str:
+        return text
+
+    def encode(self, text: str | bytes, errors: str = "strict") -> bytes:
+        """Ids of text (its UTF-8) or of raw bytes (themselves). `errors` is accepted for the char
+        tokenizer's callers: every text has ids here."""
+        return text if isinstance(text, bytes) else text.encode("utf-8")
+
+    def decode(self, ids) -> bytes:
+        return bytes(map(int, ids))
+
+    def decode_text(self, ids) -> str:
+        """What sampling prints: the bytes as UTF-8, a byte that is no UTF-8 shown as U+FFFD."""
+        return self.decode(ids).decode("utf-8", errors="replace")
+
+
+TOKENIZERS = ("char", "bytes")
+
+
+def make_tokenizer(kind: str, lowercase: bool = True) -> Tokenizer:
+    """`data.tokenizer`'s tokenizer (lowercase: the char tokenizer's option)."""
+    if kind == "char":
+        return CharTokenizer(lowercase=lowercase)
+    if kind == "bytes":
+        return ByteTokenizer()
+    raise ValueError(f"data.tokenizer={kind!r}: choose {' or '.join(TOKENIZERS)}")
+
+
+def from_vocab(kind: str | None, vocab: str, lowercase: bool) -> Tokenizer:
+    """The tokenizer a manifest or checkpoint recorded (kind None: saved before byte tokenizers,
+    so char), checked against its stored vocabulary."""
+    if kind in (None, "char"):
+        return CharTokenizer.from_vocab(vocab, lowercase)
+    tok = make_tokenizer(kind)
+    if tok.vocab != vocab:
+        raise ValueError(f"vocab stored ({len(vocab)} chars) is not the {kind} tokenizer's ({tok.vocab_size})")
+    return tok
+
+
+Tokenizer = CharTokenizer | ByteTokenizer

@@ -1,4 +1,9 @@
-"""Evaluate a checkpoint: `python launch/eval.py run_dir=outputs/baby split=val` prints one JSON object."""
+"""Evaluate a checkpoint: `python launch/eval.py run_dir=outputs/baby split=val` prints one JSON object.
+
+`split=test` is the benchmarks' number (conf=enwik8, conf=text8). With data.tokenizer=bytes a token is
+a byte, so `bpc` is bits per byte (`bpc_unit` says which): for text8, whose bytes are all characters,
+the same thing; for enwik8, bits per byte, as the published enwik8 figures are.
+"""
 import json
 import sys
 from dataclasses import dataclass
@@ -9,7 +14,7 @@ from launch.cli import load_checkpoint_or_exit, parse_dotlist
 @dataclass
 class EvalArgs:
     run_dir: str = "outputs/baby"   # a run dir, its checkpoints dir, or one checkpoint dir
-    split: str = "val"              # val | train
+    split: str = "val"              # val | test (enwik8, text8) | train
     data_dir: str = ""              # default: data.dir from run_dir/config.yaml
     batch_size: int = 32
     max_batches: int = 0            # 0 = every window of the split once
@@ -50,7 +55,8 @@ def main(argv: list[str]) -> None:
     bar = tqdm(loader, total=loader.num_batches, desc=f"eval {args.split}", unit=" batch", file=sys.stderr,
                disable=None)  # on a terminal only; stdout stays one JSON object
     stats = evaluate(model, bar, device)
-    print(json.dumps({"split": args.split, "step": client["step"], **summarize(stats)}))
+    unit = "bits per byte" if client["tokenizer"] == "bytes" else "bits per character"
+    print(json.dumps({"split": args.split, "step": client["step"], **summarize(stats), "bpc_unit": unit}))
 
 
 if __name__ == "__main__":

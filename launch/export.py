@@ -79,6 +79,9 @@ def main(argv: list[str]) -> None:
             found = sorted(p.name for p in source.parent.glob("step*")) if source.parent.is_dir() else []
             sys.exit(f"export.py: step={args.step}: no checkpoint {source} (found: {', '.join(found) or 'none'})")
     model, client = load_checkpoint_or_exit(str(source), "export.py")
+    if client["tokenizer"] not in (None, "char"):  # the folder's tokenizer is built for the char vocabulary
+        sys.exit(f"export.py: {source}: trained with data.tokenizer={client['tokenizer']}; export writes the char "
+                 "tokenizer only")
     root = run_root(source)
     ckpt = resolve("auto", source) if (source / "checkpoints").is_dir() else resolve(str(source), source)
     facts = run_facts(root, client["step"]) | {

@@ -1,7 +1,8 @@
 """Prepare shards: `python launch/prepare.py data.source=text data.path=book.txt data.dir=shards/book`.
 
-Takes the same overrides as train.py (e.g. conf=wiki_full data.path=...). Training prepares missing
-Shakespeare or text shards itself; Wikipedia is prepared here first. Interrupted, it resumes when run again.
+Takes the same overrides as train.py (e.g. conf=wiki_full data.path=..., conf=enwik8 data.path=enwik8.zip).
+Training prepares missing Shakespeare or text shards itself; Wikipedia, enwik8 and text8 are prepared here
+first. Interrupted, it resumes when run again (enwik8 and text8, seconds long, start over).
 """
 import sys
 
@@ -34,7 +35,8 @@ def main(cfg: DictConfig) -> None:
         size = sum(s["bytes"] for s in info["shards"])
         print(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens, {len(info['shards'])} "
               f"shard(s), {size / 1e6:.2f} MB compressed ({info['tokens'] / max(size, 1):.2f}x)")
-    print(f"wrote {data.dir}/manifest.json (vocab of {len(manifest['vocab'])} characters)")
+    unit = "byte values" if manifest["tokenizer"]["kind"] == "bytes" else "characters"
+    print(f"wrote {data.dir}/manifest.json (vocab of {len(manifest['vocab'])} {unit})")
     too_small = split_size_error(data.dir, config.model.block_size, config.train.micro_batch, 1, config.preset,
                                  data.val_fraction)
     if too_small:

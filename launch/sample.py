@@ -23,12 +23,12 @@ class SampleArgs:
 def main(argv: list[str]) -> None:
     import torch
 
-    from data.tokenizer import CharTokenizer
+    from data.tokenizer import from_vocab
     from model import generate
 
     args = parse_dotlist(SampleArgs, argv, "sample.py")
     model, client = load_checkpoint_or_exit(args.run_dir, "sample.py")
-    tok = CharTokenizer.from_vocab(client["vocab"], client["lowercase"])
+    tok = from_vocab(client["tokenizer"], client["vocab"], client["lowercase"])  # bytes: printed as UTF-8
     try:
         prompt_ids = list(tok.encode(tok.normalize(args.prompt))) or list(tok.encode("\n"))
     except ValueError as e:
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
             sys.exit(f"sample.py: {e}")
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(tok.decode(out[0].tolist()))
+        print(tok.decode_text(out[0].tolist()))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,18 @@ def test_shakespeare_preset_and_command_line_overrides():
     to_config(cfg)  # valid
 
 
+def test_the_benchmark_presets_model_bytes_and_the_others_keep_the_char_tokenizer():
+    for preset in ("enwik8", "text8"):
+        cfg = _resolved(f"conf={preset}")
+        data, model = cfg["data"], cfg["model"]
+        assert (data["source"], data["tokenizer"], data["split"], data["dir"]) == \
+            (preset, "bytes", [0.9, 0.05, 0.05], f"shards/{preset}")
+        assert (model["n_layer"], model["d_model"], model["block_size"]) == (12, 512, 512)
+        assert cfg["precision"] == "bf16" and cfg["run_dir"] == f"outputs/{preset}"
+    for preset in set(PRESETS) - {"enwik8", "text8"}:
+        assert _resolved(f"conf={preset}")["data"]["tokenizer"] == "char"
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_into_a_valid_config(preset):
     config = load_config([f"conf={preset}"])
@@ -69,6 +81,8 @@ def test_every_preset_composes_into_a_valid_config(preset):
     (["precision=fp16"], "config error: precision='fp16': choose fp32 or bf16"),
     (["train.micro_batch=0"], "config error: train.micro_batch must be >= 1, got 0"),
     (["data=text"], "config error: data.path is required for data.source=text (a file or a folder)"),
+    (["data=enwik8", "data.tokenizer=char"], "config error: data.source=enwik8 is modelled as raw bytes: set "
+                                             "data.tokenizer=bytes"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(args, line):
     assert _config_error("conf=debug", *args) == line

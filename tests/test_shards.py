@@ -243,3 +243,14 @@ def test_prepare_reports_what_normalization_changed_and_refuses_a_split_too_smal
         f"error: data.dir={tmp_path / 'shards'}: the val split gives 4 windows of model.block_size+1=65 tokens; "
         "conf=baby needs 12 (train.micro_batch x ranks): at least 844 characters in val, about 8.4 KB of text at "
         "data.val_fraction=0.1 (or lower train.micro_batch or model.block_size)")
+
+
+def test_a_test_split_is_asked_of_a_data_dir_without_one(tmp_path):
+    """Only enwik8 and text8 prepare a test split: elsewhere `eval.py split=test` says so in one line."""
+    _write(tmp_path)
+    with pytest.raises(ShardError) as missing:
+        ShardReader(tmp_path, "test")
+    assert str(missing.value) == (f"{tmp_path / 'manifest.json'}: has no test split, only train and val (the "
+                                  "enwik8 and text8 presets prepare a test split)")
+    with pytest.raises(ShardError, match=r"has no split 'dev' \(choose train, val, test\)"):
+        ShardReader(tmp_path, "dev")

@@ -108,7 +108,8 @@ class Checkpointer:
         self.engine, self.directory, self.writes_files = engine, checkpoint_dir(run_dir), writes_files
         self.every, self.keep, self.max_steps = cfg.train.ckpt_every, cfg.train.keep_ckpts, cfg.train.max_steps
         # client state: its keys share DeepSpeed's dict in the model states file (not "optimizer")
-        self.about = {"model_config": asdict(cfg.model), "vocab": tokenizer.vocab, "lowercase": tokenizer.lowercase,
+        self.about = {"model_config": asdict(cfg.model), "vocab": tokenizer.vocab, "tokenizer": tokenizer.kind,
+                      "lowercase": tokenizer.lowercase,
                       "zero_stage": cfg.deepspeed.stage, "train_optimizer": cfg.train.optimizer,
                       "precision": cfg.precision, **(identity or {})}  # precision: for checksums.size_bounds
 
@@ -353,7 +354,7 @@ def load_for_inference(path) -> tuple[GPT, dict]:
     if ckpt is None:
         raise FileNotFoundError(f"{path}: no checkpoint found (expected {checkpoint_dir(path)}/latest)")
     meta = read_meta(ckpt)
-    client = {k: meta.get(k) for k in ("model_config", "vocab", "lowercase", "zero_stage", "step")}
+    client = {k: meta.get(k) for k in ("model_config", "vocab", "tokenizer", "lowercase", "zero_stage", "step")}
     zero3 = client["zero_stage"] == 3  # its parameters live in every rank's partitioned files
     states = next((n for n in MODEL_STATES if n in meta["files"]), None)
     if states is None:

@@ -68,4 +68,4 @@ def sample_text(engine, tokenizer, prompt: str, max_new_tokens: int, seed: int, 
         gen = torch.Generator(device=engine.device).manual_seed(seed)
         out = generate(model, ids, max_new_tokens, temperature=0.8, generator=gen)
         model.train(was_training)
-        return tokenizer.decode(out[0].tolist())
+        return tokenizer.decode_text(out[0].tolist())

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from data.loader import RankLoader
 from data.prepare import check_matches, is_prepared, missing_shards_error, prepare, split_size_error
-from data.shards import ShardReader
-from data.tokenizer import CharTokenizer
+from data.shards import ShardReader, load_manifest, tokenizer_of
+from data.tokenizer import Tokenizer
 from model import GPT
 
 from . import checkpoint
@@ -67,7 +67,7 @@ def ensure_data(cfg: Config, node: Node) -> dict:
             if too_small:
                 raise RunError(too_small)
             if cfg.data.verify:
-                for split in ("train", "val"):
+                for split in load_manifest(cfg.data.dir)["splits"]:
                     ShardReader(cfg.data.dir, split).verify()
         except Exception as e:  # reported on every rank below
             error = f"node {node.index}: {type(e).__name__}: {e}"
@@ -182,7 +182,7 @@ class Evaluator:
     """The same eval_steps validation batches at every evaluation (built once, rewound each time),
     and a text sample, written by rank 0's trackers."""
 
-    def __init__(self, cfg: Config, engine, tokenizer: CharTokenizer, rank: int, world: int, writer: MetricsWriter):
+    def __init__(self, cfg: Config, engine, tokenizer: Tokenizer, rank: int, world: int, writer: MetricsWriter):
         t = cfg.train
         self.cfg, self.engine, self.tokenizer, self.writer = cfg, engine, tokenizer, writer
         self.loader = RankLoader(cfg.data.dir, "val", cfg.model.block_size, t.micro_batch, rank, world,
@@ -210,7 +210,7 @@ class Trainer:
         self.cfg, self.rank, self.world, self.step = cfg, rank, world, 0
         node = node_of_this_rank()
         manifest = ensure_data(cfg, node)
-        self.tokenizer = CharTokenizer.from_vocab(manifest["vocab"], manifest["tokenizer"]["lowercase"])
+        self.tokenizer = tokenizer_of(manifest)
         cfg.model.vocab_size = self.tokenizer.vocab_size
         shared = shared_between_nodes(checkpoint.checkpoint_dir(cfg.run_dir), node)
         writes_files = node.writes(shared)  # this disk's `latest`, meta.json, conversions, pruning
@@ -378,7 +378,8 @@ class Trainer:
     def _evaluate(self, bar) -> dict:
         val = self.evaluator.run(self.step)
         if self.rank == 0:
-            bar.write(f"step {self.step}: val loss {val['val_loss']:.4f} | {val['val_bpc']:.3f} bits/char")
+            unit = "byte" if self.tokenizer.kind == "bytes" else "char"
+            bar.write(f"step {self.step}: val loss {val['val_loss']:.4f} | {val['val_bpc']:.3f} bits/{unit}")
         self.log.meter.restart()  # keep eval time out of tokens/s
         return val
 
