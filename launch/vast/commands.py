@@ -94,6 +94,7 @@ class Driver:
         self.transport = Transport(state.work, state.remote_dir)
         self.fetcher = Fetcher(state, self.transport, args)
         self.last_seen: dict = {}   # node0's last status: the step a preemption interrupted
+        self.first_seen_gone: dict[int, float] = {}   # instance -> the first listing that read it gone
 
     @property
     def provider(self) -> Provider:
@@ -266,6 +267,8 @@ class Driver:
             status = (rows.get(inst) or {}).get("actual_status", "missing")
             bad = status in GONE or inst not in rows
             seen[inst] = (status, seen.get(inst, (None, 0))[1] + 1 if bad else 0)
+            if bad and seen[inst][1] == 1:
+                self.first_seen_gone[inst] = time.time()   # a preempted node bills only its disk from about here
         worst = max(count for _, count in seen.values())
         if worst:
             log(f"node states: { {i: st for i, (st, _) in seen.items()} } ({worst}/{self.args.confirm_polls})")

@@ -244,6 +244,7 @@ class Provisioner:
             if not inst.destroyed:
                 try:
                     self.provider.destroy_instance(inst.id)
+                    inst.gone_at = inst.gone_at or time.time()   # billing ends at the destroy the provider confirmed
                     log(f"asked to destroy instance {inst.id}")
                 except VastError as e:
                     log(f"destroy {inst.id}: {e}")
@@ -275,7 +276,7 @@ class Provisioner:
         for inst in s.instances:
             if not inst.destroyed and inst.id not in present:
                 inst.destroyed = True   # the listing no longer shows it: this is what "destroyed" means
-                inst.gone_at = time.time()
+                inst.gone_at = inst.gone_at or time.time()
                 log(f"instance {inst.id} is gone from the listing")
         s.save()
         return present

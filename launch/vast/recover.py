@@ -59,13 +59,20 @@ def recover(driver) -> bool:
     resumed_from = int(s.fetched[4:]) if s.fetched else 0
     lost = max(0, int(step) - resumed_from)
     event = {"at": started, "step": int(step), "resumed_from": resumed_from, "lost_steps": lost,
-             "lost_s": lost * (s.plan.get("step_seconds") or 0.0), "nodes_before": s.nodes,
+             "lost_s": lost * step_seconds(driver, int(step), started), "nodes_before": s.nodes,
              "usd_before": s.spent_usd(started)}
     s.preemptions.append(event)
     s.save()
-    if not rent_replacements(driver):
-        return False
-    driver.up()
+    for attempt in range(3):   # an offer taken between the search and the create: search again
+        if not rent_replacements(driver):
+            return False
+        try:
+            driver.up()
+            break
+        except VastError as e:
+            if not e.answered or attempt == 2 or driver.provisioner.destroy_all(driver.signals.hurry):
+                raise
+            log(f"renting replacements failed: {e}; searching again")
     now = time.time()   # the new nodes hold the code, the data and the checkpoint: training starts now
     event.update(recovery_s=now - started, nodes_after=s.nodes,
                  recovery_usd=s.spent_usd(now) - event["usd_before"]
@@ -78,6 +85,19 @@ def recover(driver) -> bool:
     return True
 
 
+def step_seconds(driver, step: int, now: float) -> float:
+    """A step's time as measured on the preempted nodes: the trainer's step_time_s, else the steps this
+    renting trained over the time it trained (start-up included: an upper bound), else the plan's."""
+    s = driver.state
+    measured = (driver.last_seen.get("metrics") or {}).get("step_time_s")
+    if isinstance(measured, (int, float)) and measured > 0:
+        return float(measured)
+    first = s.preemptions[-1]["resumed_from"] if s.preemptions else (int(s.resume[4:]) if s.resume else 0)
+    if s.train_started and step > first:
+        return (now - s.train_started) / (step - first)
+    return float(s.plan.get("step_seconds") or 0.0)
+
+
 def mark_stopped(driver, now: float) -> None:
     """A stopped node bills only its disk from here on (recorded so the cost account follows billing)."""
     try:
@@ -86,7 +106,7 @@ def mark_stopped(driver, now: float) -> None:
         return
     for inst in driver.state.instances:
         if not inst.destroyed and rows.get(inst.id) in GONE and inst.stopped_at is None:
-            inst.stopped_at = now
+            inst.stopped_at = driver.first_seen_gone.get(inst.id, now)
 
 
 def fetch_what_exists(driver) -> None:
