@@ -2,8 +2,10 @@
 
     bash launch/vast_cluster.sh [run] --nodes N --gpus G --gpu-name NAME --max-dph P --conf NAME
          [--run NAME] [--timeout S] [--detach] [--resume outputs/RUN] [--max-hours H] [--max-usd D]
-         [--grace-minutes M] [-- overrides]
-    bash launch/vast_cluster.sh up|train|status|logs [-f]|fetch|down [--force] --run NAME
+         [--grace-minutes M] [--interruptible [--bid P] [--nodes-min N]]
+         [--ckpt-minutes M] [--yes] [-- overrides]
+    bash launch/vast_cluster.sh plan ... (the flags of run: the cost, renting nothing)
+    bash launch/vast_cluster.sh up|train|status|logs [-f]|fetch|down [--force]|watch --run NAME
 
 `run` does up, train, follow (log, fetch each checkpoint), then the teardown. Every command reads and
 writes outputs/RUN/cluster/state.json, so any of them can be run again, later, from another
