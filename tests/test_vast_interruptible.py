@@ -83,3 +83,28 @@ def test_a_preempted_node_is_replaced_and_training_resumes_from_the_last_checkpo
           f"lost ({event['lost_s']:.2f} s of work), recovery {event['recovery_s']:.1f} s, "
           f"${event['recovery_usd']:.4f}; account ${spent:.4f} vs billed ${billed:.4f}")
     world.assert_clean(out + err)
+
+
+def test_watch_recovers_a_detached_run_and_tears_it_down(world):
+    """`run --detach --interruptible`, then `watch --run NAME` from another invocation: the same recovery
+    (here onto 2 new nodes), training to its end, then the teardown."""
+    for offer in world.api.offers:
+        offer["min_bid"] = round(offer["dph_total"] * 0.45, 4)
+    world.env["FAKE_STEP_S"] = "0.1"
+    proc = world.driver(*world.args("--interruptible", "--detach", steps=30))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"watch --run {world.run_name}" in proc.stdout
+    watcher = world.start("watch", "--run", world.run_name)
+    world.wait_for(lambda: (world.run_dir / "checkpoints" / "latest").exists() and world.metrics_step(5001) >= 6,
+                   timeout=90, what="a fetched checkpoint")
+    _kill_node(world, 5001)   # node0 this time: its status over ssh fails too
+    world.api.preempt(5001, "exited")
+    out, err = watcher.communicate(timeout=240)
+    assert watcher.returncode == 0, err[-4000:]
+    creates = world.api.calls("PUT", r"/api/v0/asks/\d+/")   # the cheapest two again, free once destroyed
+    assert [c["path"] for c in creates][2:] == ["/api/v0/asks/101/", "/api/v0/asks/102/"]
+    assert all(c["body"]["price"] is not None for c in creates)
+    state = world.state()
+    assert len(state["preemptions"]) == 1 and state["preemptions"][0]["nodes_after"] == 2
+    assert (world.run_dir / "checkpoints" / "latest").read_text() == "step00000030"
+    world.assert_clean(out + err)
