@@ -4,8 +4,10 @@
 #
 #   bash launch/vast_cluster.sh [run] --nodes N --gpus G --gpu-name NAME --max-dph P --conf NAME
 #        [--run NAME] [--timeout S] [--detach] [--resume outputs/RUN] [--max-hours H] [--max-usd D]
-#        [--grace-minutes M] [-- hydra overrides...]
-#   bash launch/vast_cluster.sh up|train|status|logs [-f]|fetch|down [--force] --run NAME
+#        [--grace-minutes M] [--interruptible [--bid P] [--nodes-min N]]
+#        [--ckpt-minutes M] [--yes] [-- hydra overrides...]
+#   bash launch/vast_cluster.sh plan ... (the flags of run: the cost, renting nothing)
+#   bash launch/vast_cluster.sh up|train|status|logs [-f]|fetch|down [--force]|watch --run NAME
 #
 # The work is done by launch/vast/ (--help lists every flag; docs/clusters.md lists the environment
 # variable each one reads: NODES, GPUS, GPU_NAME, MAX_DPH, CONF, RUN, SSH_KEY, WAIT_TIMEOUT, ...).

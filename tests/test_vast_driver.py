@@ -380,7 +380,7 @@ def test_resume_on_fresh_nodes_with_another_node_count(world):
     world.fetched_checkpoint(step=4, nodes=2, slots=2)   # as `run` leaves it: fetched, verified, state "down"
     world.api.offers.append({"id": 104, "cluster_id": 7, "machine_id": 5, "dph_total": 13.0, "num_gpus": 2,
                              "gpu_name": "H100 SXM"})
-    second = world.driver("run", "--nodes", "3", "--gpus", "2", "--conf", "debug", "--resume",
+    second = world.driver("run", "--yes", "--nodes", "3", "--gpus", "2", "--conf", "debug", "--resume",
                           f"outputs/{world.run_name}", "--", "deepspeed=zero1", "train.max_steps=8",
                           "train.ckpt_every=4")
     assert second.returncode == 0, second.stderr[-3000:]

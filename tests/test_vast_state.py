@@ -29,8 +29,9 @@ def test_the_state_round_trips_through_its_file_with_its_phase(state, tmp_path):
     state.phase, state.paid, state.creating = Phase.TRAINING, True, [103]
     state.save()
     raw = json.loads((tmp_path / "outputs" / "t-state" / "cluster" / "state.json").read_text())
-    assert raw["phase"] == "training" and raw["instances"][1] == {"id": 5002, "offer": 102, "destroyed": True,
-                                                                   "by_label": False}
+    kept = {k: raw["instances"][1][k] for k in ("id", "offer", "destroyed", "by_label", "generation")}
+    assert raw["phase"] == "training" and kept == {"id": 5002, "offer": 102, "destroyed": True, "by_label": False,
+                                                   "generation": 0}
     again = RunState.load("t-state")
     assert again == state and again.phase is Phase.TRAINING
     assert again.live_ids() == [5001] and again.node_ids() == [5001, 5002]
@@ -139,3 +140,20 @@ def test_a_guards_cap_event_before_the_cap_is_not_the_cap_path(state):
     driver = Driver(argparse.Namespace(), state, Signals())
     assert driver.outcome({"state": "failed", "exit": 143, "guard": {"event": "cap"}}) == 1
     assert state.outcome == "failed (exit 143)"
+
+
+def test_the_cost_account_bills_a_stopped_node_its_disk_and_a_recovery_counts_only_its_own_nodes(state):
+    """spent_usd: each instance's $/h from its create to its destroy, only its disk once stopped;
+    node_ids: the current renting's nodes only, after a recovery rented the next one."""
+    t = state.created_at
+    state.instances = [Instance(id=1, usd_per_hour=10.0, disk_usd_per_hour=0.5, created=t, stopped_at=t + 3600,
+                                gone_at=t + 7200, destroyed=True),
+                       Instance(id=2, usd_per_hour=4.0, created=t, gone_at=t + 3600, destroyed=True),
+                       Instance(id=3, usd_per_hour=2.0, created=t + 7200, generation=1)]
+    state.generation = 1
+    assert state.spent_usd(t + 3 * 3600) == pytest.approx(10.0 + 0.5 + 4.0 + 2.0)
+    assert state.node_ids() == [3] and state.live_ids() == [3]
+    state.max_usd, state.total_dph = 20.0, 2.0   # max_hours 2: spent by now
+    assert state.hours_left(t + 3 * 3600) == 0 and state.cap_reached(t + 3 * 3600)
+    state.max_hours = None   # $20 - $16.50 at the new $2/h
+    assert state.hours_left(t + 3 * 3600) == pytest.approx(1.75) and not state.cap_reached(t + 3 * 3600)

@@ -2,8 +2,10 @@
 
     bash launch/vast_cluster.sh [run] --nodes N --gpus G --gpu-name NAME --max-dph P --conf NAME
          [--run NAME] [--timeout S] [--detach] [--resume outputs/RUN] [--max-hours H] [--max-usd D]
-         [--grace-minutes M] [-- overrides]
-    bash launch/vast_cluster.sh up|train|status|logs [-f]|fetch|down [--force] --run NAME
+         [--grace-minutes M] [--interruptible [--bid P] [--nodes-min N]]
+         [--ckpt-minutes M] [--yes] [-- overrides]
+    bash launch/vast_cluster.sh plan ... (the flags of run: the cost, renting nothing)
+    bash launch/vast_cluster.sh up|train|status|logs [-f]|fetch|down [--force]|watch --run NAME
 
 `run` does up, train, follow (log, fetch each checkpoint), then the teardown. Every command reads and
 writes outputs/RUN/cluster/state.json, so any of them can be run again, later, from another
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from launch.vast import plan, recover
 from launch.vast.checks import (
     UnsafeInput,
     check_conf,
@@ -31,14 +35,15 @@ from launch.vast.checks import (
     check_run_name,
     check_tag,
     new_run_name,
+    printable,
 )
 from launch.vast.commands import DEFAULT_IMAGE, Driver, Interrupted, Signals
-from launch.vast.provider import VastError
+from launch.vast.provider import Provider, VastError, pick_offers
 from launch.vast.state import ROOT, DriverError, Phase, RunLock, RunState
 from launch.vast.transport import log
 from trainer.checksums import ChecksumError, verify
 
-COMMANDS = ["run", "up", "train", "status", "logs", "fetch", "down"]
+COMMANDS = ["run", "up", "train", "status", "logs", "fetch", "down", "plan", "watch"]
 
 
 def _env(name: str, default):
@@ -70,7 +75,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "destroying themselves")
     p.add_argument("--force", action="store_true", help="down: destroy even if the newest work is not fetched")
     p.add_argument("-f", "--follow", action="store_true", help="logs: follow until training ends")
-    p.add_argument("--dry-run", action="store_true", help="print the plan, rent nothing")
+    p.add_argument("--dry-run", action="store_true", help="the same as `plan`: print the plan, rent nothing")
+    p.add_argument("-y", "--yes", action="store_true", help="run, up: rent without asking `Proceed? [y/N]` (scripts)")
+    p.add_argument("--json", action="store_true", help="plan: print the plan as one JSON object")
+    p.add_argument("--interruptible", action="store_true",
+                   help="rent at a bid; a preempted node is replaced and training resumes by itself")
+    p.add_argument("--bid", type=float,
+                   help="with --interruptible: $/h per machine (default: the offer's min_bid + 20%%)")
+    p.add_argument("--nodes-min", type=int, help="with --interruptible: the fewest nodes a recovery rents "
+                                                  "(default: --nodes)")
+    p.add_argument("--ckpt-minutes", type=float, help="set train.ckpt_every for a checkpoint about every M minutes "
+                                                      "at the plan's step time")
     # knobs with defaults for real use; the tests shorten them
     p.add_argument("--poll", type=float, default=float(_env("POLL", 10)))
     p.add_argument("--confirm-polls", type=int, default=int(_env("CONFIRM_POLLS", 3)),
@@ -94,40 +109,83 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def new_state(args: argparse.Namespace) -> RunState:
-    """Every local check, before anything is rented; then the run's fresh state."""
+    """Every local check, before anything is rented; then the run's fresh state, saved."""
+    state, _ = checked_state(args)
+    retire_old_state(state.run)
+    state.save()
+    return state
+
+
+def checked_state(args: argparse.Namespace, renting: bool = True):
+    """Every local check (those of this machine's tools and key only when `renting`); the run's state,
+    not yet saved, and its composed config."""
+    check_flags(args)
+    resume = check_resume(args.resume) if args.resume else None
+    run = check_run_name(args.run) if args.run else (resume[0] if resume else new_run_name())
+    overrides = [check_override(o) for o in args.overrides]
+    config = check_config(check_conf(args.conf, ROOT), overrides, args.nodes * args.gpus)
+    if args.ckpt_minutes:
+        every = ckpt_every_for(args, config, resume[1] if resume else None)
+        overrides = [o for o in overrides if not o.startswith("train.ckpt_every=")] + [f"train.ckpt_every={every}"]
+        config = check_config(check_conf(args.conf, ROOT), overrides, args.nodes * args.gpus)
+    if renting:
+        check_tools()
+    key = check_local_path("--ssh-key", Path(os.path.expanduser(args.ssh_key)).resolve())
+    if renting and not key.is_file():
+        raise UnsafeInput(f"--ssh-key {args.ssh_key!r}: no such file (the private key whose public half vast.ai has)")
+    state = RunState(run=run, conf=args.conf, overrides=overrides, nodes=args.nodes,
+                     gpus=args.gpus, gpu_name=check_gpu_name(args.gpu_name), image=args.image, disk=args.disk,
+                     remote_dir=check_remote_dir(args.remote_dir), ssh_key=str(key), net_dev=args.net_dev,
+                     max_hours=args.max_hours, max_usd=args.max_usd, grace_minutes=args.grace_minutes,
+                     resume=resume[1] if resume else None, model=dataclasses.asdict(config.model),
+                     precision=config.precision, zero_stage=config.deepspeed.stage,
+                     interruptible=args.interruptible, nodes_min=args.nodes_min or args.nodes)
+    return state, config
+
+
+def check_flags(args: argparse.Namespace) -> None:
     for flag, value in (("--nodes", args.nodes), ("--gpus", args.gpus), ("--disk", args.disk),
                         ("--timeout", args.timeout)):
         check_positive(flag, value)
     for flag, value in (("--max-hours", args.max_hours), ("--max-dph", args.max_dph), ("--poll", args.poll)):
         check_positive(flag, value, whole=False)
     check_positive("--confirm-polls", args.confirm_polls)
-    if args.max_usd is not None:
-        check_positive("--max-usd", args.max_usd, whole=False)
+    for flag, value in (("--max-usd", args.max_usd), ("--bid", args.bid), ("--ckpt-minutes", args.ckpt_minutes)):
+        if value is not None:
+            check_positive(flag, value, whole=False)
     if args.grace_minutes < 0:
         raise UnsafeInput(f"--grace-minutes must be >= 0, got {args.grace_minutes}")
-    resume = check_resume(args.resume) if args.resume else None
-    run = check_run_name(args.run) if args.run else (resume[0] if resume else new_run_name())
-    overrides = [check_override(o) for o in args.overrides]
-    config = check_config(check_conf(args.conf, ROOT), overrides, args.nodes * args.gpus)
+    if (args.bid is not None or args.nodes_min is not None) and not args.interruptible:
+        raise UnsafeInput("--bid and --nodes-min go with --interruptible")
+    if args.nodes_min is not None:
+        check_positive("--nodes-min", args.nodes_min)
+        if args.nodes_min > args.nodes:
+            raise UnsafeInput(f"--nodes-min {args.nodes_min} is more than --nodes {args.nodes}")
+
+
+def check_tools() -> None:
     for tool in ("ssh", "ssh-keygen", "git"):
         if shutil.which(os.environ.get("SSH", "ssh") if tool == "ssh" else tool) is None:
             raise UnsafeInput(f"`{tool}` is not on PATH: install it (OpenSSH client, git) before renting")
     check_local_path("this checkout's path", ROOT)
-    key = check_local_path("--ssh-key", Path(os.path.expanduser(args.ssh_key)).resolve())
-    if not key.is_file():
-        raise UnsafeInput(f"--ssh-key {args.ssh_key!r}: no such file (the private key whose public half vast.ai has)")
     listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
     if listed.returncode != 0 or not listed.stdout.strip():
         raise DriverError(f"{ROOT} is not a git checkout: the nodes get the git-tracked files only")
-    retire_old_state(run)
-    state = RunState(run=run, conf=args.conf, overrides=overrides, nodes=args.nodes,
-                     gpus=args.gpus, gpu_name=check_gpu_name(args.gpu_name), image=args.image, disk=args.disk,
-                     remote_dir=check_remote_dir(args.remote_dir), ssh_key=str(key), net_dev=args.net_dev,
-                     max_hours=args.max_hours, max_usd=args.max_usd, grace_minutes=args.grace_minutes,
-                     resume=resume[1] if resume else None, model=dataclasses.asdict(config.model),
-                     precision=config.precision, zero_stage=config.deepspeed.stage)
-    state.save()
-    return state
+
+
+def ckpt_every_for(args: argparse.Namespace, config, resume_tag: str | None) -> int:
+    """--ckpt-minutes as steps, at the step time the plan expects (measured figures, launch/vast/plan.py)."""
+    work = plan.Workload.from_config(config, args.nodes * args.gpus)
+    try:
+        est = plan.estimate(plan.measured_rows(), args.gpu_name, work.shape, work.precision, work.compiled,
+                            work.micro_batch, work.world)
+    except ValueError as e:
+        raise UnsafeInput(f"--ckpt-minutes: {e}") from None
+    step_s = work.tokens_per_step / (est.per_gpu * work.world)
+    every = plan.ckpt_every(step_s, args.ckpt_minutes)
+    log(f"--ckpt-minutes {args.ckpt_minutes:g}: train.ckpt_every={every} (expected step time {step_s:.3f} s; "
+        f"{est.source})", out=True)
+    return every
 
 
 def check_config(conf: str, overrides: list[str], world_size: int):
@@ -188,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args = split_argv(list(sys.argv[1:] if argv is None else argv))
     with Signals() as signals:
         try:
+            if args.command == "plan" or (args.dry_run and args.command in ("run", "up")):
+                return plan_command(args)
             if args.command in ("run", "up"):
                 return start(args, signals)
             if not args.run:
@@ -206,17 +266,70 @@ def main(argv: list[str] | None = None) -> int:
             return signals.exit_code
 
 
+def plan_command(args: argparse.Namespace) -> int:
+    """`plan`: the offers `run` would pick, and what the run would take and cost. Rents nothing."""
+    state, config = checked_state(args, renting=False)
+    cluster, picked, made = plan_for(state, config, Provider(), args)
+    if made is None:
+        return 1
+    if args.json:
+        print(json.dumps({**made.summary(), "cluster": cluster, "offers": [m.offer for m in made.machines],
+                          "machines": [dataclasses.asdict(m) for m in made.machines],
+                          "estimate": dataclasses.asdict(made.estimate)}))
+    else:
+        print("\n".join(printable(line) for line in plan.lines(made)))
+    return 0
+
+
+def plan_for(state: RunState, config, provider: Provider, args: argparse.Namespace):
+    """(cluster, the picked offers, the plan or None when no estimate can be made: said in one line)."""
+    offers = provider.search_offers(state.gpus, state.gpu_name, args.max_dph, state.interruptible, state.disk)
+    cluster, _, picked = pick_offers(offers, state.nodes)
+    done = int(state.resume[4:]) if state.resume else 0
+    work = plan.Workload.from_config(config, state.nodes * state.gpus, done, resume=bool(state.resume))
+    try:
+        return cluster, picked, plan.make_plan(picked, state.nodes, state.gpus, state.gpu_name, state.disk, work,
+                                               state.interruptible, args.bid)
+    except ValueError as e:
+        log(f"no plan: {e}", out=True)
+        return cluster, picked, None
+
+
 def start(args: argparse.Namespace, signals: Signals) -> int:
-    state = new_state(args)
+    state, config = checked_state(args)
+    if not args.yes and not sys.stdin.isatty():
+        raise UnsafeInput("no terminal to answer `Proceed? [y/N]`: add --yes to rent without the question "
+                          "(`bash launch/vast_cluster.sh plan ...` prints the cost)")
+    retire_old_state(state.run)
+    provider = Provider()
+    cluster, picked, made = plan_for(state, config, provider, args)
+    if made is None:
+        raise DriverError("no plan, nothing rented: see the line above")
+    print("\n".join(printable(line) for line in plan.lines(made)), flush=True)
+    if not args.yes and not confirm(signals):
+        log("not renting: the answer was not yes", out=True)
+        return 1
+    state.cluster_id, state.offers = cluster, [m.offer for m in made.machines]
+    state.bids = [m.bid for m in made.machines] if state.interruptible else []
+    state.rates = [m.usd_per_hour for m in made.machines]
+    state.disk_rates = [m.disk_usd_per_hour for m in made.machines]
+    state.total_dph, state.plan = round(made.usd_per_hour, 4), made.summary()
+    state.save()
     log.open(state.work / "driver.log")
-    if args.dry_run:
-        log(f"dry run: would search `cluster_id!=None num_gpus={args.gpus} gpu_name={args.gpu_name} "
-            f"dph_total<={args.max_dph}`, rent {args.nodes} nodes as {state.run}, train conf={args.conf} "
-            f"{' '.join(args.overrides)}", out=True)
-        return 0
     driver = Driver(args, state, signals)
+    driver._provider = provider
     with RunLock(state.work):
         return drive(driver, args.command)
+
+
+def confirm(signals: Signals) -> bool:
+    """`Proceed? [y/N]` on the terminal; a signal here ends the command (nothing is rented yet)."""
+    with signals.interruptible():
+        try:
+            answer = input("Proceed? [y/N] ")
+        except EOFError:
+            answer = ""
+    return answer.strip().lower() in ("y", "yes")
 
 
 def drive(driver: Driver, command: str) -> int:
@@ -226,18 +339,25 @@ def drive(driver: Driver, command: str) -> int:
         with driver.signals.interruptible():
             return 0 if driver.fetcher.everything(mark=s.phase == Phase.ENDED) else 1
     if command == "down":
-        return driver.finish(args.force)
+        code = driver.finish(args.force)
+        driver.account()
+        return code
+    if command == "watch" and s.phase != Phase.TRAINING:
+        raise DriverError(f"watch: run {s.run} is {s.phase.value}, not training (`status --run {s.run}`)")
     with driver.teardown_on_exit() as outcome:
         if command in ("run", "up"):
             driver.up()
         if command in ("run", "train"):
             driver.train()
-        if command in ("up", "train") or args.detach:
+        if command in ("up", "train") or (args.detach and command == "run"):
             outcome.keep = True
             log(f"the nodes are up{' and training' if s.phase == Phase.TRAINING else ''}. Watch: bash "
                 f"launch/vast_cluster.sh status --run {s.run}  |  logs -f --run {s.run}", out=True)
             log(f"fetch: bash launch/vast_cluster.sh fetch --run {s.run}  |  tear down (fetches first): "
-                f"bash launch/vast_cluster.sh down --run {s.run}", out=True)
+                f"bash launch/vast_cluster.sh down --run {s.run}"
+                + (f"  |  recover from preemption: bash launch/vast_cluster.sh watch --run {s.run}"
+                   if s.interruptible else ""), out=True)
             return 0
-        outcome.code = driver.outcome(driver.follow())
+        outcome.code = recover.follow_to_end(driver)
+    driver.account()
     return outcome.code

@@ -11,6 +11,7 @@ import sys
 import time
 from contextlib import contextmanager
 
+from launch.vast import plan
 from launch.vast.checks import UnsafeInput, check_tag, printable
 from launch.vast.fetch import Fetcher
 from launch.vast.provider import Provider, VastError
@@ -92,6 +93,8 @@ class Driver:
         self._provider: Provider | None = None
         self.transport = Transport(state.work, state.remote_dir)
         self.fetcher = Fetcher(state, self.transport, args)
+        self.last_seen: dict = {}   # node0's last status: the step a preemption interrupted
+        self.first_seen_gone: dict[int, float] = {}   # instance -> the first listing that read it gone
 
     @property
     def provider(self) -> Provider:
@@ -206,12 +209,14 @@ class Driver:
                 f"--master_addr {s.master_addr} launch/train.py {args}\n")
 
     # --- follow --------------------------------------------------------------------------------------------
-    def follow(self, fetch: bool = True, owner: bool = True) -> dict:
+    def follow(self, fetch: bool = True, owner: bool = True, watch_nodes: bool = False) -> dict:
         """Until training ends on node0: print its log, fetch each new checkpoint. For the run that owns
         the nodes (`owner`), the first signal asks the ranks to save and stop, the second ends that wait;
-        for a reader (`logs -f`), a signal ends the reading."""
+        for a reader (`logs -f`), a signal ends the reading. `watch_nodes` (interruptible runs): the
+        listing is read at every poll too, since a preempted worker leaves node0 answering while its
+        ranks wait for the lost peer."""
         s = self.state
-        stop_deadline, gone, last = None, {}, {}
+        stop_deadline, gone, last, listed = None, {}, {}, {}
         while True:
             if owner and self.signals.count and stop_deadline is None:
                 self.stop_ranks()
@@ -230,9 +235,12 @@ class Driver:
                 time.sleep(self.args.poll)
                 continue
             gone.clear()
+            self.last_seen = last
             self.show_progress(last, fetch)
             if last.get("state") not in ("running", "not started"):
                 return last
+            if watch_nodes and not self.signals.count and self.nodes_gone(listed):
+                return {"state": "gone", "statuses": listed}
             time.sleep(self.args.poll)
 
     def show_progress(self, last: dict, fetch: bool) -> None:
@@ -259,6 +267,8 @@ class Driver:
             status = (rows.get(inst) or {}).get("actual_status", "missing")
             bad = status in GONE or inst not in rows
             seen[inst] = (status, seen.get(inst, (None, 0))[1] + 1 if bad else 0)
+            if bad and seen[inst][1] == 1:
+                self.first_seen_gone[inst] = time.time()   # a preempted node bills only its disk from about here
         worst = max(count for _, count in seen.values())
         if worst:
             log(f"node states: { {i: st for i, (st, _) in seen.items()} } ({worst}/{self.args.confirm_polls})")
@@ -299,12 +309,63 @@ class Driver:
             return self.signals.exit_code
         return 0 if s.outcome in ("succeeded", "stopped at the budget cap") else 1
 
+    # --- the plan against what happened ---------------------------------------------------------------------
+    def against_plan(self) -> list[str]:
+        """The plan's hours and dollars beside those so far (or in all, once down); each preemption."""
+        s = self.state
+        if not s.paid:
+            return []
+        end = s.ended_at or time.time()
+        hours, spent = (end - s.created_at) / 3600, s.spent_usd(end)
+        so_far = "in all" if s.ended_at else "so far"
+        out = [f"{so_far}: {hours:.2f} h since renting, spent about ${spent:.2f} (each instance's $/h from its "
+               "create to its destroy)"]
+        if s.plan:
+            out.append(f"plan: {s.plan['hours']:.2f} h, ${s.plan['usd']:.2f} at ${s.plan['usd_per_hour']:.4f}/h "
+                       f"({s.plan['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU expected); "
+                       f"happened: {hours / s.plan['hours']:.0%} of the time, {spent / s.plan['usd']:.0%} of the "
+                       "dollars" if s.plan.get("hours") and s.plan.get("usd") else "plan: no figures")
+        for k, p in enumerate(s.preemptions, 1):
+            out.append(f"preemption {k}: at {time.strftime('%H:%M:%S', time.localtime(p['at']))}, step "
+                       f"{p['step']}; resumed from step {p['resumed_from']}, {p['lost_steps']} steps lost "
+                       f"({p['lost_s']:.0f} s of work); recovery {p.get('recovery_s', 0):.0f} s, "
+                       f"${p.get('recovery_usd', 0):.4f}")
+        return out
+
+    def account(self) -> None:
+        """After the teardown: the plan against what happened, and the run's measured tokens/s per GPU
+        into the local table that later plans read first (launch/vast/plan.py)."""
+        s = self.state
+        if s.phase != Phase.DOWN or s.live_ids():
+            return
+        if s.ended_at is None:
+            s.ended_at = time.time()
+            s.save()
+        for line in self.against_plan():
+            log(line, out=True)
+        recorded = s.work / "throughput.recorded"
+        if recorded.exists() or not s.model:
+            return
+        per_gpu = plan.measured_per_gpu(s.run_dir / "metrics.jsonl", s.nodes * s.gpus)
+        if per_gpu is None:
+            return
+        train = s.model
+        row = plan.Measured(gpu=s.gpu_name.replace("_", " "), shape=plan.Shape(
+            train["n_layer"], train["n_head"], train["d_model"], train["block_size"]), precision=s.precision,
+            tokens_per_s_per_gpu=round(per_gpu, 1), source=f"run {s.run} on vast.ai, "
+            f"{time.strftime('%Y-%m-%d', time.localtime(s.created_at))}, {s.nodes} x {s.gpus} GPUs",
+            compile="train.compile=true" in s.overrides, world_size=s.nodes * s.gpus)
+        path = plan.record(row)
+        recorded.write_text(str(path))
+        log(f"measured {per_gpu:,.0f} tokens/s per GPU: added to {path}, which later plans read first", out=True)
+
     # --- status, logs ------------------------------------------------------------------------------------
     def status(self) -> int:
         s = self.state
-        spent_h = (time.time() - s.created_at) / 3600 if s.paid else 0.0
-        print(f"run {s.run}: phase {s.phase.value}, instances {s.live_ids()}, ${s.total_dph}/h, cap {s.cap_text()}")
-        print(f"elapsed {spent_h:.2f} h since renting, spent about ${spent_h * s.total_dph:.2f}")
+        print(f"run {s.run}: phase {s.phase.value}, instances {s.live_ids()}, ${s.total_dph}/h, cap {s.cap_text()}"
+              + (f", interruptible (bids {s.bids} $/h), renting {s.generation + 1}" if s.interruptible else ""))
+        for line in self.against_plan():
+            print(line)
         print(f"fetched and verified here: {s.fetched or 'nothing yet'}")
         if s.phase not in (Phase.TRAINING, Phase.ENDED) or not s.live_ids():
             return 0

@@ -88,10 +88,14 @@ class Provider:
             raise VastError(f"{what}: the provider did not confirm it: {printable(str(reply)[:300])}", answered=True)
         return reply
 
-    def search_offers(self, gpus: int, gpu_name: str, max_dph: float) -> list[dict]:
+    def search_offers(self, gpus: int, gpu_name: str, max_dph: float, interruptible: bool = False,
+                      disk: float = 5.0) -> list[dict]:
+        """type "bid": the interruptible offers, with their min_bid. storage: the disk the offers' dph_total
+        prices (the SDK's default is 5 GB, not the disk the run rents)."""
         query = (f"cluster_id!=None num_gpus={int(gpus)} gpu_name={gpu_name} dph_total<={float(max_dph)} "
                  "rentable=true")
-        offers = self._call("search offers", self.sdk.search_offers, query=query, order="dph_total")
+        offers = self._call("search offers", self.sdk.search_offers, query=query, order="dph_total",
+                            type="bid" if interruptible else "on-demand", storage=float(disk))
         if not isinstance(offers, list):
             raise VastError(f"search offers returned {type(offers).__name__}, not a list")
         return offers
@@ -106,12 +110,15 @@ class Provider:
                         self._call("delete overlay", self.sdk.delete_overlay, check_run_name(name)))
 
     def create_instance(self, offer_id: int, image: str, disk: int, label: str, overlay: str,
-                        env: dict[str, str]) -> int:
+                        env: dict[str, str], bid: float | None = None) -> int:
         """env: the container's environment (the provider's own mechanism), so that no key is ever on a
-        command line or in a file the driver writes."""
+        command line or in a file the driver writes. bid: $/h per machine, an interruptible instance (the
+        SDK sends it as the body's `price`; None: on demand)."""
         docker_env = {f"-n {check_run_name(overlay)}": "1", **env}
+        price = None if bid is None else float(bid)
         reply = self._call(f"create instance from offer {offer_id}", self.once.create_instance, int(offer_id),
-                           image=image, disk=disk, label=check_run_name(label), env=docker_env, ssh=True, direct=True)
+                           image=image, disk=disk, label=check_run_name(label), env=docker_env, ssh=True, direct=True,
+                           price=price)
         self._confirmed(f"create instance from offer {offer_id}", reply)
         if "new_contract" not in reply:
             raise VastError(f"create instance from offer {offer_id}: no new_contract in {printable(str(reply)[:200])}")

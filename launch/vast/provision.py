@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from launch import cluster
+from launch.vast import plan
 from launch.vast.checks import FORWARDED_SECRETS, UnsafeInput, check_env, instance_id
 from launch.vast.provider import Provider, VastError, pick_offers
 from launch.vast.state import ROOT, DriverError, Instance, Phase, RunState
@@ -34,33 +35,48 @@ class Provisioner:
         if taken:
             raise DriverError(f"instances {taken} already carry the label {s.run!r}: refusing to rent more under it "
                               "(pick another --run, or tear those down)")
-        cluster_id, total, picked = pick_offers(self.provider.search_offers(s.gpus, s.gpu_name, a.max_dph), s.nodes)
-        s.cluster_id, s.total_dph, s.offers = cluster_id, round(total, 4), [int(o["id"]) for o in picked]
-        log(f"cluster {cluster_id}: {s.nodes} x {s.gpus} {s.gpu_name}, offers {s.offers}")
-        log(f"total cost: ${total:.4f}/h for {s.nodes} nodes ({s.nodes * s.gpus} GPUs), from now until `down`; "
-            f"budget cap {s.cap_text()} ({s.cap_hours():.2f} h)", out=True)
+        if not s.offers:   # `run` and `up` picked them for the plan the user accepted; a recovery picks anew
+            self.pick(self.provider.search_offers(s.gpus, s.gpu_name, a.max_dph, s.interruptible, s.disk), s.nodes)
+        log(f"cluster {s.cluster_id}: {s.nodes} x {s.gpus} {s.gpu_name}, offers {s.offers}"
+            + (f", bids {s.bids} $/h" if s.interruptible else ""))
+        log(f"total cost: ${s.total_dph:.4f}/h for {s.nodes} nodes ({s.nodes * s.gpus} GPUs), from now until "
+            f"`down`; budget cap {s.cap_text()} ({s.cap_hours() or 0:.2f} h)", out=True)
         s.phase, s.paid = Phase.RENTING, True   # from here on, teardown also sweeps by label
-        s.created_at = time.time()               # the budget's clock starts with the first paid call
+        s.generation_started = time.time()
+        if not s.generation:
+            s.created_at = s.generation_started   # the budget's clock starts with the first paid call
         s.save()
-        self.provider.create_overlay(cluster_id, s.run)
+        self.provider.create_overlay(s.cluster_id, s.run)
         s.overlay = s.run
         s.save()
         env = {k: os.environ[k] for k in FORWARDED_SECRETS if os.environ.get(k)}
-        for offer in s.offers:
-            self.create(offer, env)
+        for k, offer in enumerate(s.offers):
+            self.create(offer, env, s.bids[k] if s.interruptible else None, s.rates[k], s.disk_rates[k])
 
-    def create(self, offer: int, env: dict[str, str]) -> None:
+    def pick(self, offers: list[dict], nodes: int) -> None:
+        """The offers to rent, with the bid and the $/h of each (launch/vast/plan.py prices them)."""
+        s = self.state
+        cluster_id, _, picked = pick_offers(offers, nodes)
+        priced = plan.machines(picked, s.disk, s.interruptible, getattr(self.args, "bid", None))
+        s.cluster_id, s.offers = cluster_id, [m.offer for m in priced]
+        s.bids = [m.bid for m in priced] if s.interruptible else []
+        s.rates = [m.usd_per_hour for m in priced]
+        s.disk_rates = [m.disk_usd_per_hour for m in priced]
+        s.total_dph = round(sum(s.rates), 4)
+
+    def create(self, offer: int, env: dict[str, str], bid: float | None, rate: float, disk_rate: float) -> None:
         s = self.state
         s.creating.append(offer)   # sent, answer not yet read: teardown looks for it by label
         s.save()
         try:
-            new_id = self.provider.create_instance(offer, self.args.image, s.disk, s.run, s.run, env)
+            new_id = self.provider.create_instance(offer, self.args.image, s.disk, s.run, s.run, env, bid=bid)
         except VastError as e:
             if e.answered:   # a clear refusal of our only request (creates are never resent)
                 s.creating.remove(offer)
                 s.save()
             raise
-        s.instances.append(Instance(id=new_id, offer=offer))
+        s.instances.append(Instance(id=new_id, offer=offer, generation=s.generation, usd_per_hour=rate,
+                                    disk_usd_per_hour=disk_rate, created=time.time()))
         s.creating.remove(offer)
         s.save()
         log(f"created instance {new_id} from offer {offer}")
@@ -129,9 +145,12 @@ class Provisioner:
         """The node's own money guard, from before its set-up: at the cap, or a grace period after
         training ends, it destroys its instance, with or without this laptop."""
         s = self.state
+        # a recovery's nodes get what is left of the cap, from their own renting on
+        started, hours = ((s.created_at, s.cap_hours()) if not s.generation
+                          else (s.generation_started, s.hours_left()))
         reply = self.transport.agent(
-            k, "guard", "--run", s.run, "--instance", str(s.node_ids()[k]), "--started", str(s.created_at),
-            "--usd-per-hour", str(s.total_dph), "--max-hours", str(s.cap_hours()),
+            k, "guard", "--run", s.run, "--instance", str(s.node_ids()[k]), "--started", str(started),
+            "--usd-per-hour", str(s.total_dph), "--max-hours", str(max(hours or 0.0, 1e-3)),
             "--grace", str(s.grace_minutes * 60), "--wait", str(self.args.stop_wait),
             "--poll", str(min(30.0, self.args.poll)),
             "--api-url", os.environ.get("VAST_URL") or "https://console.vast.ai", "--detach")
@@ -225,6 +244,7 @@ class Provisioner:
             if not inst.destroyed:
                 try:
                     self.provider.destroy_instance(inst.id)
+                    inst.gone_at = inst.gone_at or time.time()   # billing ends at the destroy the provider confirmed
                     log(f"asked to destroy instance {inst.id}")
                 except VastError as e:
                     log(f"destroy {inst.id}: {e}")
@@ -246,7 +266,9 @@ class Provisioner:
             except UnsafeInput:
                 continue
             if row.get("label") == s.run and s.instance(int(row["id"])) is None:
-                s.instances.append(Instance(id=int(row["id"]), by_label=True))
+                rate = row.get("dph_total") if isinstance(row.get("dph_total"), (int, float)) else 0.0
+                s.instances.append(Instance(id=int(row["id"]), by_label=True, generation=s.generation,
+                                            usd_per_hour=float(rate), created=time.time()))
                 if s.creating:
                     s.creating.pop(0)
                 log(f"instance {row['id']} carries this run's label but was not recorded (a create whose answer was "
@@ -254,6 +276,7 @@ class Provisioner:
         for inst in s.instances:
             if not inst.destroyed and inst.id not in present:
                 inst.destroyed = True   # the listing no longer shows it: this is what "destroyed" means
+                inst.gone_at = inst.gone_at or time.time()
                 log(f"instance {inst.id} is gone from the listing")
         s.save()
         return present

@@ -38,6 +38,12 @@ class Instance:
     offer: int | None = None
     destroyed: bool = False   # true only once a complete listing no longer shows it
     by_label: bool = False    # found by the run's label: a create whose answer never came
+    generation: int = 0       # which renting of the run: a recovery from preemption rents the next one
+    usd_per_hour: float = 0.0   # what it bills while it exists (dph_total, or the bid plus the disk)
+    created: float | None = None   # when its create was answered
+    gone_at: float | None = None   # when a listing first no longer showed it
+    stopped_at: float | None = None   # when it was seen stopped (preempted): from then on only its disk bills
+    disk_usd_per_hour: float = 0.0
 
 
 @dataclass
@@ -77,6 +83,16 @@ class RunState:
     fetched: str | None = None           # newest checkpoint here, verified
     fetch_failed: str | None = None
     outcome: str | None = None           # how training ended: succeeded, failed (exit N), lost, stopped
+    interruptible: bool = False          # rented at a bid; a preempted node is replaced (launch/vast/recover.py)
+    bids: list[float] = field(default_factory=list)   # the bid per offer in `offers` ($/h per machine)
+    rates: list[float] = field(default_factory=list)  # what each offer in `offers` bills per hour
+    disk_rates: list[float] = field(default_factory=list)   # the share of it its disk bills, alone when stopped
+    nodes_min: int = 1                   # the fewest nodes a recovery may rent
+    generation: int = 0                  # renting number: 0, then one more per recovery
+    generation_started: float | None = None   # when the current renting's first create was sent
+    plan: dict = field(default_factory=dict)   # the plan the user accepted (launch/vast/plan.py)
+    preemptions: list[dict] = field(default_factory=list)   # when, at which step, work lost, recovery cost
+    ended_at: float | None = None        # when the teardown confirmed every instance destroyed
 
     # --- the record on disk ---------------------------------------------------------------------------
     @staticmethod
@@ -117,7 +133,29 @@ class RunState:
         return [i.id for i in self.instances if not i.destroyed]
 
     def node_ids(self) -> list[int]:
-        return [i.id for i in self.instances if not i.by_label]
+        """The current renting's nodes, node0 first (earlier rentings were destroyed by a recovery)."""
+        return [i.id for i in self.instances if not i.by_label and i.generation == self.generation]
+
+    def spent_usd(self, now: float | None = None) -> float:
+        """The instances' bills as recorded here: each one's $/h from its create to its destroy (or now)."""
+        now = now or time.time()
+        total = 0.0
+        for i in self.instances:
+            if i.created is None:
+                continue
+            end = min(i.gone_at or now, now)
+            running_end = min(end, i.stopped_at or end)
+            total += (i.usd_per_hour * max(0.0, running_end - i.created)
+                      + i.disk_usd_per_hour * max(0.0, end - running_end)) / 3600
+        return total
+
+    def hours_left(self, now: float | None = None) -> float | None:
+        """Hours the cap still allows at the current $/h: what a new renting's guards are armed with."""
+        now = now or time.time()
+        limits = [self.max_hours - (now - self.created_at) / 3600] if self.max_hours else []
+        if self.max_usd and self.total_dph > 0:
+            limits.append((self.max_usd - self.spent_usd(now)) / self.total_dph)
+        return max(0.0, min(limits)) if limits else None
 
     def instance(self, inst: int) -> Instance | None:
         return next((i for i in self.instances if i.id == inst), None)
@@ -130,6 +168,9 @@ class RunState:
         return min(limits) if limits else None
 
     def cap_reached(self, now: float | None = None) -> bool:
+        if self.generation:   # after a recovery the $/h changed: the recorded bills count
+            left = self.hours_left(now)
+            return left is not None and left <= 0
         limit = self.cap_hours()
         return limit is not None and ((now or time.time()) - self.created_at) / 3600 >= limit
 

@@ -77,7 +77,8 @@ class World:
     def args(self, *extra, nodes=2, command="run", steps=12, overrides=()):
         """A run of the debug preset at ZeRO-1: the stand-in trainer writes ZeRO-1's files (the fetch
         bounds each by the stage the driver composed)."""
-        return [command, "--nodes", str(nodes), "--gpus", "2", "--gpu-name", "H100_SXM", "--max-dph", "20",
+        return [command, *(["--yes"] if command in ("run", "up") else []),   # no terminal here to answer the question
+                "--nodes", str(nodes), "--gpus", "2", "--gpu-name", "H100_SXM", "--max-dph", "20",
                 "--conf", "debug", "--run", self.run_name, *extra, "--", "deepspeed=zero1",
                 f"train.max_steps={steps}", "train.ckpt_every=4", *overrides]
 

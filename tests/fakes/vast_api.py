@@ -266,6 +266,14 @@ class StandIn:
                     total += hours * rate
         return total
 
+    def preempt(self, inst: int, status: str = "stopped") -> None:
+        """An interruptible instance outbid: the host stops it (`stopped`, or `exited`), its disk bills on
+        (cur_state "stopped"), and its ssh refuses. The test kills its processes, as the host would."""
+        with self.lock:
+            self.instances[inst].pop("_sequence", None)
+            self._apply(inst, {"actual_status": status, "cur_state": "stopped"})
+        self._write_registry()
+
     # --- node registry for the fake ssh -----------------------------------------------------------------
     def _write_registry(self):
         with self.lock:
@@ -521,6 +529,8 @@ class StandIn:
         self.bills[inst] = {"dph": float(row.get("dph_total") or 0),
                             "storage": float(row.get("storage_total_cost") or 0),
                             "events": [(row["start_date"], "running")]}
+        if body.get("price") is not None:   # interruptible: its bid while it runs, plus its disk
+            self.bills[inst]["dph"] = float(body["price"]) + self.bills[inst]["storage"]
         overlay = next((k[3:] for k in (body.get("env") or {}) if k.startswith("-n ")), None)
         if overlay in self.overlays:
             self.overlays[overlay].setdefault("instances", []).append(inst)
