@@ -42,7 +42,7 @@ def rehearsal(tmp_path, user_key, request):
 
 def run_args(world: World, *extra, nodes=2, command="run", overrides=()):
     return [command, "--nodes", str(nodes), "--gpus", "1", "--gpu-name", "H100_SXM", "--max-dph", "20",
-            "--conf", "debug", "--run", world.run_name, *extra, "--", "deepspeed=zero1",
+            "--conf", "debug", "--run", world.run_name, "--yes", *extra, "--", "deepspeed=zero1",
             f"train.max_steps={STEPS}", f"train.ckpt_every={EVERY}", "train.eval_every=0", "train.sample_tokens=0",
             *overrides]
 
@@ -189,7 +189,7 @@ def test_a_host_preempted_mid_run_is_fetched_destroyed_and_resumed_on_three_new_
     good_step = int(good[4:])
     w.wait_for(lambda: any(m.get("step", 0) >= good_step + 4 for m in node_metrics(w, first)), timeout=300,
                what="4 steps past the fetched checkpoint")
-    w.api.preempt(second)
+    w.api.host_fails(second)
     out, err = driver.communicate(timeout=400)
     assert driver.returncode == 1, out + err
     assert_nothing_billing(w)
@@ -205,5 +205,7 @@ def test_a_host_preempted_mid_run_is_fetched_destroyed_and_resumed_on_three_new_
     assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
     assert_nothing_billing(w)
     after = {m["step"]: m["loss"] for m in read_metrics(w.run_dir) if "loss" in m}
+    print(f"resumed at {resumed_at} on 3 hosts: largest relative loss difference "
+          f"{max(abs(after[k] - before[k]) / abs(before[k]) for k in (resumed_at + 1, resumed_at + 2)):.2e}")
     for step in (resumed_at + 1, resumed_at + 2):
         assert after[step] == pytest.approx(before[step], rel=1e-4), (step, after[step], before[step])

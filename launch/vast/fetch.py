@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from launch.vast.checks import SAFE_FILE, TAG, printable
+from launch.vast.provision import LOST
 from launch.vast.state import DriverError, RunState
 from launch.vast.transport import Transport, log
 from trainer.checksums import META, ChecksumError, SizeBounds, size_bounds, verify, write_text_atomic
@@ -38,6 +39,12 @@ class Fetcher:
         if complete and mark:
             self.mark_fetched(self.state.fetched or "none")   # "none": the run's files, and no checkpoint yet
         return complete
+
+    def lost(self, k: int) -> bool:
+        """Node k's machine is gone with its disk (the last listing says exited, offline or unknown): what
+        it held cannot be fetched, and waiting for it keeps every other node billing."""
+        inst = self.state.instance(self.state.node_ids()[k])
+        return inst is not None and inst.status in LOST
 
     def nodes(self) -> list[int]:
         """The nodes (by index, node0 first) whose instances still exist: a node its guard destroyed has
@@ -74,12 +81,16 @@ class Fetcher:
 
     def accept(self, tag: str, failed: list[int]) -> bool:
         s = self.state
+        lost = [k for k in failed if self.lost(k)]
         try:
             verify(self.local / tag)
         except ChecksumError as e:
             log(f"checkpoint {tag} is not complete here: {e}" + (f" (nodes {failed} failed)" if failed else ""))
             s.fetch_failed = tag
             s.save()
+            if lost and lost == failed:
+                self.give_up_on(lost, tag)
+                return True
             return False
         if s.fetched != tag:
             write_text_atomic(self.local / "latest", tag)
@@ -87,7 +98,13 @@ class Fetcher:
             s.save()
             log(f"checkpoint {tag} fetched from {len(self.nodes())} nodes and verified: "
                 f"outputs/{s.run}/checkpoints/{tag}")
-        return not failed
+        return not failed or failed == lost
+
+    def give_up_on(self, lost: list[int], tag: str) -> None:
+        s = self.state
+        names = ", ".join(f"node{k} (instance {s.node_ids()[k]}, {s.instance(s.node_ids()[k]).status})" for k in lost)
+        log(f"{names}: its machine is gone, and its share of {tag} with it: the newest checkpoint that can be "
+            f"brought home is {s.fetched or 'none'}", out=True)
 
     def mark_fetched(self, tag: str) -> None:
         for k in self.nodes():   # the guards wait for this before destroying their nodes
@@ -152,7 +169,7 @@ class Fetcher:
                 self.with_retries(f"node{k}: run files", lambda k=k: self.run_files_from(k))
             except DriverError as e:
                 log(f"node{k}: fetching the run files failed: {e}")
-                ok = False
+                ok = ok and self.lost(k)   # a lost node's logs are lost with it
         return ok
 
     def run_files_from(self, k: int) -> None:

@@ -18,6 +18,8 @@ from launch.vast.transport import Transport, log, tar_bytes
 
 # actual_status values of a node that is not coming back by itself (vast.ai's documented states)
 GONE = {"exited", "stopped", "offline", "unknown"}
+# of those, a machine whose disk cannot be read any more (a stopped instance's can: start it)
+LOST = GONE - {"stopped"}
 
 
 class Provisioner:
@@ -131,7 +133,10 @@ class Provisioner:
                                stdin=public)
             self.transport.run(k, f"mkdir -p {remote} && tar -xf - -C {remote}", stdin=project)
             self.arm_guard(k)
-            self.transport.run(k, self.transport.in_dir(self.setup_command()), timeout=3 * 3600)
+            try:
+                self.transport.run(k, self.transport.in_dir(self.setup_command()), timeout=3 * 3600)
+            except DriverError as e:
+                raise DriverError(self.full_disk(k) or str(e)) from None
             log(f"node{k}: code, guard, set-up and data ready")
 
         parallel(one, range(len(nodes)))
@@ -140,6 +145,19 @@ class Provisioner:
             self.upload_checkpoint()
         s.phase = Phase.UP
         s.save()
+
+    def full_disk(self, k: int) -> str | None:
+        """After a failed set-up: one line when node k's disk is full (its own logs of the failure may be
+        cut short for that very reason), else None."""
+        probe = self.transport.run(k, f"df -Pk {shlex.quote(self.state.remote_dir)} | tail -n 1", check=False)
+        fields = probe.stdout.decode(errors="replace").split()
+        if probe.returncode != 0 or len(fields) < 6 or not (fields[1].isdigit() and fields[3].isdigit()):
+            return None
+        size_mb, free_mb = int(fields[1]) / 1024, int(fields[3]) / 1024
+        if free_mb > max(16.0, size_mb * 0.01):
+            return None
+        return (f"node{k}: set-up failed with its disk full: {free_mb:.0f} MB free of {size_mb:.0f} MB on "
+                f"{fields[5]} (No space left on device): rent a larger disk (--disk GB, now {self.state.disk})")
 
     def arm_guard(self, k: int) -> None:
         """The node's own money guard, from before its set-up: at the cap, or a grace period after
@@ -265,6 +283,9 @@ class Provisioner:
                 present.add(instance_id(row.get("id")))
             except UnsafeInput:
                 continue
+            if (known := s.instance(int(row["id"]))) is not None:
+                status = row.get("actual_status")
+                known.status = status if isinstance(status, str) and status.isalpha() else None
             if row.get("label") == s.run and s.instance(int(row["id"])) is None:
                 rate = row.get("dph_total") if isinstance(row.get("dph_total"), (int, float)) else 0.0
                 s.instances.append(Instance(id=int(row["id"]), by_label=True, generation=s.generation,

@@ -44,6 +44,7 @@ class Instance:
     gone_at: float | None = None   # when a listing first no longer showed it
     stopped_at: float | None = None   # when it was seen stopped (preempted): from then on only its disk bills
     disk_usd_per_hour: float = 0.0
+    status: str | None = None   # the actual_status the last listing showed
 
 
 @dataclass

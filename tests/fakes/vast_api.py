@@ -272,6 +272,8 @@ class StandIn:
         with self.lock:
             self.instances[inst].pop("_sequence", None)
             self._apply(inst, {"actual_status": status, "cur_state": "stopped"})
+            if self.instances[inst].get("_host") is not None:   # a lab host: its container stops
+                self.instances[inst]["_host"].kill()
         self._write_registry()
 
     # --- node registry for the fake ssh -----------------------------------------------------------------
@@ -558,7 +560,7 @@ class StandIn:
         """The lab host behind an instance."""
         return self.instances[inst]["_host"]
 
-    def preempt(self, inst: int, states=("exited", "offline")) -> None:
+    def host_fails(self, inst: int, states=("exited", "offline")) -> None:
         """The machine under an instance goes away: every process on its host ends at once, and the
         listings show `states` in turn (the last one kept), as when a host fails or is reclaimed."""
         with self.lock:
