@@ -63,7 +63,7 @@ LAB := .cache/lab
 HOST_PYTHON ?= /usr/bin/python3
 lab: $(LAB)/.built
 
-$(LAB)/.built: $(VENV)/.installed
+$(LAB)/.built: $(VENV)/.installed | test-system-deps
 	$(call quietly,the rehearsal hosts' image: $(HOST_PYTHON) with torch,rm -rf $(LAB)/image && \
 	  $(HOST_PYTHON) -m pip install -q --target $(LAB)/image '$(TORCH)')
 	$(call quietly,the rehearsal hosts' wheelhouse (DeepSpeed's CPU op prebuilt),rm -rf $(LAB)/wheels && \
@@ -87,13 +87,16 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check .
 
-# The multi-node test over ssh needs pdsh and an sshd; installed where apt-get can (root, Debian/Ubuntu).
+# The multi-node tests need pdsh and an sshd; the rehearsal's hosts also iproute2 (ip, bridge) and the
+# distribution's python3 with venv and pip (their image). Installed where apt-get can (root, Debian/Ubuntu).
+SYSTEM_DEPS := pdsh openssh-server openssh-client iproute2 python3 python3-venv python3-pip
 test-system-deps:
 	@if command -v pdsh >/dev/null && { command -v sshd >/dev/null || [ -x /usr/sbin/sshd ]; } \
-	    && command -v ssh-keygen >/dev/null; then :; \
+	    && command -v ssh-keygen >/dev/null && command -v ip >/dev/null && command -v bridge >/dev/null \
+	    && $(HOST_PYTHON) -c 'import ensurepip, pip' 2>/dev/null; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pdsh openssh-server openssh-client >/dev/null; \
-	else echo "pdsh/openssh-server missing and apt-get unavailable: the ssh multi-node test will be skipped"; fi
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_DEPS) >/dev/null; \
+	else echo "some of $(SYSTEM_DEPS) missing and apt-get unavailable: the ssh and rehearsal tests will be skipped"; fi
 
 bench: setup
 	$(PY) bench/engine_overhead.py --rounds 5
