@@ -232,6 +232,7 @@ def test_guard_at_the_cap_has_the_ranks_save_waits_for_the_fetch_then_destroys(n
     rank = int(wait_for(lambda: (node.folder / "rank.ready").exists() and (node.folder / "rank.ready").read_text()))
     guard = node.guard(*node.guard_args(api, inst, started=time.time() - 7200))   # 2 h of a 1 h cap
     wait_for(lambda: (node.cluster / "train.exit").exists())   # the rank saved on SIGTERM, then exited
+    wait_for(lambda: (node.guard_json() or {}).get("event") == "cap")
     time.sleep(0.5)   # ten polls: the guard waits for the laptop to fetch that checkpoint
     assert guard.poll() is None and api.calls("DELETE") == [] and node.guard_json()["event"] == "cap"
     fetched_at = time.time()
@@ -251,6 +252,7 @@ def test_guard_destroys_a_grace_after_training_ended_even_with_nothing_fetched(n
     (node.folder / "outputs" / RUN / "checkpoints" / TAG).mkdir(parents=True)
     (node.folder / "outputs" / RUN / "checkpoints" / "latest").write_text(TAG)
     guard = node.guard(*node.guard_args(api, inst, started=time.time(), grace=1.0))
+    wait_for(node.guard_json)   # written within a poll or two (longer on a loaded machine)
     time.sleep(0.3)
     assert guard.poll() is None and node.guard_json()["event"] == "armed"   # set-up: nothing to end yet
     node.start("exit 1")
