@@ -138,7 +138,7 @@ def test_a_network_cut_between_hosts_fails_training_within_the_collective_timeou
     """Scenario 4: traffic between the hosts is dropped on the bridge mid-run. The ranks fail within
     train.collective_timeout_s (no hang), the driver fetches what exists and destroys everything."""
     w = rehearsal
-    timeout_s = 20
+    timeout_s = 10
     driver = w.start(*run_args(w, overrides=["train.max_steps=100000", f"train.collective_timeout_s={timeout_s}"]))
     wait_for_phase(w, "training")
     first = w.state()["instances"][0]["id"]
