@@ -1,6 +1,7 @@
 """Set-up: one ninja and one extensions dir for make, the venv's python and an activated venv (so
 DeepSpeed's CPU op is built once, and said so while it builds), and quiet steps unless one fails."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,11 @@ def test_the_op_build_is_announced_only_when_ninja_has_work(tmp_path, monkeypatc
     os.utime(build / "src.cpp", (2e9, 2e9))  # a newer source: ninja would rebuild
     announce_op_build("op")
     assert "building DeepSpeed's CPU communication op op" in capsys.readouterr().out
+    import deepspeed.git_version_info as info  # an install that built the op in (the rehearsal's hosts)
+    monkeypatch.setitem(info.installed_ops, "op", 1)
+    shutil.rmtree(build)
+    announce_op_build("op")
+    assert "building" not in capsys.readouterr().out
 
 
 def test_setup_steps_print_one_line_each_and_their_output_only_on_failure(tmp_path):

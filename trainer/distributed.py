@@ -82,8 +82,11 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
 def announce_op_build(op: str = "deepspeed_shm_comm") -> None:
     """Say so when DeepSpeed is about to JIT-build its CPU communication op (it builds in silence):
     when its build dir has no library yet, or ninja finds work to do there."""
+    from deepspeed.git_version_info import installed_ops
     from torch.utils.cpp_extension import get_default_build_root
 
+    if installed_ops.get(op):   # built into the install (DS_BUILD_SHM_COMM=1): loaded, never built here
+        return
     build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / op
     if (build / f"{op}.so").is_file() and shutil.which("ninja"):
         dry_run = subprocess.run(["ninja", "-n", "-C", str(build)], capture_output=True, text=True)
