@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from trainer import rundir  # noqa: E402
+
 DEFAULT_ROWS = ["baby: conf=baby", "shakespeare: conf=shakespeare"]
 
 
@@ -33,8 +36,7 @@ def run_row(overrides: list[str], steps: int, run_dir: Path) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in rows if "tokens_per_s" in r][-1]
+    last = [r for r in rundir.read_metrics(run_dir) if "tokens_per_s" in r][-1]
     params = next((line for line in proc.stdout.splitlines() if line.startswith("model:")), "")
     return {**last, "wall_s": time.perf_counter() - start, "params": params.split("|")[0][7:].split(" parameters")[0]}
 

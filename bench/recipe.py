@@ -22,6 +22,7 @@ from statistics import mean
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from trainer import rundir  # noqa: E402
 
 # today's baby run, before this bench: the GPT-3 recipe (learned positions, GELU, a tied head, AdamW,
 # a cosine from 1e-3 to 1e-4) over 2000 steps; each variant but the shipped preset changes it
@@ -58,8 +59,7 @@ def run(name: str, seed: int, data_dir: str, eval_every: int, eval_steps: int, o
     if proc.returncode:
         raise SystemExit(f"{name} (seed {seed}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     elapsed, last_step, curve, rates = 0.0, 0, {}, []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        entry = json.loads(line)
+    for entry in rundir.read_metrics(run_dir):
         if "step_time_s" in entry:
             elapsed += entry["step_time_s"] * (entry["step"] - last_step)
             last_step = entry["step"]

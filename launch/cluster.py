@@ -14,12 +14,13 @@ A host list has one node a line, `[user@]host[:port] slots`; `#` starts a commen
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from launch.cli import FlagParser
 
 DEFAULT_ENV = {
     "NCCL_SOCKET_IFNAME": "eth0",   # the overlay/private interface on rented nodes
@@ -57,7 +58,8 @@ class Node:
 # '-' (an option to ssh), a space or a newline (another config line: a ProxyCommand runs locally)
 _SAFE_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]+)$")
 _SAFE_USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_./:,=+@%-]*$")  # DeepSpeed exports .deepspeed_env values unquoted
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ENV_VALUE = re.compile(r"[A-Za-z0-9_./:,=+@%-]*")  # DeepSpeed's ssh launchers export .deepspeed_env values unquoted
 
 
 def check_host(where: str, field: str, value) -> str:
@@ -169,11 +171,20 @@ def ssh_config(nodes: list[Node], identity: str, known_hosts: str | None = None)
     return "\n".join(blocks)
 
 
+def env_problem(env: dict[str, str]) -> str | None:
+    """What makes an entry of .deepspeed_env unsafe to export, in one line; None: every entry is safe."""
+    for key, value in env.items():
+        if not ENV_KEY.fullmatch(key) or not isinstance(value, str) or not ENV_VALUE.fullmatch(value):
+            return (f".deepspeed_env: {key}={value!r}: keys are shell names, values only letters, digits and "
+                    "_ . / : , = + @ % - (DeepSpeed exports them unquoted)")
+    return None
+
+
 def deepspeed_env(extra: dict[str, str], pythonpath: str | None) -> str:
     env = {**DEFAULT_ENV, **({"PYTHONPATH": pythonpath} if pythonpath else {}), **extra}
-    for key, value in env.items():
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or not _SAFE_VALUE.match(value):
-            raise ClusterError(f".deepspeed_env: bad entry {key}={value!r}")
+    problem = env_problem(env)
+    if problem:
+        raise ClusterError(problem)
     return "".join(f"{k}={v}\n" for k, v in env.items())
 
 
@@ -205,7 +216,7 @@ def _parse_env(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.cluster", description=__doc__.splitlines()[0])
+    p = FlagParser(prog="python -m launch.cluster", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hosts", type=Path, help="host list file: `[user@]host[:port] slots` per line")
     src.add_argument("--vast-json", type=Path, help="output of `vastai show instances --raw` ('-' for stdin)")

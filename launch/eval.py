@@ -8,35 +8,40 @@ import json
 import sys
 from dataclasses import dataclass
 
-from launch.cli import load_checkpoint_or_exit, parse_dotlist
+from launch.cli import load_checkpoint_or_exit, parse_args
 
 
 @dataclass
 class EvalArgs:
-    run_dir: str = "outputs/baby"   # a run dir, its checkpoints dir, or one checkpoint dir
-    split: str = "val"              # val | test (enwik8, text8) | train
-    data_dir: str = ""              # default: data.dir from run_dir/config.yaml
+    run_dir: str = "outputs/baby"
+    """A run dir (its latest checkpoint), its checkpoints dir, or one checkpoint dir."""
+    split: str = "val"
+    """val | test (enwik8, text8) | train."""
+    data_dir: str = ""
+    """The prepared data; "": data.dir from run_dir's config.yaml."""
     batch_size: int = 32
-    max_batches: int = 0            # 0 = every window of the split once
-    device: str = "auto"            # auto | cpu | cuda
+    """Windows per batch."""
+    max_batches: int = 0
+    """Batches evaluated; 0: every window of the split once."""
+    device: str = "auto"
+    """auto (cuda when there is one) | cpu | cuda."""
 
 
 def main(argv: list[str]) -> None:
-    from pathlib import Path
-
+    args = parse_args(EvalArgs, argv, "launch/eval.py")  # before torch loads: a mistake is told at once
     import torch
     from omegaconf import OmegaConf
     from tqdm import tqdm
 
     from data.loader import RankLoader
     from data.shards import ShardError
+    from trainer import rundir
     from trainer.evaluate import evaluate, summarize
 
-    args = parse_dotlist(EvalArgs, argv, "eval.py")
     model, client = load_checkpoint_or_exit(args.run_dir, "eval.py")
     data_dir = args.data_dir
     if not data_dir:
-        config = Path(args.run_dir) / "config.yaml"
+        config = rundir.config_path(rundir.run_root(args.run_dir))
         if not config.is_file():
             sys.exit(f"eval.py: {config} not found; pass data_dir=")
         data_dir = OmegaConf.load(config).data.dir

@@ -9,23 +9,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.cli import load_checkpoint_or_exit, parse_dotlist
+from launch.cli import load_checkpoint_or_exit, parse_args
+from trainer import rundir
 
 
 @dataclass
 class ExportArgs:
-    run_dir: str = "outputs/baby"  # a run dir (or its checkpoints dir, or one checkpoint dir)
-    out: str = ""                  # the folder to write; must not exist, or be empty
-    step: int = 0                  # the checkpoint of this step; 0 = the latest
-
-
-def run_root(path: Path) -> Path:
-    """The run dir of a run dir, a checkpoints dir or one checkpoint dir."""
-    if (path / "checkpoints").is_dir():
-        return path
-    if (path / "latest").is_file():
-        return path.parent
-    return path.parent.parent if (path / "meta.json").is_file() else path
+    run_dir: str = "outputs/baby"
+    """A run dir (its latest checkpoint), its checkpoints dir, or one checkpoint dir."""
+    out: str = ""
+    """The folder to write (required); it must not exist, or be empty."""
+    step: int = 0
+    """The checkpoint of this step; 0: the latest."""
 
 
 def training_command(config_yaml: Path, world_size: int) -> str:
@@ -62,10 +57,10 @@ def training_command(config_yaml: Path, world_size: int) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from trainer.checkpoint import checkpoint_dir, read_meta, resolve
+    args = parse_args(ExportArgs, argv, "launch/export.py")  # before torch loads: a mistake is told at once
+    from trainer.checkpoint import locate, read_meta
     from trainer.export import ExportError, export, refuse_taken, run_facts
 
-    args = parse_dotlist(ExportArgs, argv, "export.py")
     if not args.out:
         sys.exit("export.py: out= is required: the folder to write, e.g. out=hf/baby")
     out, source = Path(args.out), Path(args.run_dir)
@@ -74,21 +69,21 @@ def main(argv: list[str]) -> None:
     except ExportError as e:
         sys.exit(f"export.py: {e}")
     if args.step:
-        source = checkpoint_dir(run_root(source)) / f"step{args.step:08d}"
+        source = rundir.checkpoints(rundir.run_root(source)) / rundir.step_tag(args.step)
         if not source.is_dir():
-            found = sorted(p.name for p in source.parent.glob("step*")) if source.parent.is_dir() else []
+            found = rundir.tags(source.parent)
             sys.exit(f"export.py: step={args.step}: no checkpoint {source} (found: {', '.join(found) or 'none'})")
     model, client = load_checkpoint_or_exit(str(source), "export.py")
     if client["tokenizer"] not in (None, "char"):  # the folder's tokenizer is built for the char vocabulary
         sys.exit(f"export.py: {source}: trained with data.tokenizer={client['tokenizer']}; export writes the char "
                  "tokenizer only")
-    root = run_root(source)
-    ckpt = resolve("auto", source) if (source / "checkpoints").is_dir() else resolve(str(source), source)
+    root = rundir.run_root(source)
+    ckpt = locate(source)
     facts = run_facts(root, client["step"]) | {
         "step": client["step"], "zero_stage": client["zero_stage"], "name": root.name,
         "world_size": read_meta(ckpt).get("world_size") or 1}
-    if (root / "config.yaml").is_file():
-        facts["command"] = training_command(root / "config.yaml", facts["world_size"])
+    if rundir.config_path(root).is_file():
+        facts["command"] = training_command(rundir.config_path(root), facts["world_size"])
     import transformers
 
     transformers.utils.logging.disable_progress_bar()

@@ -6,22 +6,14 @@ first. Interrupted, it resumes when run again (enwik8 and text8, seconds long, s
 """
 import sys
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from launch.cli import CONF_DIR, exit_on_config_error
-from trainer.config import ConfigError, register_presets, to_config
+from launch.cli import run_with_config
+from trainer.config import Config
 
 
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(config: Config) -> None:
     from data.prepare import prepare, split_size_error
     from data.shards import ShardError
 
-    try:
-        config = to_config(OmegaConf.to_container(cfg, resolve=True))
-    except ConfigError as e:
-        exit_on_config_error(e)
     data = config.data
     try:
         manifest = prepare(data)
@@ -44,5 +36,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    register_presets(CONF_DIR)
-    main()
+    run_with_config("launch/prepare.py", main)

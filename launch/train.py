@@ -2,26 +2,16 @@
 import os
 import sys
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from launch.cli import load_config, run_with_config, set_environment
+from trainer.config import Config
 
-from launch.cli import CONF_DIR, compose, exit_on_config_error, set_environment, strip_launcher_args
-from trainer.config import Config, ConfigError, register_presets, to_config
+__all__ = ["load_config", "run"]
 
 
 def _world_size() -> int:
     """The launcher's WORLD_SIZE: the global batch is checked against it before any work."""
     world = os.environ.get("WORLD_SIZE")
     return int(world) if world else 1
-
-
-def load_config(overrides: list[str], world_size: int = 1) -> Config:
-    """The run's typed config from `key=value` overrides; any config error, Hydra's own included,
-    exits with one line starting with `config error:`."""
-    try:
-        return to_config(OmegaConf.to_container(compose(overrides), resolve=True), world_size)
-    except ConfigError as e:
-        exit_on_config_error(e)
 
 
 def run(config: Config) -> None:
@@ -40,21 +30,6 @@ def run(config: Config) -> None:
         sys.exit(f"error: {e}")
 
 
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
-def hydra_main(cfg: DictConfig) -> None:
-    """Only for Hydra's own flags (--cfg job, --help, --info, -m)."""
-    try:
-        config = to_config(OmegaConf.to_container(cfg, resolve=True), _world_size())
-    except ConfigError as e:
-        exit_on_config_error(e)
-    run(config)
-
-
 if __name__ == "__main__":
     set_environment()
-    register_presets(CONF_DIR)
-    sys.argv = strip_launcher_args(sys.argv)
-    if any(arg.startswith("-") for arg in sys.argv[1:]):
-        hydra_main()
-    else:
-        run(load_config(sys.argv[1:], _world_size()))
+    run_with_config("launch/train.py", run, _world_size())

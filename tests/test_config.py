@@ -91,8 +91,8 @@ def test_bad_values_are_one_line_errors_naming_the_key(args, line):
 @pytest.mark.parametrize("args, line", [
     (["conf=nope"], "config error: conf=nope: no such option; choose one of " + ", ".join(PRESETS)),
     (["deepspeed=zero9"], "config error: deepspeed=zero9: no such option; choose one of zero0, zero1, zero2, zero3"),
-    (["model.n_layr=2"], "config error: model.n_layr: Key 'n_layr' not in 'GPTConfig'"),
-    (["+foo=1"], "config error: config: Key 'foo' not in 'Config' (key: foo)"),
+    (["model.n_layr=2"], "config error: unknown key `model.n_layr`; did you mean `model.n_layer`?"),
+    (["+foo=1"], "config error: unknown key `foo`; `python -m trainer.config` lists them"),
     (["train.max_steps=many"],
      "config error: train.max_steps: Value 'many' of type 'str' could not be converted to Integer"),
     (["model.n_layer"], "config error: Error parsing override 'model.n_layer'; missing EQUAL at '<EOF>'"),
@@ -114,7 +114,7 @@ def test_the_entry_point_prints_one_line_and_exits_1():
     proc = subprocess.run([sys.executable, "launch/train.py", "conf=debug", "model.n_layr=2"], cwd=ROOT,
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == ["config error: model.n_layr: Key 'n_layr' not in 'GPTConfig'"]
+    assert proc.stderr.splitlines() == ["config error: unknown key `model.n_layr`; did you mean `model.n_layer`?"]
     assert proc.stdout == ""
 
 

@@ -47,8 +47,13 @@ while True:
 """
 
 
+# launch/vast/node.py and the project modules it imports, which need only the standard library
+NODE_FILES = ("launch/vast/node.py", "launch/__init__.py", "launch/cli.py", "trainer/__init__.py", "trainer/rundir.py",
+              "data/__init__.py", "data/files.py")
+
+
 class Node:
-    """A project folder on a rented node, holding its own copy of launch/vast/node.py."""
+    """A project folder on a rented node, holding its own copy of launch/vast/node.py and what it imports."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -57,7 +62,7 @@ class Node:
         self.outputs: list[str] = []   # everything the commands printed, to look for the key in
 
     def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "launch/vast/node.py", *args]
+        return [sys.executable, "-S", "launch/vast/node.py", *args]   # -S: no installed package, as before setup
 
     def run(self, *args: str, code: int = 0) -> dict | str:
         proc = subprocess.run(self.argv(*args), cwd=self.folder, env=self.env, capture_output=True, text=True,
@@ -111,8 +116,9 @@ def wait_for(what, timeout: float = 10.0):
 @pytest.fixture
 def node(tmp_path):
     folder = tmp_path / "node"
-    (folder / "launch" / "vast").mkdir(parents=True)
-    shutil.copy(ROOT / "launch" / "vast" / "node.py", folder / "launch" / "vast" / "node.py")
+    for name in NODE_FILES:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, folder / name)
     (folder / "rank.py").write_text(RANK)
     yield Node(folder)
     for proc in Path("/proc").iterdir():   # what this test started there: trainings, ranks, guards

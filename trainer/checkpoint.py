@@ -24,14 +24,13 @@ import torch.distributed as dist
 
 from model import GPT, GPTConfig
 
-from . import checksums
+from . import checksums, rundir
 from .checksums import META, ChecksumError
 from .deepspeed_compat import checkpoint_files_are_data
 from .errors import CheckpointError, RunError
 
 UNIVERSAL = "universal"  # inside a checkpoint: its conversion for resuming at another world size
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-TAG = re.compile(r"step[0-9]{8}")  # used with fullmatch
 RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")  # a file of one data-parallel rank's partition
 
 
@@ -43,10 +42,6 @@ class Checkpoint:
     @property
     def path(self) -> Path:
         return self.directory / self.tag
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
 
 
 def rng_state() -> dict:
@@ -66,14 +61,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def latest_tag(directory: Path) -> str | None:
-    path = Path(directory) / "latest"
-    if not path.is_file():
-        return None
-    tag = path.read_text(errors="replace").strip()
-    tag_dir = Path(directory) / tag
-    if not TAG.fullmatch(tag) or tag_dir.is_symlink() or not tag_dir.is_dir():  # `latest` may come from elsewhere
-        raise CheckpointError(f"{path}: names {tag[:80]!r}, which is not a checkpoint in {directory}")
-    return tag
+    try:
+        return rundir.read_latest(directory)
+    except rundir.RunDirError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _prune(directory: Path, keep: int, current: str) -> None:
@@ -81,8 +72,7 @@ def _prune(directory: Path, keep: int, current: str) -> None:
     on every node)."""
     if keep <= 0:
         return
-    tags = sorted(p.name for p in directory.glob("step*") if p.is_dir() and TAG.fullmatch(p.name) and p.name <= current)
-    for old in tags[:-keep]:
+    for old in [tag for tag in rundir.tags(directory) if tag <= current][:-keep]:
         shutil.rmtree(directory / old, ignore_errors=True)
 
 
@@ -105,7 +95,7 @@ class Checkpointer:
     """
 
     def __init__(self, engine, run_dir, cfg, tokenizer, writes_files: bool, identity: dict | None = None):
-        self.engine, self.directory, self.writes_files = engine, checkpoint_dir(run_dir), writes_files
+        self.engine, self.directory, self.writes_files = engine, rundir.checkpoints(run_dir), writes_files
         self.every, self.keep, self.max_steps = cfg.train.ckpt_every, cfg.train.keep_ckpts, cfg.train.max_steps
         # client state: its keys share DeepSpeed's dict in the model states file (not "optimizer")
         self.about = {"model_config": asdict(cfg.model), "vocab": tokenizer.vocab, "tokenizer": tokenizer.kind,
@@ -123,7 +113,7 @@ class Checkpointer:
         """Collective: call on every rank. Each node's `latest` moves only after every rank of every
         node has written its files, and old checkpoints go only once every node's `latest` has moved.
         Each rank's RNG state travels in the client state of the model-states files."""
-        directory, tag = self.directory, f"step{step:08d}"
+        directory, tag = self.directory, rundir.step_tag(step)
         client = {"step": step, "loader": loader_state, "rng": _all_ranks(rng_state()),
                   "world_size": dist.get_world_size(), **self.about}
         share, error, previous = None, None, None
@@ -146,8 +136,8 @@ class Checkpointer:
         if self.writes_files:
             meta = {k: v for k, v in client.items() if k not in ("rng", "loader")} | {"files": files}
             try:
-                checksums.write_text_atomic(directory / tag / META, json.dumps(meta, indent=1))
-                checksums.write_text_atomic(directory / "latest", tag)
+                rundir.atomic_write(directory / tag / META, json.dumps(meta, indent=1))
+                rundir.atomic_write(directory / rundir.LATEST, tag)
             except OSError as e:
                 error = f"{type(e).__name__}: {e}"
         _first_error(_all_ranks(error), what)  # every node's `latest` has moved
@@ -164,14 +154,23 @@ def resolve(resume: str, run_dir) -> Checkpoint | None:
     if resume == "never":
         return None
     if resume == "auto":
-        tag = latest_tag(checkpoint_dir(run_dir))
-        return Checkpoint(checkpoint_dir(run_dir), tag) if tag else None
+        tag = latest_tag(rundir.checkpoints(run_dir))
+        return Checkpoint(rundir.checkpoints(run_dir), tag) if tag else None
     path = Path(resume)
-    if (path / "latest").is_file():
+    if (path / rundir.LATEST).is_file():
         return Checkpoint(path, latest_tag(path))
     if (path / META).is_file():
         return Checkpoint(path.parent, path.name)
     raise FileNotFoundError(f"resume={resume}: neither a checkpoints dir with `latest` nor a checkpoint")
+
+
+def locate(path) -> Checkpoint | None:
+    """The checkpoint a user names by a run dir (its latest), a checkpoints dir or one checkpoint dir."""
+    path = Path(path)
+    try:
+        return resolve("auto", path) if rundir.checkpoints(path).is_dir() else resolve(str(path), path)
+    except FileNotFoundError:
+        return None
 
 
 def read_meta(ckpt: Checkpoint) -> dict:
@@ -346,13 +345,9 @@ def load_for_inference(path) -> tuple[GPT, dict]:
 
     Every file of the checkpoint is first checked against its meta.json (a checkpoint is whole or
     refused); every file loads with torch's weights-only unpickler, so it can hold no code."""
-    path = Path(path)
-    try:
-        ckpt = resolve("auto", path) if (path / "checkpoints").is_dir() else resolve(str(path), path)
-    except FileNotFoundError:
-        ckpt = None
+    ckpt = locate(path)
     if ckpt is None:
-        raise FileNotFoundError(f"{path}: no checkpoint found (expected {checkpoint_dir(path)}/latest)")
+        raise FileNotFoundError(f"{path}: no checkpoint found (expected {rundir.checkpoints(path)}/latest)")
     meta = read_meta(ckpt)
     client = {k: meta.get(k) for k in ("model_config", "vocab", "tokenizer", "lowercase", "zero_stage", "step")}
     zero3 = client["zero_stage"] == 3  # its parameters live in every rank's partitioned files

@@ -227,10 +227,6 @@ def _parameters(model: dict, vocab_chars: int) -> tuple[int, int]:
     return layers * layer + top, layers * layer_tensors + top_tensors + 1  # + 1: the head's entry when tied
 
 
-# the one atomic write (data/files.py), under the name checkpoint.py and the cluster driver import
-write_text_atomic = atomic_write
-
-
 def trust(tag_dir: Path) -> dict:
     """Record the sums of the files in tag_dir in its meta.json, for a checkpoint you trust that an
     older version wrote without them. Returns the new file list."""
@@ -239,7 +235,7 @@ def trust(tag_dir: Path) -> dict:
     if (Path(tag_dir) / "universal").exists():
         raise ChecksumError(f"{tag_dir}: holds a universal/ conversion; remove it first (it is made again on resume)")
     meta["files"] = merge([hash_files(Path(tag_dir))])
-    write_text_atomic(path, json.dumps(meta, indent=1))
+    atomic_write(path, json.dumps(meta, indent=1))
     return meta["files"]
 
 

@@ -343,21 +343,25 @@ def describe(cls=Config, prefix: str = "") -> Iterator[tuple[str, object, str]]:
             yield f"{prefix}{f.name}", default, docs.get(f.name, "")
 
 
-def print_keys(out=sys.stdout, overrides: list[str] = ()) -> None:
+def print_keys(out=None, overrides: list[str] = (), cls=Config) -> None:
     """Every key, its value and its doc: `python -m trainer.config [conf=NAME key=value ...]` (no
-    overrides: the dataclasses' defaults; with them: the values that run would use)."""
+    overrides: the dataclasses' defaults; with them: the values that run would use). cls: another
+    dataclass's keys (the entry points' `--help`)."""
+    out = out or sys.stdout
     values = None
     if overrides:
         conf_dir = Path(__file__).resolve().parents[1] / "conf"
         register_presets(conf_dir)
         values = OmegaConf.to_container(compose(conf_dir, list(overrides)), resolve=True)
-    for key, default, doc in describe():
+    for key, default, doc in describe(cls):
         value = default
         if values is not None:
             value = values
             for part in key.split("."):
                 value = value.get(part, default) if isinstance(value, dict) else default
-        print(f"{key} = {OmegaConf.to_yaml({'v': value}).strip()[3:]}", file=out)
+        shown = repr(value) if isinstance(value, str) and value != value.strip() else \
+            OmegaConf.to_yaml({"v": value}).strip()[3:]  # YAML hides a string's edge spaces and newlines
+        print(f"{key} = {shown}", file=out)
         for line in textwrap.wrap(" ".join(doc.split()), 96):
             print(f"    {line}", file=out)
 

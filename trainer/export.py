@@ -20,7 +20,6 @@ character, our ids, our normalization: anyascii's table as a precompiled charsma
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import unicodedata
@@ -34,7 +33,7 @@ from data.tokenizer import transliterations
 from model import GPT, GPTConfig
 from model.norm import EPS as LAYER_NORM_EPS
 
-from . import charsmap
+from . import charsmap, rundir
 
 TOLERANCE = 1e-5       # largest |logit difference| allowed, relative to the largest |logit| (at least 1)
 WEIGHTS = "model.safetensors"
@@ -324,22 +323,16 @@ def export(model: GPT, vocab: str, lowercase: bool, out, facts: dict | None = No
 def run_facts(run_dir: Path, step: int) -> dict:
     """What a run dir tells the model card: its data, and the val bpc logged last at or before `step`."""
     facts: dict = {}
-    config = Path(run_dir) / "config.yaml"
+    config = rundir.config_path(run_dir)
     if config.is_file():
         from omegaconf import OmegaConf
 
         data = OmegaConf.load(config).get("data", {})
         facts["data"] = f"{data.get('source')} ({data.get('path')})"
         facts["config_yaml"] = config.read_text()
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if isinstance(entry, dict) and "val_bpc" in entry and entry.get("step", 0) <= step:
-                facts["val_bpc"], facts["val_step"] = entry["val_bpc"], entry["step"]
+    for entry in rundir.read_metrics(run_dir):
+        if "val_bpc" in entry and entry.get("step", 0) <= step:
+            facts["val_bpc"], facts["val_step"] = entry["val_bpc"], entry["step"]
     return facts
 
 

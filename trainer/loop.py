@@ -20,7 +20,7 @@ from data.shards import ShardReader, load_manifest, tokenizer_of
 from data.tokenizer import Tokenizer
 from model import GPT
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .config import Config
 from .distributed import (
     Node,
@@ -212,7 +212,7 @@ class Trainer:
         manifest = ensure_data(cfg, node)
         self.tokenizer = tokenizer_of(manifest)
         cfg.model.vocab_size = self.tokenizer.vocab_size
-        shared = shared_between_nodes(checkpoint.checkpoint_dir(cfg.run_dir), node)
+        shared = shared_between_nodes(rundir.checkpoints(cfg.run_dir), node)
         writes_files = node.writes(shared)  # this disk's `latest`, meta.json, conversions, pruning
         # decided by rank 0, checked by every rank on its own disk, before anything is built
         self.identity = {"preset": cfg.preset, "data_dir": cfg.data.dir, "data_digest": _manifest_digest(cfg.data.dir)}
@@ -270,7 +270,7 @@ class Trainer:
         flops_token = flops_per_token(cfg.model, params - cfg.model.embedding_params())
         peak, peak_source = peak_flops(self.engine.device, cfg.precision)
         if rank == 0:
-            OmegaConf.save(OmegaConf.structured(cfg), self.run_dir / "config.yaml")
+            OmegaConf.save(OmegaConf.structured(cfg), rundir.config_path(self.run_dir))
             print(f"model: {params / 1e6:.2f}M parameters (12·L·d² + embeddings = "
                   f"{cfg.model.approx_params() / 1e6:.2f}M) | ranks: {world} | ZeRO-{cfg.deepspeed.stage} "
                   f"{cfg.precision} {cfg.train.optimizer} | data: {manifest['splits']['train']['tokens']:,} train "

@@ -2,10 +2,10 @@
 MetricsWriter (the trackers themselves are in trackers.py and wandb_writer.py)."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from . import rundir
 from .trackers import JsonlWriter, TensorBoardWriter, Writer
 
 
@@ -69,11 +69,8 @@ class MetricsWriter(Writer):
 def last_logged(run_dir, name: str, up_to_step: int) -> float:
     """The last value of `name` in metrics.jsonl at or before a step (0 if none): what an interrupted
     run had counted, such as the dollars spent."""
-    path = Path(run_dir) / "metrics.jsonl"
     value = 0.0
-    if path.exists():
-        for line in path.read_text().splitlines():
-            entry = json.loads(line) if line.strip() else {}
-            if entry.get("step", up_to_step + 1) <= up_to_step and entry.get(name) is not None:
-                value = entry[name]
+    for entry in rundir.read_metrics(run_dir):
+        if entry.get("step", up_to_step + 1) <= up_to_step and entry.get(name) is not None:
+            value = entry[name]
     return value

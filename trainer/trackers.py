@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import rundir
+
 # every logged value's name -> its tag in TensorBoard and wandb (metrics.jsonl keeps the names)
 TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
         "tokens_per_s": "perf/tokens_per_s", "step_time_s": "perf/step_time_s", "mfu": "perf/mfu",
@@ -34,11 +36,10 @@ class JsonlWriter(Writer):
     """metrics.jsonl: one JSON object per logged step."""
 
     def __init__(self, run_dir: Path, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = rundir.metrics_path(run_dir)
         if resume_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [entry for entry in rundir.read_metrics(run_dir) if entry.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
         elif self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")

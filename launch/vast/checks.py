@@ -8,16 +8,16 @@ import secrets
 import time
 from pathlib import Path
 
+from launch.cluster import env_problem
+from trainer import rundir
+
 RUN_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")   # the client keeps `-n NAME` only in [a-z0-9-]
 CONF_NAME = re.compile(r"[a-z0-9_]{1,64}")
 # Hydra overrides travel through two shells (ssh to node0, then pdsh to every node, where DeepSpeed
 # quotes only arguments holding a space): these characters are refused outright; the rest are quoted.
 OVERRIDE = re.compile(r"[A-Za-z0-9_+~][^\s;&|$`\\<>()!#'\"]*")
-ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-ENV_VALUE = re.compile(r"[A-Za-z0-9_./:,=+@%-]*")   # exported unquoted by DeepSpeed's ssh launchers
 REMOTE_DIR = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]*|/[A-Za-z0-9_./-]+")
 GPU_NAME = re.compile(r"[A-Za-z0-9_]{1,40}")
-TAG = re.compile(r"step[0-9]{8}")
 SAFE_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # what the laptop forwards to the nodes' environment when it is set there
@@ -88,16 +88,15 @@ def check_local_path(what: str, path: Path) -> Path:
 
 
 def check_tag(tag) -> str:
-    if not isinstance(tag, str) or not TAG.fullmatch(tag):
+    if not rundir.is_tag(tag):
         raise UnsafeInput(f"checkpoint tag {printable(repr(tag))} is not stepNNNNNNNN")
     return tag
 
 
 def check_env(env: dict[str, str]) -> dict[str, str]:
-    for key, value in env.items():
-        if not ENV_KEY.fullmatch(key) or not isinstance(value, str) or not ENV_VALUE.fullmatch(value):
-            raise UnsafeInput(f".deepspeed_env: {key}={value!r}: keys are shell names, values only "
-                              "letters, digits and _ . / : , = + @ % - (DeepSpeed exports them unquoted)")
+    problem = env_problem(env)
+    if problem:
+        raise UnsafeInput(problem)
     return env
 
 

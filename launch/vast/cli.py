@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from launch.cli import FlagParser
 from launch.vast import plan, recover
 from launch.vast.checks import (
     UnsafeInput,
@@ -33,7 +34,6 @@ from launch.vast.checks import (
     check_positive,
     check_remote_dir,
     check_run_name,
-    check_tag,
     new_run_name,
     printable,
 )
@@ -41,6 +41,7 @@ from launch.vast.commands import DEFAULT_IMAGE, Driver, Interrupted, Signals
 from launch.vast.provider import Provider, VastError, pick_offers
 from launch.vast.state import ROOT, DriverError, Phase, RunLock, RunState
 from launch.vast.transport import log
+from trainer import rundir
 from trainer.checksums import ChecksumError, verify
 
 COMMANDS = ["run", "up", "train", "status", "logs", "fetch", "down", "plan", "watch"]
@@ -51,8 +52,8 @@ def _env(name: str, default):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bash launch/vast_cluster.sh", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(prog="bash launch/vast_cluster.sh", description=__doc__.splitlines()[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="run", choices=COMMANDS)
     p.add_argument("--nodes", type=int, default=int(_env("NODES", 2)), help="machines (NODES)")
     p.add_argument("--gpus", type=int, default=int(_env("GPUS", 8)), help="GPUs per machine (GPUS)")
@@ -192,14 +193,11 @@ def check_config(conf: str, overrides: list[str], world_size: int):
     """The run's config composed here, as the nodes will compose it: an unknown key, a bad value or a
     batch the world size cannot split is one line now, not an error on the nodes after renting. Its
     model section is what bounds a fetch (a host's meta.json could claim any model)."""
-    from omegaconf import OmegaConf
+    from launch.cli import compose_config
+    from trainer.config import ConfigError
 
-    from launch.cli import CONF_DIR, compose
-    from trainer.config import ConfigError, register_presets, to_config
-
-    register_presets(CONF_DIR)
     try:
-        return to_config(OmegaConf.to_container(compose([f"conf={conf}", *overrides]), resolve=True), world_size)
+        return compose_config([f"conf={conf}", *overrides], world_size)
     except ConfigError as e:
         raise UnsafeInput(f"config error: {e} (checked here before renting)") from None
 
@@ -220,13 +218,15 @@ def check_resume(path: str) -> tuple[str, str]:
     if resolved.parent != (ROOT / "outputs").resolve():
         raise UnsafeInput(f"--resume {path!r}: expected outputs/RUN")
     run = check_run_name(resolved.name)
-    latest = resolved / "checkpoints" / "latest"
-    if not latest.is_file():
+    try:
+        tag = rundir.read_latest(rundir.checkpoints(resolved))
+    except rundir.RunDirError as e:
+        raise UnsafeInput(f"--resume {path}: {e}") from None
+    if tag is None:
         raise DriverError(f"--resume {path}: no checkpoints/latest (fetch it first: `bash launch/vast_cluster.sh "
                           f"fetch --run {run}`)")
-    tag = check_tag(latest.read_text().strip())
     try:
-        verify(resolved / "checkpoints" / tag)
+        verify(rundir.checkpoints(resolved) / tag)
     except ChecksumError as e:
         raise DriverError(f"--resume {path}: checkpoint {tag} is not complete: {e}") from None
     return run, tag

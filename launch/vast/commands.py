@@ -18,6 +18,7 @@ from launch.vast.provider import Provider, VastError
 from launch.vast.provision import GONE, Provisioner
 from launch.vast.state import DriverError, Phase, RunState
 from launch.vast.transport import Transport, log
+from trainer import rundir
 from trainer.checksums import ChecksumError
 
 DEFAULT_IMAGE = "pytorch/pytorch:2.6.0-cuda12.4-cudnn9-devel"   # torch 2.6: setup.py's torch>=2.6 keeps it
@@ -147,7 +148,7 @@ class Driver:
         s.phase = Phase.DOWN
         s.save()
         if s.fetched:
-            log(f"newest checkpoint here: outputs/{s.run}/checkpoints/{s.fetched}")
+            log(f"newest checkpoint here: {rundir.checkpoints(rundir.named(s.run)) / s.fetched}")
         if left:
             ids = " ".join(str(i) for i in s.live_ids())
             log(f"STILL BILLING after the teardown: {'; '.join(left)}. Run: bash launch/vast_cluster.sh down --run "
@@ -201,7 +202,7 @@ class Driver:
         """The command node0 runs detached. Overrides are quoted for pdsh's remote shell (inner) and for
         node0's shell (outer); check_override already refused what no quoting makes safe."""
         s = self.state
-        inner = [f"conf={s.conf}", f"run_dir=outputs/{s.run}", f"train.cost_per_hour={s.total_dph}",
+        inner = [f"conf={s.conf}", f"run_dir={rundir.named(s.run)}", f"train.cost_per_hour={s.total_dph}",
                  "resume=auto", *s.overrides]
         args = " ".join(shlex.quote(shlex.quote(o)) for o in inner)
         return (f'export PDSH_SSH_ARGS_APPEND="-F $HOME/.ssh/{s.run}_config"\n'
@@ -346,7 +347,7 @@ class Driver:
         recorded = s.work / "throughput.recorded"
         if recorded.exists() or not s.model:
             return
-        per_gpu = plan.measured_per_gpu(s.run_dir / "metrics.jsonl", s.nodes * s.gpus)
+        per_gpu = plan.measured_per_gpu(s.run_dir, s.nodes * s.gpus)
         if per_gpu is None:
             return
         train = s.model

@@ -11,11 +11,12 @@ import shutil
 import time
 from pathlib import Path
 
-from launch.vast.checks import SAFE_FILE, TAG, printable
+from launch.vast.checks import SAFE_FILE, printable
 from launch.vast.provision import LOST
 from launch.vast.state import DriverError, RunState
 from launch.vast.transport import Transport, log
-from trainer.checksums import META, ChecksumError, SizeBounds, size_bounds, verify, write_text_atomic
+from trainer import rundir
+from trainer.checksums import META, ChecksumError, SizeBounds, size_bounds, verify
 
 RUN_FILES_MAX_BYTES = 8 << 30   # metrics, logs, events and wandb files of one run: far below this
 
@@ -28,7 +29,7 @@ class Fetcher:
 
     @property
     def local(self) -> Path:
-        return self.state.run_dir / "checkpoints"
+        return rundir.checkpoints(self.state.run_dir)
 
     def everything(self, mark: bool) -> bool:
         """The run files and the newest checkpoint. True when both are here and verified; then, with
@@ -93,11 +94,11 @@ class Fetcher:
                 return True
             return False
         if s.fetched != tag:
-            write_text_atomic(self.local / "latest", tag)
+            rundir.atomic_write(self.local / rundir.LATEST, tag)
             s.fetched, s.fetch_failed = tag, None
             s.save()
             log(f"checkpoint {tag} fetched from {len(self.nodes())} nodes and verified: "
-                f"outputs/{s.run}/checkpoints/{tag}")
+                f"{rundir.checkpoints(rundir.named(s.run)) / tag}")
         return not failed or failed == lost
 
     def give_up_on(self, lost: list[int], tag: str) -> None:
@@ -114,9 +115,9 @@ class Fetcher:
                 log(f"node{k}: could not mark {tag} fetched ({e}): its guard waits out the grace period")
 
     def latest_on(self, k: int) -> str | None:
-        command = f"cat outputs/{self.state.run}/checkpoints/latest 2>/dev/null || true"
+        command = f"cat {rundir.checkpoints(rundir.named(self.state.run)) / rundir.LATEST} 2>/dev/null || true"
         tag = self.transport.run(k, self.transport.in_dir(command)).stdout.decode(errors="replace").strip()
-        if tag and not TAG.fullmatch(tag):
+        if tag and not rundir.is_tag(tag):
             raise DriverError(f"node{k}: its checkpoints/latest names {printable(tag[:80])!r}, not a checkpoint")
         return tag or None
 
@@ -139,7 +140,7 @@ class Fetcher:
             received.append(parts[1])
             return copy_stream(source, staging / parts[1])
 
-        command = self.transport.in_dir(f"tar -cf - -C outputs/{self.state.run}/checkpoints {tag}")
+        command = self.transport.in_dir(f"tar -cf - -C {rundir.checkpoints(rundir.named(self.state.run))} {tag}")
         total = bounds.total if bounds else self.args.fetch_max_gb * (1 << 30)
         self.transport.receive(k, command, accept, total)
         target = self.local / tag

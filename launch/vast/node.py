@@ -1,6 +1,7 @@
 """The node side of the rented-cluster driver, run on every rented node over ssh from the project
-folder with the image's python3: standard library only and no project imports, since it runs as a
-script before `make setup`. `python3 launch/vast/node.py CMD --run RUN ...`, CMD one of:
+folder with the image's python3 before `make setup`: the standard library, and of the project only
+modules that need nothing more (trainer/rundir.py, launch/cli.py).
+`python3 launch/vast/node.py CMD --run RUN ...`, CMD one of:
 
     start --cmd-file F       run F's bash command detached; record its pid, the pid's start time, its exit code
     status [--log-from N]    training's state, last metrics, latest checkpoint, log text from byte N
@@ -35,13 +36,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a script: the project folder is not on the path
+from launch.cli import FlagParser  # noqa: E402
+from trainer import rundir  # noqa: E402
+
 RUN_NAME = re.compile(r"(?=[a-z0-9-]*[a-z])[a-z0-9][a-z0-9-]{0,62}")   # with a letter
-TAG = re.compile(r"step[0-9]{8}")
 INSTANCE = re.compile(r"[1-9][0-9]{0,17}")
 OFFSET = re.compile(r"[0-9]{1,18}")
 API_URL = re.compile(r"https?://[^\s/?#]+\S*")
 NO_CHECKPOINT = "none"   # what `fetched` says when the laptop holds the run's files and there is no checkpoint
-FETCHED = re.compile(r"step[0-9]{8}|none")
+FETCHED = re.compile(f"{rundir.TAG.pattern}|{NO_CHECKPOINT}")
 KEY_VAR = "CONTAINER_API_KEY"   # the key vast.ai scopes to this one instance (start, stop, destroy)
 NO_KEY = "no CONTAINER_API_KEY in this container: cannot destroy itself"
 BAD_KEY = "CONTAINER_API_KEY in this container is not printable ASCII: cannot destroy itself"
@@ -52,19 +56,9 @@ CHUNK = 65536            # bytes of log per status; of metrics.jsonl's tail; of 
 
 # --- files ---------------------------------------------------------------------------------------------
 def cluster_dir(run: str) -> Path:
-    path = Path("outputs") / run / "cluster"
+    path = rundir.named(run) / "cluster"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """A reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read(path: Path, parse=str):
@@ -76,9 +70,10 @@ def read(path: Path, parse=str):
 
 
 def latest_tag(run: str) -> str | None:
-    path = Path("outputs") / run / "checkpoints" / "latest"
-    tag = read(path)
-    return tag if tag and TAG.fullmatch(tag) and (path.parent / tag).is_dir() else None
+    try:
+        return rundir.read_latest(rundir.checkpoints(rundir.named(run)))
+    except (OSError, ValueError):   # unreadable, or naming no checkpoint: none to report
+        return None
 
 
 # --- processes ------------------------------------------------------------------------------------------
@@ -144,9 +139,9 @@ def start(opts) -> dict:
         proc = subprocess.Popen(["bash", "-c", wrapper, "train", str(command), str(exit_file)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     # Our child is readable (a zombie at worst) while we run. Start time first: no pid without one.
-    write_atomic(work / "train.pidstart", start_time(proc.pid) or "")
-    write_atomic(work / "train.pid", str(proc.pid))
-    write_atomic(work / "train.started", repr(time.time()))
+    rundir.atomic_write(work / "train.pidstart", start_time(proc.pid) or "")
+    rundir.atomic_write(work / "train.pid", str(proc.pid))
+    rundir.atomic_write(work / "train.started", repr(time.time()))
     return {"started": True, "pid": proc.pid}
 
 
@@ -161,28 +156,12 @@ def read_log(path: Path, offset: int) -> tuple[str, int, int]:
     return data.decode(errors="replace"), min(offset, size) + len(data), size
 
 
-def last_metrics(path: Path) -> dict | None:
-    """The last metrics.jsonl line that holds a loss; the trainer may be writing the last line now."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(max(0, size - CHUNK))
-            lines = f.read().split(b"\n")
-    except OSError:
-        return None
-    for line in reversed(lines[1:] if size > CHUNK else lines):   # the first may be cut
-        with contextlib.suppress(ValueError):
-            entry = json.loads(line)
-            if isinstance(entry, dict) and "loss" in entry:
-                return entry
-    return None
-
-
 def status(opts) -> dict:
-    work, run_dir = cluster_dir(opts.run), Path("outputs") / opts.run
+    work, run_dir = cluster_dir(opts.run), rundir.named(opts.run)
     log, log_end, log_size = read_log(work / "train.log", opts.log_from)
-    steps = re.search(r"^\s*max_steps:\s*(\d+)\s*$", read(run_dir / "config.yaml") or "", re.M)
-    return {**training(opts.run), "metrics": last_metrics(run_dir / "metrics.jsonl"),
+    steps = re.search(r"^\s*max_steps:\s*(\d+)\s*$", read(rundir.config_path(run_dir)) or "", re.M)
+    losses = [entry for entry in rundir.read_metrics(run_dir, tail=CHUNK) if "loss" in entry]
+    return {**training(opts.run), "metrics": losses[-1] if losses else None,
             "latest": latest_tag(opts.run), "log": log, "log_end": log_end, "log_size": log_size,
             "max_steps": int(steps.group(1)) if steps else None,
             "started": read(work / "train.started", float),
@@ -200,13 +179,13 @@ def stop(opts) -> dict:
 def fetched(opts) -> dict:
     path = cluster_dir(opts.run) / "fetched"
     held = read(path)
-    if not (held and TAG.fullmatch(held) and held > opts.tag):   # a late, older report moves nothing back
-        write_atomic(path, opts.tag)
+    if not (rundir.is_tag(held) and held > opts.tag):   # a late, older report moves nothing back
+        rundir.atomic_write(path, opts.tag)
     return {"fetched": opts.tag}
 
 
 def training_started(opts) -> dict:
-    write_atomic(cluster_dir(opts.run) / "training-started", repr(now := time.time()))
+    rundir.atomic_write(cluster_dir(opts.run) / "training-started", repr(now := time.time()))
     return {"training_started": now}
 
 
@@ -292,7 +271,7 @@ def wait_for_fetch(opts, tag: str | None, interrupted=lambda: False) -> str:
     path, deadline = cluster_dir(opts.run) / "fetched", time.time() + opts.grace
     while True:
         held = read(path)
-        if held and (held == NO_CHECKPOINT if tag is None else TAG.fullmatch(held) and held >= tag):
+        if held and (held == NO_CHECKPOINT if tag is None else rundir.is_tag(held) and held >= tag):
             return "fetched"
         if interrupted():
             return "restarted"
@@ -349,7 +328,7 @@ def watch(opts, record: dict) -> None:
     while True:
         if time.time() >= record["cap_at"]:
             record.update(event="cap", **spent(opts))
-            write_atomic(guard_file, json.dumps(record))
+            rundir.atomic_write(guard_file, json.dumps(record))
             note(f"cap reached after {record['hours']} h (${record['usd']}): the ranks save")
             record.update(stop_training(opts))
             record["checkpoint"] = latest_tag(opts.run)
@@ -358,14 +337,14 @@ def watch(opts, record: dict) -> None:
         ended = progress.ended()
         if ended is not None:
             record.update(event="ended", **ended, **spent(opts))
-            write_atomic(guard_file, json.dumps(record))
+            rundir.atomic_write(guard_file, json.dumps(record))
             note(f"training ended ({ended['state']}, exit {ended['exit']}): waiting for the fetch")
             record["checkpoint"] = latest_tag(opts.run)
             record["fetch"] = wait_for_fetch(opts, record["checkpoint"], progress.restarted)
             if record["fetch"] != "restarted":
                 return
             record.update(event="armed", restarted=time.time())
-            write_atomic(guard_file, json.dumps(record))
+            rundir.atomic_write(guard_file, json.dumps(record))
             note("training runs again: watching it")
         time.sleep(opts.poll)
 
@@ -376,12 +355,12 @@ def guard(opts) -> dict:
     record = {"event": "armed", "instance": opts.instance, "pid": os.getpid(), "armed": time.time(),
               "cap_at": opts.started + min(opts.max_hours, usd_hours) * 3600,   # hours or dollars, the first
               "can_destroy": key is not None, "result": why_not}
-    write_atomic(work / "guard.json", json.dumps(record))
+    rundir.atomic_write(work / "guard.json", json.dumps(record))
     note(f"armed for instance {opts.instance}: cap at {time.ctime(record['cap_at'])}; {why_not or 'key found'}")
     watch(opts, record)
     record["fetched"] = record["fetch"] == "fetched"
     record["destroyed"], record["result"] = destroy(opts, key, why_not)
-    write_atomic(work / "guard.json", json.dumps(record))
+    rundir.atomic_write(work / "guard.json", json.dumps(record))
     note(f"destroyed instance {opts.instance}" if record["destroyed"] else f"NOT destroyed: {record['result']}")
     return record
 
@@ -418,7 +397,7 @@ def detach(opts, lock: int) -> dict:
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *guard_argv(opts, lock)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                 start_new_session=True, pass_fds=(lock,))
-    write_atomic(work / "guard.pid", str(proc.pid))
+    rundir.atomic_write(work / "guard.pid", str(proc.pid))
     return {"guard": proc.pid}
 
 
@@ -428,16 +407,11 @@ def guard_command(opts) -> dict:
         return {"guard": read(cluster_dir(opts.run) / "guard.pid", int), "already_running": True}
     if opts.detach:
         return detach(opts, lock)
-    write_atomic(cluster_dir(opts.run) / "guard.pid", str(os.getpid()))
+    rundir.atomic_write(cluster_dir(opts.run) / "guard.pid", str(os.getpid()))
     return guard(opts)
 
 
 # --- command line -----------------------------------------------------------------------------------------
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):   # one line on stderr, exit 2: the driver shows it as it is
-        self.exit(2, f"{self.prog}: {' '.join(message.split())}\n")
-
-
 def matching(pattern: re.Pattern, what: str, convert=str):
     def check(text: str):
         if not pattern.fullmatch(text):
@@ -458,8 +432,8 @@ def number(positive: bool = False):
     return check
 
 
-def parser() -> Parser:
-    p = Parser(prog="python3 launch/vast/node.py")
+def parser() -> FlagParser:   # errors: one line on stderr, exit 2: the driver shows it as it is
+    p = FlagParser(prog="python3 launch/vast/node.py")
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("start", "status", "stop", "fetched", "training-started", "guard"):
         sub.add_parser(name).add_argument("--run", required=True, type=matching(RUN_NAME, "a run name"))

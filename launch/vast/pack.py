@@ -3,10 +3,10 @@ the project folder on a node, writes to stdout a tar of outputs/RUN without its 
 fetched on their own, verified against meta.json): metrics.jsonl, config.yaml, tensorboard/, wandb/
 and cluster/ (the node's logs and guard record); with --cluster-only, cluster/ alone. Each file is
 read once and its sha256 and size go into a last member, `.manifest.json`, so the laptop checks what
-arrived against exactly what was sent, while the files still grow. Standard library only."""
+arrived against exactly what was sent, while the files still grow. Standard library only, and of the
+project only modules that need nothing more (trainer/rundir.py, launch/cli.py), as node.py."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -15,6 +15,10 @@ import re
 import sys
 import tarfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a script: the project folder is not on the path
+from launch.cli import FlagParser  # noqa: E402
+from trainer import rundir  # noqa: E402
 
 RUN_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")   # what the laptop accepts as a path part
@@ -26,7 +30,7 @@ def files_to_send(run_dir: Path, cluster_only: bool) -> list[str]:
     names = []
     for folder, dirs, files in os.walk(top):
         rel = Path(folder).relative_to(run_dir)
-        dirs[:] = sorted(d for d in dirs if NAME.fullmatch(d) and not (rel == Path(".") and d == "checkpoints"))
+        dirs[:] = sorted(d for d in dirs if NAME.fullmatch(d) and not (rel == Path(".") and d == rundir.CHECKPOINTS))
         for name in sorted(files):
             path = Path(folder) / name
             if NAME.fullmatch(name) and path.is_file() and not path.is_symlink():
@@ -35,7 +39,7 @@ def files_to_send(run_dir: Path, cluster_only: bool) -> list[str]:
 
 
 def pack(run: str, cluster_only: bool, out) -> None:
-    run_dir = Path("outputs") / run
+    run_dir = rundir.named(run)
     manifest = {}
     with tarfile.open(fileobj=out, mode="w|") as tar:
         for name in files_to_send(run_dir, cluster_only):
@@ -56,7 +60,7 @@ def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 launch/vast/pack.py")
+    p = FlagParser(prog="python3 launch/vast/pack.py")
     p.add_argument("--run", required=True)
     p.add_argument("--cluster-only", action="store_true")
     opts = p.parse_args(argv)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer import rundir
 from trainer.peaks import gpu_peak
 
 DATA = Path(__file__).with_name("throughput.json")
@@ -162,18 +163,11 @@ def record(row: Measured) -> Path:
     return path
 
 
-def measured_per_gpu(metrics_path: Path, world: int) -> float | None:
+def measured_per_gpu(run_dir: Path, world: int) -> float | None:
     """The median tokens/s per GPU over the second half of a run's logged steps (the first half holds
     the compile, the warm-up and the data loader's start); None without enough of them."""
-    rates = []
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and isinstance(entry.get("tokens_per_s"), (int, float)):
-                rates.append(float(entry["tokens_per_s"]))
+    rates = [float(entry["tokens_per_s"]) for entry in rundir.read_metrics(run_dir)
+             if isinstance(entry.get("tokens_per_s"), (int, float))]
     if len(rates) < 2:
         return None
     return statistics.median(rates[len(rates) // 2:]) / world

@@ -15,6 +15,7 @@ from launch.vast.checks import FORWARDED_SECRETS, UnsafeInput, check_env, instan
 from launch.vast.provider import Provider, VastError, pick_offers
 from launch.vast.state import ROOT, DriverError, Instance, Phase, RunState
 from launch.vast.transport import Transport, log, tar_bytes
+from trainer import rundir
 
 # actual_status values of a node that is not coming back by itself (vast.ai's documented states)
 GONE = {"exited", "stopped", "offline", "unknown"}
@@ -212,9 +213,8 @@ class Provisioner:
     def upload_checkpoint(self) -> None:
         """Every file of the checkpoint to every node: each converts it for this world size itself."""
         s = self.state
-        source = s.run_dir / "checkpoints"
-        data = tar_bytes({s.resume: source / s.resume, "latest": source / "latest"})
-        target = f"outputs/{s.run}/checkpoints"
+        source, target = rundir.checkpoints(s.run_dir), rundir.checkpoints(rundir.named(s.run))
+        data = tar_bytes({s.resume: source / s.resume, rundir.LATEST: source / rundir.LATEST})
 
         def one(k: int):
             self.transport.run(k, self.transport.in_dir(f"mkdir -p {target} && tar -xf - -C {target}"), stdin=data,

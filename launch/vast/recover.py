@@ -13,6 +13,7 @@ from launch.vast.provider import VastError, pick_offers
 from launch.vast.provision import GONE
 from launch.vast.state import Phase
 from launch.vast.transport import log, tar_bytes
+from trainer import rundir
 
 PREEMPTED = {"stopped", "exited"}   # vast.ai's states of an outbid interruptible instance
 
@@ -178,7 +179,7 @@ def history(driver, event: dict) -> None:
     """The preemption in metrics.jsonl and TensorBoard here, at the step training resumes from (the
     trainer keeps what was logged up to there and appends); node0 gets them before training starts."""
     s = driver.state
-    metrics = s.run_dir / "metrics.jsonl"
+    metrics = rundir.metrics_path(s.run_dir)
     record = {"step": event["resumed_from"], "event": "preemption", "at": event["at"],
               "preempted_step": event["step"], "lost_steps": event["lost_steps"], "lost_s": event["lost_s"],
               "recovery_s": event["recovery_s"], "recovery_usd": event["recovery_usd"]}
@@ -186,10 +187,10 @@ def history(driver, event: dict) -> None:
     with open(metrics, "a") as f:
         f.write(json.dumps(record) + "\n")
     tensorboard(s.run_dir / "tensorboard", event)
-    files = {name: s.run_dir / name for name in ("metrics.jsonl", "tensorboard") if (s.run_dir / name).exists()}
+    files = {name: s.run_dir / name for name in (rundir.METRICS, "tensorboard") if (s.run_dir / name).exists()}
     if not files:
         return
-    target = f"outputs/{s.run}"
+    target = rundir.named(s.run)
     driver.transport.run(0, driver.transport.in_dir(f"mkdir -p {target} && tar -xf - -C {target}"),
                          stdin=tar_bytes(files), timeout=600)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch.vast.checks import check_run_name
-from trainer.checksums import write_text_atomic
+from trainer.rundir import atomic_write
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -112,7 +112,7 @@ class RunState:
         data = dataclasses.asdict(self)
         data["phase"] = self.phase.value
         self.work.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.work / "state.json", json.dumps(data, indent=1))
+        atomic_write(self.work / "state.json", json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, run: str) -> RunState:

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.getcwd())   # the node's copy of the project
-from trainer.checksums import verify, write_text_atomic  # noqa: E402
+from trainer.checksums import verify  # noqa: E402
+from trainer.rundir import atomic_write  # noqa: E402
 
 args = sys.argv[1:]
 settings = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("--"))
@@ -50,7 +51,7 @@ signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal="SIGTERM", at=time
 
 def agree(step: int, flag: bool) -> bool:
     """Every node's flag for `step`; True when any is set (an all-reduce, through files)."""
-    write_text_atomic(sync / f"{step}.{node}", "1" if flag else "0")  # a peer never reads a half-written mark
+    atomic_write(sync / f"{step}.{node}", "1" if flag else "0")  # a peer never reads a half-written mark
     deadline = time.time() + 120
     while True:
         marks = [sync / f"{step}.{k}" for k in range(nodes)]
@@ -88,8 +89,8 @@ def save(step: int):
             "files": {n: [sums(b)] for n, b in sorted(every.items())}}
     meta["files"]["mp_rank_00_model_states.pt"] = [sums(contents(step, k)["mp_rank_00_model_states.pt"])
                                                    for k in range(nodes)]
-    write_text_atomic(tag_dir / "meta.json", json.dumps(meta, indent=1))
-    write_text_atomic(run_dir / "checkpoints" / "latest", tag)
+    atomic_write(tag_dir / "meta.json", json.dumps(meta, indent=1))
+    atomic_write(run_dir / "checkpoints" / "latest", tag)
     print(f"node {node}: saved checkpoint {tag}", flush=True)
 
 
