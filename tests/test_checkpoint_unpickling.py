@@ -43,6 +43,17 @@ class Call:
         return self.func, self.args
 
 
+class Rebuilt(Call):
+    """Unpickling this calls func(*args), then sets `state` on what it returned (pickle's BUILD)."""
+
+    def __init__(self, func, args, state):
+        super().__init__(func, args)
+        self.state = state
+
+    def __reduce__(self):
+        return self.func, self.args, self.state
+
+
 def _nested(marker: Path):
     """A payload inside a type the allowlist lets through (DeepSpeed's loss scaler)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
@@ -80,10 +91,15 @@ def test_an_enum_pickled_by_name_as_python_3_11_2_writes_it_loads(tmp_path):
 
     torch.save({"zero_stage": Call(getattr, (ZeroStageEnum, "optimizer_states"))}, tmp_path / "by_name.pt")
     torch.save({"x": Call(getattr, (ZeroStageEnum, "__class__"))}, tmp_path / "other.pt")
+    torch.save({"x": Call(getattr, (ZeroStageEnum, "weights", None))}, tmp_path / "three.pt")
+    # a member with state: torch's BUILD would set it on the process's one ZeroStageEnum.optimizer_states
+    torch.save({"x": Rebuilt(ZeroStageEnum, (1,), {"_value_": 3, "_name_": "weights"})}, tmp_path / "build.pt")
     with checkpoint_files_are_data():
         assert torch.load(tmp_path / "by_name.pt")["zero_stage"] is ZeroStageEnum.optimizer_states
-        with pytest.raises(CheckpointError, match="other.pt: holds"):
-            torch.load(tmp_path / "other.pt")
+        for name in ("other.pt", "three.pt", "build.pt"):
+            with pytest.raises(CheckpointError, match=f"{name}: holds"):
+                torch.load(tmp_path / name)
+    assert (ZeroStageEnum(1).name, ZeroStageEnum.optimizer_states.value) == ("optimizer_states", 1)
 
 
 def overrides(preset: str, stage: int, run_dir: Path, data_dir: Path, *extra: str) -> list[str]:

@@ -394,3 +394,23 @@ def test_resume_on_fresh_nodes_with_another_node_count(world):
     assert tag == "step00000008" and meta["world_size"] == 6
     assert (world.node_run(new[1]) / "checkpoints" / "step00000004" / "universal").is_dir()   # made on the node
     world.assert_clean(second.stderr)
+
+
+def test_a_node_read_unknown_once_is_waited_for_and_one_gone_is_given_up(world):
+    """node1 cannot be fetched. At `down`, one listing says `unknown` and the next `running`: a transient
+    state, so nothing is destroyed (exit 4). When it reads `offline` in every fresh listing, its machine
+    is gone with its share: everything is destroyed, the last good checkpoint named, exit 1 (never 0)."""
+    world.api.node_faults[2] = {"fail": "tar -cf", "times": -1}
+    proc = world.driver(*world.args(steps=4))
+    assert proc.returncode == 4, (proc.stdout + proc.stderr)[-3000:]
+    world.api.instances[5002]["_sequence"] = ["unknown", "running"]
+    again = world.driver("down", "--run", world.run_name)
+    assert again.returncode == 4 and world.api.destroyed() == [], (again.stdout + again.stderr)[-3000:]
+    world.api.instances[5002]["_sequence"] = ["offline"]
+    gone = world.driver("down", "--run", world.run_name)
+    out = gone.stdout + gone.stderr
+    assert gone.returncode == 1, out[-3000:]
+    assert sorted(world.api.destroyed()) == [5001, 5002] and world.api.alive() == []
+    assert "node1 (instance 5002, offline): its machine is gone" in out and "work lost with instances [5002]" in out
+    assert world.state()["lost_work"]["nodes"] == [5002]
+    world.assert_clean(out)

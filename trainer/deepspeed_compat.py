@@ -186,10 +186,8 @@ def checkpoint_files_are_data():
     # DeepSpeed's types can only be in files DeepSpeed reads: sampling a ZeRO 0-2 checkpoint reads its
     # model states itself, without importing DeepSpeed (1.5 s), and those hold none
     allowed = deepspeed_checkpoint_types() if "deepspeed" in sys.modules else []
-    # CPython 3.11.0-3.11.4 (Debian 12's python3, and the images built on it) pickle an enum member as
-    # getattr(Enum, "NAME"): under that name, a lookup of a member of an allowed enum and nothing else
     enums = [t for t in allowed if isinstance(t, type) and issubclass(t, enum.Enum)]
-    guarded = [*allowed, (_enum_member_lookup(enums), "builtins.getattr")] if enums else allowed
+    guarded = [t for t in allowed if t not in enums] + _enum_guards(enums)
     load = torch.load
 
     def weights_only_load(f, *args, **kwargs):
@@ -209,13 +207,28 @@ def checkpoint_files_are_data():
         torch.load = load
 
 
-def _enum_member_lookup(enums: list[type]):
-    def enum_member(cls, name):
-        if cls not in enums or not isinstance(name, str) or name not in cls.__members__:
-            raise pickle.UnpicklingError(f"getattr({getattr(cls, '__name__', type(cls).__name__)}, {name!r}) "
-                                         "is not a member of an allowed enum")
-        return cls[name]
-    return enum_member
+def _enum_guards(enums: list[type]) -> list[tuple]:
+    """What an allowed enum's names resolve to while a checkpoint unpickles: the enum's own name to a
+    lookup by value, never the class itself (torch would then let the file's BUILD rewrite a member's
+    attributes, for the whole process); and `builtins.getattr`, which CPython 3.11.0-3.11.4 (Debian 12's
+    python3, and images built on it) write for a member, to a lookup by name of those enums only."""
+    stand_ins = []
+    for cls in enums:
+        def by_value(value, cls=cls):
+            try:
+                return cls(value)
+            except (ValueError, TypeError):
+                raise pickle.UnpicklingError(f"{value!r} is not a value of {cls.__name__}") from None
+        stand_ins.append((by_value, cls))
+
+    def enum_member(*args):
+        cls = next((c for f, c in stand_ins if len(args) == 2 and f is args[0]), None)
+        if cls is None or not isinstance(args[1], str) or args[1] not in cls.__members__:
+            raise pickle.UnpicklingError("getattr of something else than an allowed enum's member")
+        return cls[args[1]]
+
+    guards = [(f, f"{c.__module__}.{c.__qualname__}") for f, c in stand_ins]
+    return [*guards, (enum_member, "builtins.getattr")] if guards else []
 
 
 def _refused_type(f, error: Exception) -> str:

@@ -15,7 +15,7 @@ from launch.vast import plan
 from launch.vast.checks import UnsafeInput, check_tag, printable
 from launch.vast.fetch import Fetcher
 from launch.vast.provider import Provider, VastError
-from launch.vast.provision import GONE, Provisioner
+from launch.vast.provision import GONE, LOST, Provisioner
 from launch.vast.state import DriverError, Phase, RunState
 from launch.vast.transport import Transport, log
 from trainer import rundir
@@ -125,8 +125,9 @@ class Driver:
             outcome.code = self.finish(force=False) or outcome.code
 
     def finish(self, force: bool) -> int:
-        """Fetch, destroy, confirm by listing, one verdict. 0: nothing is left; 4: kept, because work on
-        the nodes is not here (`down --force` gives it up); 3: something survives, named."""
+        """Fetch, destroy, confirm by listing, one verdict. 0: nothing is left; 1: nothing is left, but a
+        machine that is gone took its share of the newest checkpoint; 4: kept, because work on the nodes is
+        not here (`down --force` gives it up); 3: something survives, named."""
         s = self.state
         if not s.paid:
             s.phase = Phase.DOWN
@@ -149,6 +150,10 @@ class Driver:
         s.save()
         if s.fetched:
             log(f"newest checkpoint here: {rundir.checkpoints(rundir.named(s.run)) / s.fetched}")
+        if s.lost_work:
+            log(f"work lost with instances {s.lost_work['nodes']}: {s.lost_work['newest']} could not be completed; "
+                f"resume from {s.lost_work['last_good'] or 'the start'}: bash launch/vast_cluster.sh run --resume "
+                f"outputs/{s.run} ...", out=True)
         if left:
             ids = " ".join(str(i) for i in s.live_ids())
             log(f"STILL BILLING after the teardown: {'; '.join(left)}. Run: bash launch/vast_cluster.sh down --run "
@@ -156,7 +161,7 @@ class Driver:
                 + "; check https://cloud.vast.ai/instances/")
             return 3
         log(f"every instance of run {s.run} is destroyed (confirmed: the listing no longer shows them)")
-        return 0
+        return 1 if s.lost_work else 0
 
     def guards_end(self) -> str:
         """When the nodes' guards destroy them by themselves, in words."""
@@ -169,10 +174,31 @@ class Driver:
 
     def fetch_for_teardown(self) -> bool:
         try:
-            return self.fetcher.everything(mark=True)
+            if self.fetcher.everything(mark=True):
+                return True
+            lost = self.lost_nodes()
+            return bool(lost) and self.fetcher.everything(mark=True, lost=tuple(lost))
         except Exception as e:  # noqa: BLE001 - any failure here is a failed fetch, never the end of the teardown
             log(f"fetch failed: {type(e).__name__}: {e}")
             return False
+
+    def lost_nodes(self) -> list[int]:
+        """Nodes whose machine is gone with its disk: listed exited, offline or unknown (or no more) in
+        `confirm_polls` fresh listings, `poll` apart. Waiting for them would keep every other node billing
+        for files that cannot come back; a failed listing confirms nothing."""
+        s = self.state
+
+        def gone() -> list[int]:
+            return [k for k, i in enumerate(s.node_ids()) if (inst := s.instance(i)) is not None
+                    and (inst.destroyed or inst.status in LOST)]
+
+        lost = gone()
+        for _ in range(self.args.confirm_polls if lost else 0):
+            time.sleep(self.args.poll)
+            if self.provisioner.refresh() is None:
+                return []
+            lost = [k for k in lost if k in gone()]
+        return lost
 
     # --- up, train ------------------------------------------------------------------------------------------
     def up(self) -> None:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from launch.vast.checks import SAFE_FILE, printable
-from launch.vast.provision import LOST
 from launch.vast.state import DriverError, RunState
 from launch.vast.transport import Transport, log
 from trainer import rundir
@@ -26,32 +25,29 @@ class Fetcher:
         self.state = state
         self.transport = transport
         self.args = args
+        self.lost: set[int] = set()
 
     @property
     def local(self) -> Path:
         return rundir.checkpoints(self.state.run_dir)
 
-    def everything(self, mark: bool) -> bool:
+    def everything(self, mark: bool, lost: tuple[int, ...] = ()) -> bool:
         """The run files and the newest checkpoint. True when both are here and verified; then, with
         `mark`, the nodes are told so: once training has ended, that mark lets their guards destroy them
-        without waiting out the grace period, so it comes last, and only from the teardown."""
+        without waiting out the grace period, so it comes last, and only from the teardown. `lost`: nodes
+        whose machines are gone (confirmed by the caller): not asked, and their share not waited for."""
+        self.lost = set(lost)
         files = self.run_files()
         complete = self.checkpoint() and files
         if complete and mark:
             self.mark_fetched(self.state.fetched or "none")   # "none": the run's files, and no checkpoint yet
         return complete
 
-    def lost(self, k: int) -> bool:
-        """Node k's machine is gone with its disk (the last listing says exited, offline or unknown): what
-        it held cannot be fetched, and waiting for it keeps every other node billing."""
-        inst = self.state.instance(self.state.node_ids()[k])
-        return inst is not None and inst.status in LOST
-
     def nodes(self) -> list[int]:
-        """The nodes (by index, node0 first) whose instances still exist: a node its guard destroyed has
-        nothing more to give."""
+        """The nodes (by index, node0 first) whose instances still exist and are not lost: a node its guard
+        destroyed has nothing more to give."""
         destroyed = {i.id for i in self.state.instances if i.destroyed}
-        return [k for k, inst in enumerate(self.state.node_ids()) if inst not in destroyed]
+        return [k for k, inst in enumerate(self.state.node_ids()) if inst not in destroyed and k not in self.lost]
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def checkpoint(self) -> bool:
@@ -82,15 +78,14 @@ class Fetcher:
 
     def accept(self, tag: str, failed: list[int]) -> bool:
         s = self.state
-        lost = [k for k in failed if self.lost(k)]
         try:
             verify(self.local / tag)
         except ChecksumError as e:
             log(f"checkpoint {tag} is not complete here: {e}" + (f" (nodes {failed} failed)" if failed else ""))
             s.fetch_failed = tag
             s.save()
-            if lost and lost == failed:
-                self.give_up_on(lost, tag)
+            if self.lost and not failed:   # what is missing went with the lost machines
+                self.give_up_on(tag)
                 return True
             return False
         if s.fetched != tag:
@@ -99,10 +94,13 @@ class Fetcher:
             s.save()
             log(f"checkpoint {tag} fetched from {len(self.nodes())} nodes and verified: "
                 f"{rundir.checkpoints(rundir.named(s.run)) / tag}")
-        return not failed or failed == lost
+        return not failed
 
-    def give_up_on(self, lost: list[int], tag: str) -> None:
+    def give_up_on(self, tag: str) -> None:
         s = self.state
+        lost = sorted(self.lost)
+        s.lost_work = {"nodes": [s.node_ids()[k] for k in lost], "newest": tag, "last_good": s.fetched}
+        s.save()
         names = ", ".join(f"node{k} (instance {s.node_ids()[k]}, {s.instance(s.node_ids()[k]).status})" for k in lost)
         log(f"{names}: its machine is gone, and its share of {tag} with it: the newest checkpoint that can be "
             f"brought home is {s.fetched or 'none'}", out=True)
@@ -170,7 +168,7 @@ class Fetcher:
                 self.with_retries(f"node{k}: run files", lambda k=k: self.run_files_from(k))
             except DriverError as e:
                 log(f"node{k}: fetching the run files failed: {e}")
-                ok = ok and self.lost(k)   # a lost node's logs are lost with it
+                ok = False
         return ok
 
     def run_files_from(self, k: int) -> None:

@@ -4,6 +4,7 @@ destroyed only when a listing no longer shows it."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -150,9 +151,13 @@ class Provisioner:
     def full_disk(self, k: int) -> str | None:
         """After a failed set-up: one line when node k's disk is full (its own logs of the failure may be
         cut short for that very reason), else None."""
-        probe = self.transport.run(k, f"df -Pk {shlex.quote(self.state.remote_dir)} | tail -n 1", check=False)
+        try:
+            probe = self.transport.run(k, f"df -Pk {shlex.quote(self.state.remote_dir)} | tail -n 1", timeout=30,
+                                       check=False)
+        except DriverError:   # the set-up's own error is reported instead
+            return None
         fields = probe.stdout.decode(errors="replace").split()
-        if probe.returncode != 0 or len(fields) < 6 or not (fields[1].isdigit() and fields[3].isdigit()):
+        if probe.returncode != 0 or len(fields) < 6 or not all(re.fullmatch(r"[0-9]{1,20}", f) for f in fields[1:4]):
             return None
         size_mb, free_mb = int(fields[1]) / 1024, int(fields[3]) / 1024
         if free_mb > max(16.0, size_mb * 0.01):

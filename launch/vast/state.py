@@ -83,6 +83,7 @@ class RunState:
     seen_latest: str | None = None       # newest checkpoint a node reported
     fetched: str | None = None           # newest checkpoint here, verified
     fetch_failed: str | None = None
+    lost_work: dict | None = None   # nodes whose machine went with their share: {"nodes", "newest", "last_good"}
     outcome: str | None = None           # how training ended: succeeded, failed (exit N), lost, stopped
     interruptible: bool = False          # rented at a bid; a preempted node is replaced (launch/vast/recover.py)
     bids: list[float] = field(default_factory=list)   # the bid per offer in `offers` ($/h per machine)

@@ -14,11 +14,14 @@ Addresses exist only inside these namespaces, and nothing touches the machine's 
 with `stl<pid>-`: namespaces of a test process that no longer runs are removed at start."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB_CACHE = ROOT / ".cache" / "lab"
-HOST_PYTHON = "/usr/bin/python3"
+HOST_PYTHON = os.environ.get("HOST_PYTHON", "/usr/bin/python3")   # the Makefile's, which `make lab` used
 SUBNET = "10.77.0"
 LAPTOP_ADDR = f"{SUBNET}.1"
 CLONE_NEWNET = 0x40000000
@@ -49,15 +52,27 @@ def why_not() -> str | None:
     return None
 
 
+@functools.cache
+def image_site_packages() -> str:
+    """Where the host python looks for packages installed locally: the image is bound there."""
+    out = subprocess.run([HOST_PYTHON, "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True,
+                         text=True, check=True)
+    return out.stdout.strip()
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
 
 def remove_stale() -> None:
-    """Namespaces left by a test process that no longer runs (a killed pytest)."""
+    """Namespaces left by a test process that no longer runs (a killed pytest), and the processes still
+    in them (a host's sshd and what it started outlive the test that booted it)."""
     for name in _ip("netns", "list").stdout.split():
         m = re.fullmatch(r"stl(\d+)-\w+", name)
         if m and not Path(f"/proc/{m.group(1)}").exists():
+            for pid in _ip("netns", "pids", name, check=False).stdout.split():
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             _ip("netns", "del", name, check=False)
 
 
@@ -166,7 +181,7 @@ class Lab:
         self._disk(host, authorized_key)
         self._network(host)
         cfg = {"name": host.name, "disk": str(host.disk), "image": str(LAB_CACHE / "image"),
-               "site_packages": "/usr/local/lib/python3.11/dist-packages", "wheels": str(LAB_CACHE / "wheels"),
+               "site_packages": image_site_packages(), "wheels": str(LAB_CACHE / "wheels"),
                "hide": self.hide, "workspace_mb": workspace_mb}
         log = open(self.base / f"host{index}.log", "ab")
         host.init = subprocess.Popen(
