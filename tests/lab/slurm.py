@@ -35,7 +35,7 @@ SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # a requeued job may start again after cred_expire seconds (120 by default)
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 StateSaveLocation={shared}/slurm/state
 SlurmdSpoolDir=/run/slurmd
 SlurmctldPidFile=/run/slurmctld.pid
@@ -47,6 +47,8 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/builtin
+# look at pending jobs every 2 s, not 60: a requeued job starts once it may
+SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 GresTypes=gpu
