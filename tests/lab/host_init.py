@@ -5,7 +5,8 @@ runs the host's sshd and reaps orphans (as a container's init does) until sshd e
 The view: /root and /workspace are the host's own folders (or a size-limited tmpfs for /workspace);
 /tmp, /run and /opt are empty tmpfs; the distribution's python3 sees the "image" (torch) as its
 site-packages; /opt/wheels is the wheelhouse that stands in for PyPI; /etc/ssh is the host's own
-(config and host key). The test project and every other host's folder are hidden.
+(config and host key). The test project and every other host's folder are hidden. Optionally (a
+Slurm cluster's nodes): /mnt/shared is a folder every such host shares, and /etc/hosts names the hosts.
 
 Its environment holds CONTAINER_ID and CONTAINER_API_KEY, as a vast.ai container's PID 1 does; ssh
 sessions do not inherit it (sshd builds their environment), as on a rented node."""
@@ -40,6 +41,10 @@ def make_view(cfg: dict) -> None:
     os.makedirs("/mnt", exist_ok=True)
     mount("-t", "tmpfs", "tmpfs", "/mnt")
     bind(cfg["wheels"], "/mnt/wheels", read_only=True)
+    if cfg.get("shared"):   # an owned cluster's NFS export: bound before the tests' folders are covered
+        bind(cfg["shared"], "/mnt/shared")
+    if cfg.get("etc_hosts"):
+        mount("--bind", f"{disk}/etc-hosts", "/etc/hosts")
     for path in ["/tmp", "/run", "/opt", *cfg["hide"]]:
         if os.path.isdir(path):
             mount("-t", "tmpfs", "tmpfs", path)

@@ -172,17 +172,25 @@ class Lab:
         return result["value"]
 
     # --- hosts -----------------------------------------------------------------------------------------------
-    def boot(self, authorized_key: str, env: dict[str, str], workspace_mb: int | None = None) -> Host:
-        """A new host, up with its sshd listening on port 22 of its eth0."""
+    def boot(self, authorized_key: str, env: dict[str, str], workspace_mb: int | None = None,
+             shared: Path | None = None, etc_hosts: str | None = None) -> Host:
+        """A new host, up with its sshd listening on port 22 of its eth0.
+
+        shared: a folder of this machine that every host booted with it sees at /mnt/shared, as an owned
+        cluster's nodes see one NFS export. etc_hosts: the host's /etc/hosts (names as a cluster's DNS
+        resolves them); by default the machine's."""
         with self.lock:
             index = self.next_index
             self.next_index += 1
         host = Host(self, index, f"node-{index}", self.base / f"host{index}")
         self._disk(host, authorized_key)
+        if etc_hosts is not None:
+            (host.disk / "etc-hosts").write_text(etc_hosts)
         self._network(host)
         cfg = {"name": host.name, "disk": str(host.disk), "image": str(LAB_CACHE / "image"),
                "site_packages": image_site_packages(), "wheels": str(LAB_CACHE / "wheels"),
-               "hide": self.hide, "workspace_mb": workspace_mb}
+               "hide": self.hide, "workspace_mb": workspace_mb, "shared": str(shared) if shared else None,
+               "etc_hosts": etc_hosts is not None}
         log = open(self.base / f"host{index}.log", "ab")
         host.init = subprocess.Popen(
             ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--pid", "--uts", "--fork", "--kill-child",
@@ -232,6 +240,11 @@ class Lab:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{host.name}: no sshd on {host.addr}:22 after {timeout}s")
+
+    def hosts_file(self, count: int) -> str:
+        """/etc/hosts naming the first `count` hosts by their addresses on the bridge."""
+        lines = ["127.0.0.1 localhost"] + [f"{SUBNET}.{10 + i} node-{i}" for i in range(count)]
+        return "\n".join(lines) + "\n"
 
     def destroy(self, host: Host) -> None:
         """The host is gone at once; its disk (a few hundred MB of virtualenv) is removed in the background,
