@@ -27,6 +27,7 @@ from .archives import ARCHIVES, read_archive, split_offsets
 from .config import AUTO_PREPARED, DataConfig
 from .documents import Document
 from .files import atomic_write
+from .shard_writer import Splitter, SplitWriter, write_manifest
 from .shards import (
     ALL_SPLITS,
     FORMAT_VERSION,
@@ -36,10 +37,7 @@ from .shards import (
     JsonFields,
     ShardError,
     ShardReader,
-    Splitter,
-    SplitWriter,
     load_manifest,
-    write_manifest,
 )
 from .sources import open_source
 from .tokenizer import NON_ASCII, CharTokenizer, Tokenizer, make_tokenizer
