@@ -15,10 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from lab.hosts import Lab  # noqa: E402
 from lab.slurm import SHARED, Cluster, why_not  # noqa: E402
 
 from conftest import ROOT, losses, read_metrics, run_train
+from data.loader import RankLoader
+from trainer.loop import window_hash
 
 REASON = why_not()
 pytestmark = [pytest.mark.slurm, pytest.mark.processes,
@@ -167,19 +170,46 @@ def test_a_misconfigured_job_fails_fast_in_one_line(slurm):
     assert time.time() - started < 90
 
 
+def uninterrupted_windows(shards: Path, run_dir: Path, rank: int, steps: int) -> list[list[str]]:
+    """The windows' hashes that `rank` of 2 trains at each step of a run that is never stopped: the
+    loader's own order, from the run's config (one micro-batch a step). Content hashes repeat where
+    the text does, so a set of them cannot say whether a window was trained twice; the order can."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    loader = RankLoader(shards, "train", cfg["model"]["block_size"], cfg["train"]["micro_batch"], rank=rank,
+                        world_size=2, seed=cfg["train"]["seed"], num_workers=0)
+    assert cfg["train"]["grad_accum"] == 1
+    return [[window_hash(w) for w in loader.next_windows()] for _ in range(steps)]
+
+
 def batch_log(run_dir: Path, rank: int) -> list[tuple[int, list[str]]]:
     lines = (run_dir / f"batches_rank{rank}.txt").read_text().splitlines()
     return [(int(line.split()[0]), line.split()[1:]) for line in lines]
+
+
+def steps_per_second(slurm: Cluster) -> float:
+    """The debug preset's training rate on two of the lab's nodes, from a short job's step times (the
+    job also prepares the shards on each node's disk for the job that follows)."""
+    run_dir = slurm.checkout / "runs" / "rate"
+    job = slurm.submit(f"--nodes 2 launch/slurm.sbatch {DEBUG} train.max_steps=200 train.ckpt_every=100000 "
+                       "data.dir=/workspace/shards run_dir=runs/rate", cwd=CHECKOUT, **ENV)
+    fields = slurm.wait_for(job, finished, 300, "end")
+    assert fields["JobState"] == "COMPLETED", output(slurm, job)[-3000:]
+    times = sorted(m["step_time_s"] for m in read_metrics(run_dir) if "step_time_s" in m and m["step"] > 10)
+    rate = 1 / times[len(times) // 2]
+    print(f"the debug preset on two lab nodes: {rate:.0f} steps/s")
+    return rate
 
 
 def test_a_job_at_its_time_limit_saves_requeues_and_finishes(slurm):
     """Scenario 2: `--time 1 --signal B:USR1@5` (the script's own is USR1@120): Slurm warns the batch
     shell, which has the ranks save (SIGTERM) and requeues the job; the requeued job resumes from the
     shared run_dir with resume=auto and trains to max_steps. Data on each node's own disk, prepared by
-    each node. Every step is trained once, in order, on windows no other step trained (train.record_batches).
+    each node. Every step is trained once, in order, on the windows an uninterrupted run trains (train.record_batches).
     Once requeued, the test raises the job's time limit (`scontrol update`, as an admin can), so that
-    the second start finishes instead of being warned again."""
-    steps, run_dir = 2500, slurm.checkout / "runs" / "limit"
+    the second start finishes instead of being warned again. The steps are this machine's rate times
+    110 s, measured first, so that the first start (under 55 s of training) ends with at least half of
+    them left to the second, however fast the machine."""
+    steps, run_dir = round(110 * steps_per_second(slurm)), slurm.checkout / "runs" / "limit"
     job = slurm.submit(f"--nodes 2 --time 1 --signal B:USR1@5 launch/slurm.sbatch {DEBUG} "
                        f"train.max_steps={steps} train.ckpt_every=100000 train.record_batches=true "
                        "data.dir=/workspace/shards run_dir=runs/limit", cwd=CHECKOUT, **ENV)
@@ -195,11 +225,12 @@ def test_a_job_at_its_time_limit_saves_requeues_and_finishes(slurm):
     saved = int(re.search(r"saved the checkpoint of step (\d+)", out).group(1))
     assert 0 < saved < steps and f"resumed at step {saved}" in out, out[-4000:]
     assert sorted(losses(run_dir)) == list(range(1, steps + 1))
-    for rank in (0, 1):
+    for rank in (0, 1):   # rank r ran on node r, from that node's own shards
         log = batch_log(run_dir, rank)
         assert [step for step, _ in log] == list(range(1, steps + 1)), f"rank {rank}: a step repeated or skipped"
-        windows = [w for _, ws in log for w in ws]
-        assert len(set(windows)) == len(windows), f"rank {rank}: a window trained twice"
+        expected = uninterrupted_windows(host_dir(slurm, rank, "/workspace/shards"), run_dir, rank, steps)
+        wrong = next((step for (step, got), want in zip(log, expected) if got != want), None)
+        assert wrong is None, f"rank {rank}: step {wrong} trained other windows than an uninterrupted run"
     loss = losses(run_dir)
     assert loss[saved + 1] < loss[1] - 0.5, (loss[1], loss[saved + 1])   # the weights came back
     print(f"saved at step {saved} of {steps}; {out.count('resumed at step')} resume")
