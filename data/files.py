@@ -1,4 +1,4 @@
-"""Replacing a file atomically. Standard library only: trainer/checksums.py, which the cluster driver
+"""Replacing a file atomically. Standard library only: trainer/rundir.py, which the cluster driver
 runs on a laptop without torch, uses it too."""
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
     ckpt = locate(source)
     facts = run_facts(root, client["step"]) | {
         "step": client["step"], "zero_stage": client["zero_stage"], "name": root.name,
-        "world_size": read_meta(ckpt).get("world_size") or 1}
+        "world_size": read_meta(ckpt)["world_size"]}
     if rundir.config_path(root).is_file():
         facts["command"] = training_command(rundir.config_path(root), facts["world_size"])
     import transformers

@@ -153,8 +153,10 @@ def test_a_payload_whose_sums_were_rewritten_still_never_runs_in_sampling(saved,
      "files['../../evil.pt'] is not a checkpoint file name"),
     (lambda meta: meta["files"]["mp_rank_00_model_states.pt"][0].update(sha256="0" * 63), "list of sha256 sums"),
     (lambda meta: meta["files"]["mp_rank_00_model_states.pt"][0].update(bytes=True), "list of sha256 sums"),
+    (lambda meta: meta.pop("train_optimizer"), "no train_optimizer (not a checkpoint of this trainer's format)"),
+    (lambda meta: meta["model_config"].pop("n_head"), "its model_config does not hold this trainer's model settings"),
 ])
-def test_a_meta_json_that_is_not_a_list_of_sums_is_refused(saved, tmp_path, world_of_one, change, message):
+def test_a_meta_json_without_sums_or_fields_of_this_format_is_refused(saved, tmp_path, world_of_one, change, message):
     tag_dir = _copy(saved, tmp_path)
     meta = json.loads((tag_dir / "meta.json").read_text())
     change(meta)

@@ -31,6 +31,9 @@ from .errors import CheckpointError, RunError
 
 UNIVERSAL = "universal"  # inside a checkpoint: its conversion for resuming at another world size
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+# what every meta.json of this trainer holds (checked before anything is read from the rest)
+REQUIRED_META = ("model_config", "vocab", "tokenizer", "lowercase", "zero_stage", "train_optimizer", "precision",
+                 "world_size", "step")
 RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")  # a file of one data-parallel rank's partition
 
 
@@ -53,11 +56,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if isinstance(cuda, list):  # older checkpoints: one state per visible GPU
-            cuda = cuda[torch.cuda.current_device()]
-        torch.cuda.set_rng_state(cuda)
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def latest_tag(directory: Path) -> str | None:
@@ -174,10 +174,19 @@ def locate(path) -> Checkpoint | None:
 
 
 def read_meta(ckpt: Checkpoint) -> dict:
+    """The checkpoint's meta.json, refused unless it holds every field this trainer writes (one format:
+    no defaults stand in for a field a checkpoint lacks)."""
     try:
-        return checksums.read_meta(ckpt.path)
+        meta = checksums.read_meta(ckpt.path)
     except ChecksumError as e:
         raise CheckpointError(str(e)) from None
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise CheckpointError(f"{ckpt.path / META}: no {', '.join(missing)} (not a checkpoint of this trainer's "
+                              "format); resume=never starts over, in a new run_dir")
+    if not isinstance(meta["model_config"], dict) or meta["model_config"].keys() != asdict(GPTConfig()).keys():
+        raise CheckpointError(f"{ckpt.path / META}: its model_config does not hold this trainer's model settings")
+    return meta
 
 
 def _another_run(ckpt: Checkpoint, differs: str, weights_fit: bool = True) -> CheckpointError:
@@ -195,24 +204,21 @@ def check_compatible(ckpt: Checkpoint, vocab: str, model_cfg: GPTConfig, zero_st
     stage (before any weights load). Another world size is fine: see needs_universal."""
     meta = read_meta(ckpt)
     for key, what in (("data_digest", "data"), ("preset", "preset")):
-        if identity and key in meta and meta[key] != identity[key]:
+        if identity and meta.get(key) != identity[key]:
             shown = "data_dir" if key == "data_digest" else key
             raise _another_run(ckpt, f"{what} differs: checkpoint {shown}={meta.get(shown)}, this run "
                                      f"{shown}={identity[shown]}")
     if meta.get("zero_stage") != zero_stage:
         raise CheckpointError(f"{ckpt.path}: saved with ZeRO-{meta.get('zero_stage')}, this run uses "
                               f"deepspeed=zero{zero_stage}; resume with deepspeed=zero{meta.get('zero_stage')}")
-    saved_with = meta.get("train_optimizer", "adamw")  # checkpoints from before train.optimizer: AdamW
+    saved_with = meta["train_optimizer"]
     if saved_with != optimizer:
         raise CheckpointError(f"{ckpt.path}: saved with train.optimizer={saved_with}, this run uses "
                               f"train.optimizer={optimizer}; resume with train.optimizer={saved_with}")
-    if meta.get("vocab") != vocab:
-        raise _another_run(ckpt, f"vocabulary differs: checkpoint {len(meta.get('vocab') or '')} chars, this run's "
+    if meta["vocab"] != vocab:
+        raise _another_run(ckpt, f"vocabulary differs: checkpoint {len(meta['vocab'] or '')} chars, this run's "
                                  f"data {len(vocab)}", weights_fit=False)
-    ours, theirs = asdict(model_cfg), meta.get("model_config")
-    if not isinstance(theirs, dict):
-        raise CheckpointError(f"{ckpt.path / META}: no model_config")
-    theirs = {**asdict(GPTConfig()), **theirs}  # a setting newer than the checkpoint was at its default
+    ours, theirs = asdict(model_cfg), meta["model_config"]
     differ = [f"model.{k}: checkpoint {v!r}, config {ours.get(k)!r}" for k, v in theirs.items()
               if ours.get(k) != v and k not in ("dropout", "attn")]
     if differ:
@@ -324,13 +330,10 @@ def load(engine, ckpt: Checkpoint) -> dict:
     try:
         with checkpoint_files_are_data():  # DeepSpeed's loads too: the sums are only as good as meta.json
             path, client = engine.load_checkpoint(str(ckpt.directory), tag=ckpt.tag)
-    except KeyError as e:
-        if engine.zero_optimization_stage() == 0 and e.args == ("param_groups",):
-            raise CheckpointError(
-                f"{ckpt.path}: its optimizer state is that of DeepSpeed's bf16 wrapper, which ZeRO-0 runs "
-                "used before precision=bf16 became torch autocast over fp32 weights; this version cannot resume "
-                "it. The weights still load for sampling and evaluation; resume=never starts over") from None
-        raise
+    except KeyError as e:   # a state this version's DeepSpeed engine does not hold: not resumable here
+        raise CheckpointError(f"{ckpt.path}: its engine state has no {e} that this run's engine needs "
+                              "(another precision, optimizer or version wrote it); resume=never starts over, "
+                              "in a new run_dir") from None
     if path is None:
         raise CheckpointError(f"{ckpt.path}: DeepSpeed found no checkpoint to load")
     if client.get("world_size") == dist.get_world_size():
@@ -349,7 +352,7 @@ def load_for_inference(path) -> tuple[GPT, dict]:
     if ckpt is None:
         raise FileNotFoundError(f"{path}: no checkpoint found (expected {rundir.checkpoints(path)}/latest)")
     meta = read_meta(ckpt)
-    client = {k: meta.get(k) for k in ("model_config", "vocab", "tokenizer", "lowercase", "zero_stage", "step")}
+    client = {k: meta[k] for k in ("model_config", "vocab", "tokenizer", "lowercase", "zero_stage", "step")}
     zero3 = client["zero_stage"] == 3  # its parameters live in every rank's partitioned files
     states = next((n for n in MODEL_STATES if n in meta["files"]), None)
     if states is None:

@@ -14,8 +14,6 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.files import atomic_write
-
 META = "meta.json"  # step, vocab, model config, world size, ZeRO stage, and every file's sum
 # the only names a checkpoint's file list may hold: DeepSpeed's per-rank files, flat in the tag dir
 FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+\.pt", re.ASCII)  # used with fullmatch
@@ -74,10 +72,8 @@ def read_meta(tag_dir: Path) -> dict:
         raise ChecksumError(f"{path}: not a JSON object")
     files = meta.get("files")
     if not isinstance(files, dict) or not files:
-        raise ChecksumError(f"{path}: no `files` list of sha256 sums (written by an older version of this "
-                            "trainer, or not by it): its files cannot be checked before loading. Only for a "
-                            "checkpoint that never left your own machines, record their sums once: "
-                            f"python -m trainer.checksums {path.parent}")
+        raise ChecksumError(f"{path}: no `files` list of sha256 sums (not written by this trainer): its files "
+                            "cannot be checked before loading, so nothing is loaded from it")
     for name, copies in files.items():
         if not (isinstance(name, str) and FILE_NAME.fullmatch(name) and isinstance(copies, list) and copies
                 and all(_is_sum(entry) for entry in copies)):
@@ -225,25 +221,3 @@ def _parameters(model: dict, vocab_chars: int) -> tuple[int, int]:
     if not model.get("tie_head", True):
         top, top_tensors = top + vocab * d, top_tensors + 1
     return layers * layer + top, layers * layer_tensors + top_tensors + 1  # + 1: the head's entry when tied
-
-
-def trust(tag_dir: Path) -> dict:
-    """Record the sums of the files in tag_dir in its meta.json, for a checkpoint you trust that an
-    older version wrote without them. Returns the new file list."""
-    path = Path(tag_dir) / META
-    meta = json.loads(path.read_text())
-    if (Path(tag_dir) / "universal").exists():
-        raise ChecksumError(f"{tag_dir}: holds a universal/ conversion; remove it first (it is made again on resume)")
-    meta["files"] = merge([hash_files(Path(tag_dir))])
-    atomic_write(path, json.dumps(meta, indent=1))
-    return meta["files"]
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: python -m trainer.checksums CHECKPOINT_DIR...   (e.g. outputs/run/checkpoints/step00000500):\n"
-                 "records the sha256 of every file in each checkpoint's meta.json, for checkpoints you trust")
-    for tag_dir in sys.argv[1:]:
-        print(f"{tag_dir}: recorded {len(trust(Path(tag_dir)))} files' sums in {META}")
