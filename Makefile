@@ -89,8 +89,8 @@ test-cluster: setup test-system-deps lab
 test-slurm: setup test-system-deps lab slurm-deps
 	$(PY) -m pytest tests -n 0 -m slurm $(ARGS)
 
-# Unit tests only: no launcher, entry point, script or process group (the `processes` marker that
-# tests/conftest.py sets); under a minute on 2 cores.
+# Unit tests only: no launcher, entry point, script or process group (the `processes` marker, set in
+# each test module).
 test-fast: setup
 	$(PY) -m pytest tests -m "not processes" $(ARGS)
 

@@ -29,7 +29,7 @@ part() {  # part NAME SECONDS CMD...: run with a limit, log to $out/NAME.log, ke
     tail -n 25 "$out/$name.log"
 }
 
-part cuda_tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+part cuda_tests 180 python3 -m pytest -q -p no:cacheprovider tests/trainer/test_cuda.py
 # the goal row first, so a slow start still leaves its figure; the small preset compiled: do fewer,
 # fused kernels lift a step that waits on the host? (gpt3_small uncompiled was 34.6%/34.9% on two H200s)
 part mfu 160 python3 bench/mfu.py --steps 100 --json "$out/mfu.json" \

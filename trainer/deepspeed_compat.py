@@ -2,8 +2,8 @@
 
 Each function says which DeepSpeed behaviour it works around, and which test fails when a DeepSpeed
 release changes that behaviour. setup.py pins DeepSpeed to [MIN_DEEPSPEED, BELOW_DEEPSPEED): raise
-the upper bound only once the suite passes with the new release (tests/test_train_distributed.py,
-tests/test_reliability.py and tests/test_checkpoint_unpickling.py hold every test named here).
+the upper bound only once the suite passes with the new release (tests/trainer/test_train_distributed.py,
+tests/scenarios/test_reliability.py and tests/trainer/test_checkpoint_unpickling.py hold every test named here).
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def timeout_every_group(timeout: timedelta) -> None:
     given: a gradient all-reduce would wait that long for a frozen node. Torch reads those defaults
     from module globals when a group is made, so they are set before DeepSpeed makes any.
 
-    Caught by: tests/test_multinode_disks.py::test_a_collective_one_rank_never_joins_fails_the_job_within_the_timeout
+    Caught by: tests/scenarios/test_multinode_disks.py::test_a_collective_one_rank_never_joins_fails_the_job_within_the_timeout
     (the frozen node's peer waits in the gradient all-reduce of DeepSpeed's group).
     """
     from torch.distributed import distributed_c10d
@@ -144,8 +144,8 @@ def end_process_group() -> None:
     DeepSpeed keeps a clone of the world group in `deepspeed.utils.groups._WORLD_GROUP` and reuses it
     for every engine: after the group is destroyed, a new process group in the same process (tests
     that train in-process, one module after another) would meet that dead clone ("Group ... is not
-    registered"). Caught by: tests/test_checkpoint_unpickling.py's in-process world followed, on one
-    pytest worker, by tests/test_train_distributed.py's in-process engine test
+    registered"). Caught by: tests/trainer/test_checkpoint_unpickling.py's in-process world followed, on one
+    pytest worker, by tests/trainer/test_train_distributed.py's in-process engine test
     (test_zero0_engine_steps_never_wait_for_the_device_nor_walk_the_model_nor_add_ops).
     """
     if dist.is_initialized():
@@ -160,7 +160,7 @@ def deepspeed_checkpoint_types() -> list[type]:
     pickles into our checkpoints: in ZeRO 1-3 optimizer partitions (fp32 and bf16) and in their
     universal conversions. None runs code when unpickled: the loss scaler's attributes are restored
     as they are, the enum is looked up by value, and fragment_address is a dataclass of two ints.
-    Caught by: test_checkpoint_unpickling.py::test_no_checkpoint_of_any_preset_at_any_zero_stage_is_refused
+    Caught by: tests/trainer/test_checkpoint_unpickling.py::test_no_checkpoint_of_any_preset_at_any_zero_stage_is_refused
     (every file of every preset at every stage, and their universal conversions, loads)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -180,7 +180,7 @@ def checkpoint_files_are_data():
     its files in a dozen functions of its own (no single hook to give it a safer loader): torch.load
     itself is wrapped for the time of a load. Relies on DeepSpeed calling `torch.load` through the
     torch module (not a name imported from it).
-    Caught by: test_checkpoint_unpickling.py (a planted payload in each file kind, through each entry
+    Caught by: tests/trainer/test_checkpoint_unpickling.py (a planted payload in each file kind, through each entry
     point: it must be refused and never run).
     """
     # DeepSpeed's types can only be in files DeepSpeed reads: sampling a ZeRO 0-2 checkpoint reads its
@@ -249,8 +249,8 @@ def ds_to_universal(source: Path, out: Path) -> None:
 
     Relies on: its command line's main(args) and the names of its arguments (one worker each, so it
     starts no process pool, which would not inherit the guard on platforms that spawn).
-    Caught by: test_reliability.py::test_a_zero_checkpoint_resumes_at_another_world_size_through_a_universal_conversion
-    (a conversion that resumes) and test_checkpoint_unpickling.py (a payload it must refuse).
+    Caught by: tests/scenarios/test_reliability.py::test_a_zero_checkpoint_resumes_at_another_world_size_through_a_universal_conversion
+    (a conversion that resumes) and tests/trainer/test_checkpoint_unpickling.py (a payload it must refuse).
     """
     from deepspeed.checkpoint import ds_to_universal as conversion
 

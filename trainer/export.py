@@ -1,7 +1,7 @@
 """Our GPT as a Hugging Face `transformers` folder, checked by logits before it is handed over.
 
 Each variant goes to the stock architecture that computes exactly what ours computes (checked
-against transformers' own modeling code, and proved by tests/test_export.py):
+against transformers' own modeling code, and proved by tests/trainer/test_export.py):
 - learned positions -> GPT-2 (`GPT2LMHeadModel`): pre-LayerNorm blocks, exact GELU, eps 1e-5, tied
   head. GPT-2 has no grouped K/V heads, so each K/V head is repeated for the query heads of its
   group (exact: those heads saw the same keys and values), and it always has biases, so a model
@@ -57,7 +57,7 @@ def architecture_for(cfg: GPTConfig) -> str:
     if unknown:
         settings = ", ".join(f"model.{key}={getattr(cfg, key)!r}" for key in unknown)
         raise ExportError(f"{settings}: trainer/export.py has no exact transformers mapping for this setting "
-                          "(teach it one, with its test in tests/test_export.py)")
+                          "(teach it one, with its test in tests/trainer/test_export.py)")
     if cfg.pos_emb not in ARCHITECTURES:
         raise ExportError(f"model.pos_emb={cfg.pos_emb!r}: no stock transformers architecture computes it "
                           f"exactly; exportable: {', '.join(f'{k} ({v})' for k, v in ARCHITECTURES.items())}")

@@ -4,7 +4,7 @@ DeepSpeed takes a single optimizer, and the lr schedule and checkpoints see one 
 and one state dict. Muon's step is torch.optim.Muon's (Nesterov momentum, the quintic Newton-Schulz
 iteration in bf16, decoupled weight decay, the update scaled to AdamW's size), but it
 orthogonalizes every matrix of a shape in one batched iteration, so a step launches one iteration
-per shape rather than one per matrix. tests/test_recipe.py checks it against torch.optim.Muon.
+per shape rather than one per matrix. tests/trainer/test_muon.py checks it against torch.optim.Muon.
 """
 from __future__ import annotations
 
