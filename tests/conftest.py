@@ -56,9 +56,12 @@ def user_key(tmp_path_factory) -> Path:
 @pytest.fixture
 def world(tmp_path, user_key, request):
     """The rented-cluster driver's offline world (tests/fakes/harness.py): the real `vastai` SDK against
-    the stand-in API, nodes reached through the fake ssh."""
+    the stand-in API, nodes reached through the fake ssh. A test marked `no_nodes` (its run ends before
+    it reaches any node: a local check, a provider's answer, a signal while renting) gets no fake ssh:
+    a real ssh that finds no node fails it."""
     sys.path.insert(0, str(ROOT / "tests" / "fakes"))
     from harness import World
 
-    with World(tmp_path, user_key, request.node.name) as w:
+    nodes = request.node.get_closest_marker("no_nodes") is None
+    with World(tmp_path, user_key, request.node.name, nodes=nodes) as w:
         yield w

@@ -23,7 +23,7 @@ SECRET = "vast-key-SECRET-0123456789abcdef"
 
 
 class World:
-    def __init__(self, tmp: Path, user_key: Path, name: str, gpus: int = 2, lab=None):
+    def __init__(self, tmp: Path, user_key: Path, name: str, gpus: int = 2, lab=None, nodes: bool = True):
         self.tmp = tmp
         self.lab = lab
         self.run_name = re.sub(r"[^a-z0-9-]+", "-", f"t-{name}".lower()).strip("-")[:40] + f"-{os.getpid() % 10000}"
@@ -35,6 +35,13 @@ class World:
                 DESTROY_RETRY_S="20", FETCH_ATTEMPTS="3", FETCH_BACKOFF_S="0.5", WAIT_TIMEOUT="120",
                 STOP_WAIT_S="60", GRACE_MINUTES="2", LATE_CREATE_WAIT_S="2", CONFIRM_POLLS="2", SSH_KEY=str(user_key),
                 PYTHONUNBUFFERED="1")
+            self.env.pop("PYTHONPATH", None)
+            return
+        if not nodes:   # the run must end before it reaches a node: no ssh is faked, a real one finds nothing
+            self.env = dict(
+                os.environ, HOME=str(self._home()), VAST_URL=self.api.url, VAST_API_KEY=SECRET, POLL="0.1",
+                DESTROY_RETRY_S="3", WAIT_TIMEOUT="20", LATE_CREATE_WAIT_S="2", CONFIRM_POLLS="3",
+                SSH_KEY=str(user_key), PYTHONUNBUFFERED="1")
             self.env.pop("PYTHONPATH", None)
             return
         bin_dir = tmp / "bin"

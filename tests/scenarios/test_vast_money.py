@@ -91,11 +91,14 @@ def test_at_the_cap_with_the_laptop_attached_the_run_is_fetched_then_destroyed(w
     world.assert_clean(out)
 
 
+@pytest.mark.no_nodes
 def test_a_destroy_answered_200_success_false_is_not_a_destroy(world):
     """DELETE answered HTTP 200 {"success": false}: the instance lives on and bills. The run exits 3
     naming it and the command that destroys it; once the provider complies, `down` finishes."""
     world.api.soft_failures[("DELETE", r"/api/v0/instances/5001/")] = True
     world.env["DESTROY_RETRY_S"] = "2"
+    world.api.loading_listings = 10 ** 6   # the run fails at the wait for its instances: no node is reached
+    world.env["WAIT_TIMEOUT"] = "1"
     proc = world.driver(*world.args(steps=4))
     err = proc.stderr
     assert proc.returncode == 3, err[-3000:]
@@ -172,6 +175,7 @@ def test_a_failed_final_fetch_keeps_the_nodes_names_them_and_the_guards_end_them
     (["--remote-dir", "~/x"], "--remote-dir '~/x'"),
     (["--max-hours", "0"], "--max-hours must be"),
 ])
+@pytest.mark.no_nodes
 def test_local_checks_come_before_any_request(world, argv, message):
     args = world.args(*argv)
     if "--run" in argv:   # the later --run wins in argparse: drop the harness's own
@@ -183,6 +187,7 @@ def test_local_checks_come_before_any_request(world, argv, message):
     assert world.api.requests == []
 
 
+@pytest.mark.no_nodes
 def test_no_ssh_client_is_refused_before_renting(world):
     world.env["SSH"] = str(ROOT / "no-such-ssh")
     proc = world.driver(*world.args())

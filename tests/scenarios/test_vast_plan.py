@@ -36,6 +36,7 @@ def _plan(world, *extra) -> dict:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.no_nodes
 @pytest.mark.parametrize("interruptible", [False, True])
 def test_plan_rents_nothing_and_costs_what_the_standin_bills(world, interruptible):
     """`plan` only searches; renting its offers (with the real SDK, at its bids) for its hours bills
@@ -66,6 +67,7 @@ def test_plan_rents_nothing_and_costs_what_the_standin_bills(world, interruptibl
     assert api.alive() == []
 
 
+@pytest.mark.no_nodes
 def test_the_plan_says_where_its_tokens_per_s_come_from(world):
     """wiki_full on H100 SXM: the measured row of that GPU and model shape, as is; on an A100 (no row):
     scaled by peak bf16 FLOP/s, and the plan says so."""
@@ -87,6 +89,7 @@ def test_the_plan_says_where_its_tokens_per_s_come_from(world):
     assert world.api.calls("PUT") == []
 
 
+@pytest.mark.no_nodes
 def test_without_a_terminal_run_asks_for_yes_and_sends_nothing(world):
     args = [a for a in world.args() if a != "--yes"]
     proc = world.driver(*args, stdin=subprocess.DEVNULL)
@@ -121,6 +124,7 @@ def _on_a_terminal(world, argv: list[str], answer: bytes, timeout: float = 120) 
     return code, out.decode(errors="replace")
 
 
+@pytest.mark.no_nodes
 def test_on_a_terminal_no_rents_nothing(world):
     code, out = _on_a_terminal(world, [a for a in world.args() if a != "--yes"], b"n\n")
     assert code == 1 and "not renting: the answer was not yes" in out, out[-2000:]
