@@ -14,8 +14,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 from helpers import ROOT, losses, read_metrics
 
 sys.path.insert(0, str(ROOT / "tests" / "fakes"))
@@ -62,10 +64,38 @@ def test_happy_path_trains_on_two_hosts_fetches_everything_and_destroys(rehearsa
     eth0 (no NET_DEV set). The fetched checkpoint resumes here and samples."""
     w = rehearsal
     assert "NET_DEV" not in w.env
-    proc = w.driver(*run_args(w), timeout=600)
+    key = "wandb-key-0123456789abcdef0123456789abcdef"
+    w.env["WANDB_API_KEY"] = key   # a secret travels in the instances' environment only
+    proc = w.driver(*run_args(w, overrides=["tracking.tags=[a,b]", "data.workers=0"]), timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert_nothing_billing(w)
+    assert "total cost: $21.0000/h for 2 nodes (2 GPUs)" in proc.stdout
+    # the cheapest two machines of one cluster, over its overlay, labelled, with the key in their env
+    api = w.api
+    assert [r["path"] for r in api.calls("PUT", r"/api/v0/asks/\d+/")] == ["/api/v0/asks/101/", "/api/v0/asks/102/"]
+    for create in api.calls("PUT", r"/api/v0/asks/\d+/"):
+        assert create["body"]["label"] == w.run_name
+        assert create["body"]["env"] == {f"-n {w.run_name}": "1", "WANDB_API_KEY": key}
+    assert [c["body"] for c in api.calls("POST", "/api/v0/overlay/")] == [{"cluster_id": 7, "name": w.run_name}]
+    assert [c["body"] for c in api.calls("DELETE", "/api/v0/overlay/")] == [{"overlay_name": w.run_name}]
+    assert key not in out and all(key.encode() not in f.read_bytes() for f in w.run_dir.rglob("*") if f.is_file())
+    # the overrides reached both hosts' ranks intact, through node0's shell, pdsh and the remote shell
+    config = yaml.safe_load((w.run_dir / "config.yaml").read_text())
+    assert config["tracking"]["tags"] == ["a", "b"] and config["data"]["workers"] == 0, config
+    # the whole run came home: metrics, config, TensorBoard, every node's own logs and guard, no run key
+    assert list((w.run_dir / "tensorboard").iterdir())
+    for k in (0, 1):
+        guard = json.loads((w.run_dir / "cluster" / f"node{k}" / "guard.json").read_text())
+        assert guard["event"] in ("armed", "ended") and guard["can_destroy"], guard
+    assert not (w.run_dir / "cluster" / "node1" / "train.log").exists()   # node1 starts no training itself
+    assert not (w.run_dir / "cluster" / f"{w.run_name}_key").exists()
+    # ssh learned the hosts' keys into the run's own known_hosts, never the laptop's
+    assert (w.run_dir / "cluster" / "known_hosts").read_text().count("10.77.0.") >= 2
+    assert not (Path(w.env["HOME"]) / ".ssh" / "known_hosts").exists()
+    lines = proc.stdout.splitlines()
+    tear_down = next(i for i, line in enumerate(lines) if f"down --run {w.run_name}` tears it down" in line)
+    assert tear_down < next(i for i, line in enumerate(lines) if "total cost" in line)   # before any create
     state = w.state()
     first = min(state["instances"], key=lambda i: i["id"])
     assert state["master_addr"] == "10.77.0.10", state["master_addr"]   # node0's eth0 on the bridge
@@ -115,6 +145,14 @@ def test_detached_run_with_the_laptop_killed_is_finished_from_a_fresh_process(re
     wait_for_phase(w, "training")
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
+    # only the checkout's tracked files went to the hosts (beside what the host made: its set-up and run)
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split())
+    made_there = (".venv/", ".cache/", "outputs/", "shards/", "build/", "hostfile", ".deepspeed_env")
+    node0 = w.api.host(w.state()["instances"][0]["id"])
+    listed = node0.run("cd /workspace/shakespeare && find . -type f -print0").stdout
+    shipped = {f[2:] for f in listed.split("\0") if f and not f[2:].startswith(made_there)
+               and "__pycache__" not in f and ".egg-info/" not in f}
+    assert shipped and shipped <= tracked, sorted(shipped - tracked)[:20]
     status = w.driver("status", "--run", w.run_name, timeout=120)
     assert status.returncode == 0, status.stdout + status.stderr
     assert re.search(r"training (running|succeeded)", status.stdout), status.stdout
