@@ -170,6 +170,24 @@ def test_detached_run_with_the_laptop_killed_is_finished_from_a_fresh_process(re
     assert_nothing_billing(w)
 
 
+def test_ctrl_c_during_the_hosts_set_up_tears_down_at_once(rehearsal):
+    """Ctrl-C while both hosts run `make setup-node` (pip from the wheelhouse, for tens of seconds): the
+    driver ends the ssh sessions and destroys everything without waiting for the set-up."""
+    w = rehearsal
+    driver = w.start(*run_args(w))
+    w.wait_for(lambda: driver_log(w).count("guard armed") == 2, timeout=120, what="both guards, then the set-up")
+    first = w.state()["instances"][0]["id"]
+    w.wait_for(lambda: any("make" in p or "pip" in p for p in w.api.host(first).processes()), timeout=60,
+               what="the set-up running on node0")
+    stopped = time.time()
+    os.killpg(driver.pid, signal.SIGINT)
+    out, err = driver.communicate(timeout=120)
+    took = time.time() - stopped
+    assert driver.returncode == 130, (out + err)[-3000:]
+    assert took < 20, took
+    assert_nothing_billing(w)
+
+
 def test_a_network_cut_between_hosts_fails_training_within_the_collective_timeout(rehearsal):
     """Scenario 4: traffic between the hosts is dropped on the bridge mid-run. The ranks fail within
     train.collective_timeout_s (no hang), the driver fetches what exists and destroys everything."""
