@@ -12,10 +12,10 @@ resume at any world size or micro-batch continues the epoch with nothing repeate
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
-import time
 from collections import OrderedDict, deque
 from functools import lru_cache
 from typing import NamedTuple
@@ -129,33 +129,35 @@ class GroupRing:
     decompression). A worker reuses a buffer only after the rank has marked the group in it done.
 
     Slots: a worker's prefetched groups, the rank's current group and the one before it (a caller
-    may still hold its last batch). DataLoader's own prefetch limit then means no worker ever waits;
-    the check makes the ring correct whatever that limit is."""
+    may still hold its last batch). DataLoader's own prefetch limit then means no worker ever waits,
+    and the rank's own process (num_workers=0) never does; the per-worker count of free slots, a
+    semaphore the forked workers share, makes the ring correct whatever that limit is. A worker
+    fills its groups in order, taking one count each; the rank releases them in order."""
 
     slots = PREFETCH + 3
+    wait_s = 1.0  # how often a waiting worker checks that the training process is still there
 
     def __init__(self, workers: int, group: int, micro_batch: int, window: int):
         self.buffers = torch.empty((max(1, workers), self.slots, group, micro_batch, window), dtype=torch.uint8)
-        self.released = torch.full((max(1, workers),), -1, dtype=torch.int64)  # highest group number done
+        self.free = [multiprocessing.Semaphore(self.slots) for _ in range(max(1, workers))]
+        self.owner = os.getpid()  # the rank: the workers are its children
         if workers:
             self.buffers.share_memory_()
-            self.released.share_memory_()
 
     def slot(self, worker: int, seq: int) -> torch.Tensor:
         """Worker side: the buffer for group seq, once the group that last used it is done."""
-        parent = os.getppid()
-        while int(self.released[worker]) < seq - self.slots:
-            if os.getppid() != parent:
+        while not self.free[worker].acquire(timeout=self.wait_s):
+            if os.getpid() != self.owner and os.getppid() != self.owner:
                 raise RuntimeError("data loader worker: the training process is gone")
-            time.sleep(0.001)
         return self.buffers[worker, seq % self.slots]
 
     def group(self, worker: int, seq: int, batches: int) -> torch.Tensor:
         """Rank side: group seq of a worker."""
         return self.buffers[worker, seq % self.slots, :batches]
 
-    def release(self, worker: int, seq: int) -> None:
-        self.released[worker] = seq
+    def release(self, worker: int) -> None:
+        """Rank side: the oldest group of this worker not yet released is done with."""
+        self.free[worker].release()
 
 
 class RankWindows(IterableDataset):
@@ -245,11 +247,13 @@ def _unwrap_worker_error(error: ShardError) -> ShardError:
 
 
 class RankLoader:
-    """Iterator of this rank's (x, y) micro-batches; its state is (seed, consumed samples).
+    """This rank's micro-batches, taken one at a time with next_windows(); its state is (seed,
+    consumed samples). A batch is its windows, (micro_batch, block_size + 1): x and y are its slices
+    [:, :-1] and [:, 1:]. Evaluation takes a fixed number of them the same way.
 
     Batches are views into buffers that workers reuse: each stays valid until the group after its
     own has been taken (at least `group` more batches). Copy what you keep longer; the training loop
-    copies every batch's windows (next_windows) to the model's device and dtype at once."""
+    and evaluation copy every batch to the model's device and dtype at once."""
 
     def __init__(self, data_dir, split: str, block_size: int, micro_batch: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, num_workers: int = 1,
@@ -264,7 +268,8 @@ class RankLoader:
                 "model.block_size or more data"
             )
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
-        self.seed, self.num_workers, self.num_batches = seed, num_workers, num_batches
+        self.seed, self.num_workers = seed, num_workers
+        self.num_batches = num_batches  # workers fill no more (evaluation's count); None: endless
         self.pin_memory = pin_memory  # page-locked batches, so copies to a GPU can overlap compute
         self.consumed = 0
         self._it = None
@@ -303,31 +308,18 @@ class RankLoader:
         group = ring.group(*item)
         self._held.append(item[:2])
         if len(self._held) > 2:
-            ring.release(*self._held.popleft())
+            ring.release(self._held.popleft()[0])
         if self.pin_memory:
             group = group.pin_memory()  # once per group; each block of it stays page-locked
         return list(group.unbind(0))
-
-    def __iter__(self):
-        """The batches from the current position to num_batches; the position advances as they are taken."""
-        self.close()
-        while True:
-            try:
-                yield self.next()
-            except StopIteration:
-                self.close()
-                return
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch (x, y): views of next_windows()."""
-        windows = self.next_windows()
-        return windows[:, :-1], windows[:, 1:]
 
     def next_windows(self) -> torch.Tensor:
         """The next micro-batch as its windows of block_size + 1 tokens, (micro_batch, block_size + 1):
         one contiguous block, page-locked with pin_memory, so it goes to a GPU in one asynchronous
         copy (x and y, its slices, are not contiguous: each would be copied through pageable memory).
-        From one long-lived iterator: workers keep prefetching between calls."""
+        The one way to take a batch. From one long-lived iterator: workers keep prefetching between
+        calls; after close() or load_state_dict() the next call starts new workers at `consumed`.
+        With num_batches, StopIteration once that many have been taken since then."""
         if not self._ready:
             if self._it is None:
                 self._it = iter(self._dataloader())

@@ -57,7 +57,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"eval.py: {data_dir}/manifest.json: vocab differs from the checkpoint's")
     batches = loader.windows_per_epoch // args.batch_size
     loader.num_batches = min(batches, args.max_batches) if args.max_batches else batches
-    bar = tqdm(loader, total=loader.num_batches, desc=f"eval {args.split}", unit=" batch", file=sys.stderr,
+    bar = tqdm((loader.next_windows() for _ in range(loader.num_batches)), total=loader.num_batches,
+               desc=f"eval {args.split}", unit=" batch", file=sys.stderr,
                disable=None)  # on a terminal only; stdout stays one JSON object
     stats = evaluate(model, bar, device)
     unit = "bits per byte" if client["tokenizer"] == "bytes" else "bits per character"

@@ -32,17 +32,19 @@ def summarize(stats: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, device) -> torch.Tensor:
-    """Summed batch_stats of forward(x) -> logits over the batches (this rank's share)."""
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor],
+             device) -> torch.Tensor:
+    """Summed batch_stats of forward(x) -> logits over the batches (this rank's share), each a block of
+    windows (micro_batch, block_size + 1) as RankLoader.next_windows() gives: x and y are its slices."""
     stats = torch.zeros(4, dtype=torch.float64, device=device)
-    for x, y in batches:
-        # non_blocking: a blocking copy to a GPU waits for all queued work, once per batch
-        x, y = x.to(device, non_blocking=True).long(), y.to(device, non_blocking=True).long()
-        stats += batch_stats(forward(x), y)
+    for windows in batches:
+        # one copy, non_blocking: a blocking copy to a GPU waits for all queued work, once per batch
+        windows = windows.to(device, non_blocking=True).long()
+        stats += batch_stats(forward(windows[:, :-1]), windows[:, 1:])
     return stats
 
 
-def evaluate_engine(engine, batches) -> dict:
+def evaluate_engine(engine, batches: Iterable[torch.Tensor]) -> dict:
     """evaluate() on every rank, summed over ranks, as val_* metrics."""
     engine.eval()
     stats = evaluate(engine, batches, engine.device)

@@ -195,7 +195,7 @@ class Evaluator:
     def run(self, step: int) -> dict:
         t = self.cfg.train
         self.loader.load_state_dict({"seed": t.seed, "consumed": 0})
-        result = evaluate_engine(self.engine, self.loader)
+        result = evaluate_engine(self.engine, (self.loader.next_windows() for _ in range(t.eval_steps)))
         text = sample_text(self.engine, self.tokenizer, "\n", 200, t.seed, self.cfg.deepspeed.stage)
         self.writer.log(step, result)
         self.writer.text("samples", text or "", step)

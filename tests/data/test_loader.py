@@ -1,5 +1,9 @@
+import contextlib
+import multiprocessing
+import os
 import random
-import threading
+import signal
+import time
 from collections import deque
 
 import pytest
@@ -25,30 +29,37 @@ def data_dir(tmp_path_factory):
 
 
 def _windows(loader: RankLoader, n_batches: int) -> list[bytes]:
-    """The windows (x plus the last target) of the next n batches, in order."""
-    it = iter(loader)
-    out = []
-    for _ in range(n_batches):
-        x, y = next(it)
-        assert torch.equal(x[:, 1:], y[:, :-1])
-        out += [bytes(torch.cat([row_x, row_y[-1:]]).to(torch.uint8).tolist()) for row_x, row_y in zip(x, y)]
-    return out
+    """The windows of the next n batches, in order."""
+    return [bytes(row.tolist()) for _ in range(n_batches) for row in loader.next_windows()]
+
+
+def _order_windows(loader: RankLoader, ks) -> list[bytes]:
+    """The windows of global samples ks, read from the frames the order names."""
+    return [loader.reader.read_frame(f)[s:s + T + 1].tobytes() for f, s in map(loader.order.window, ks)]
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_next_windows_is_one_contiguous_block_whose_slices_are_next(data_dir, workers):
+def test_next_windows_is_one_contiguous_block_of_the_orders_windows(data_dir, workers):
     """The training loop copies next_windows() to the device in one go (page-locked on a GPU): a
-    contiguous (micro_batch, T + 1) block whose slices are what next() gives, in the same order."""
-    a = RankLoader(data_dir, "train", T, 4, seed=3, num_workers=workers)
-    b = RankLoader(data_dir, "train", T, 4, seed=3, num_workers=workers)
-    for _ in range(150):  # past two group boundaries (64 batches a group here)
-        windows = a.next_windows()
-        x, y = b.next()
-        assert windows.shape == (4, T + 1) and windows.is_contiguous()
-        assert torch.equal(windows[:, :-1], x) and torch.equal(windows[:, 1:], y)
-    assert a.consumed == b.consumed == 150 * 4
-    a.close()
-    b.close()
+    contiguous (micro_batch, T + 1) block, x and y its slices, holding the order's next windows."""
+    loader = RankLoader(data_dir, "train", T, 4, seed=3, num_workers=workers)
+    expected = _order_windows(loader, range(150 * 4))
+    for b in range(150):  # past two group boundaries (64 batches a group here)
+        windows = loader.next_windows()
+        assert windows.shape == (4, T + 1) and windows.is_contiguous() and windows.dtype == torch.uint8
+        assert [bytes(row.tolist()) for row in windows] == expected[b * 4:(b + 1) * 4]
+    assert loader.consumed == 150 * 4
+    loader.close()
+
+
+def test_num_batches_ends_next_windows_until_the_loader_is_rewound(data_dir):
+    """Evaluation takes num_batches batches, then rewinds with load_state_dict and takes the same ones."""
+    loader = RankLoader(data_dir, "val", T, 2, shuffle=False, num_workers=0, num_batches=3)
+    first = _windows(loader, 3)
+    with pytest.raises(StopIteration):
+        loader.next_windows()
+    loader.load_state_dict({"seed": 0, "consumed": 0})
+    assert _windows(loader, 3) == first == _order_windows(loader, range(6))
 
 
 def test_order_is_a_permutation_per_epoch_and_changes_with_epoch(data_dir):
@@ -139,33 +150,80 @@ def test_batches_stay_intact_while_workers_go_round_their_buffers_many_times(dat
     loader = RankLoader(data_dir, "train", T, micro, seed=1, num_workers=workers)
     group = loader.dataset().group
     n = workers * 3 * GroupRing.slots * group  # each worker three times round its ring
-    expected = [loader.reader.read_frame(f)[s:s + T + 1].tobytes()
-                for f, s in map(loader.order.window, range(n * micro))]
+    expected = _order_windows(loader, range(n * micro))
     held = deque()
     for b in range(n):
-        held.append((b, *loader.next()))
+        held.append((b, loader.next_windows()))
         if len(held) > group:
-            first, x, y = held.popleft()
-            got = [bytes(torch.cat([row_x, row_y[-1:]]).tolist()) for row_x, row_y in zip(x, y)]
+            first, windows = held.popleft()
+            got = [bytes(row.tolist()) for row in windows]
             assert got == expected[first * micro:(first + 1) * micro], f"batch {first}"
     loader.close()
 
 
+def _fill_ring(ring: GroupRing, groups: int) -> None:
+    """A worker's part: fill groups 0..groups-1 in order, each with its number plus one."""
+    for seq in range(groups):
+        ring.slot(0, seq).fill_(seq + 1)
+
+
+@pytest.mark.processes
 def test_a_worker_waits_for_the_rank_to_finish_with_a_buffer_before_reusing_it():
+    """A forked worker with every slot full blocks until the rank releases its oldest group, and then
+    wakes at once."""
     ring = GroupRing(workers=1, group=2, micro_batch=3, window=5)
-    for seq in range(ring.slots):  # the first round of slots is free
-        ring.slot(0, seq)
-    got = []
-    worker = threading.Thread(target=lambda: got.append(ring.slot(0, ring.slots + 1)))
+    worker = multiprocessing.get_context("fork").Process(target=_fill_ring, args=(ring, ring.slots + 1), daemon=True)
     worker.start()
-    worker.join(0.2)
-    assert worker.is_alive() and not got  # group 1's buffer is still the rank's
-    ring.release(0, 0)
-    worker.join(0.2)
-    assert worker.is_alive()  # group 0 done is not enough
-    ring.release(0, 1)
-    worker.join(5)
-    assert not worker.is_alive() and got[0].data_ptr() == ring.group(0, 1, 2).data_ptr()
+    try:
+        deadline = time.monotonic() + 10
+        while int(ring.group(0, ring.slots - 1, 2).max()) != ring.slots and time.monotonic() < deadline:
+            time.sleep(0.01)
+        worker.join(0.5)
+        assert worker.is_alive()  # the ring is full
+        assert int(ring.group(0, 0, 2).max()) == 1  # group 0 is still the rank's
+        released = time.monotonic()
+        ring.release(0)
+        worker.join(5)
+        assert worker.exitcode == 0 and time.monotonic() - released < ring.wait_s
+        assert int(ring.group(0, ring.slots, 2).min()) == ring.slots + 1
+    finally:
+        worker.kill()
+
+
+def _rank_that_dies(report) -> None:
+    """A training process that starts a worker, lets it fill its ring, and dies without releasing.
+    The worker reports its pid, then its error."""
+    ring = GroupRing(workers=1, group=1, micro_batch=1, window=2)
+
+    def worker():
+        report.send(os.getpid())
+        try:
+            _fill_ring(ring, ring.slots + 1)
+        except RuntimeError as e:
+            report.send(str(e))
+
+    multiprocessing.get_context("fork").Process(target=worker).start()
+    deadline = time.monotonic() + 10
+    while int(ring.group(0, ring.slots - 1, 1).max()) != ring.slots and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os._exit(0)
+
+
+@pytest.mark.processes
+def test_a_waiting_worker_whose_training_process_is_gone_exits_with_a_clear_error():
+    receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+    rank = multiprocessing.get_context("fork").Process(target=_rank_that_dies, args=(send,))
+    rank.start()
+    assert receive.poll(10)
+    worker = receive.recv()
+    try:
+        rank.join(10)
+        assert rank.exitcode == 0
+        assert receive.poll(3 * GroupRing.wait_s)
+        assert receive.recv() == "data loader worker: the training process is gone"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_windows_are_asked_for_in_ascending_order(data_dir):

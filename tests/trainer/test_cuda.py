@@ -66,7 +66,7 @@ def test_evaluation_queues_its_batches_without_waiting_for_the_gpu(shakespeare_d
     loader = RankLoader(shakespeare_dir, "val", 64, 4, shuffle=False, num_workers=0, num_batches=5)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        stats = evaluate(model, loader, torch.device("cuda"))
+        stats = evaluate(model, (loader.next_windows() for _ in range(5)), torch.device("cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert stats[3].item() == 5 * 4 * 64  # tokens scored
