@@ -129,7 +129,8 @@ def timeout_every_group(timeout: timedelta) -> None:
     given: a gradient all-reduce would wait that long for a frozen node. Torch reads those defaults
     from module globals when a group is made, so they are set before DeepSpeed makes any.
 
-    Caught by: tests/scenarios/test_multinode_disks.py::test_a_collective_one_rank_never_joins_fails_the_job_within_the_timeout
+    Caught by: tests/scenarios/test_multinode_disks.py::
+    test_a_collective_one_rank_never_joins_fails_the_job_within_the_timeout
     (the frozen node's peer waits in the gradient all-reduce of DeepSpeed's group).
     """
     from torch.distributed import distributed_c10d
@@ -160,7 +161,8 @@ def deepspeed_checkpoint_types() -> list[type]:
     pickles into our checkpoints: in ZeRO 1-3 optimizer partitions (fp32 and bf16) and in their
     universal conversions. None runs code when unpickled: the loss scaler's attributes are restored
     as they are, the enum is looked up by value, and fragment_address is a dataclass of two ints.
-    Caught by: tests/trainer/test_checkpoint_unpickling.py::test_no_checkpoint_of_any_preset_at_any_zero_stage_is_refused
+    Caught by: tests/trainer/test_checkpoint_unpickling.py::
+    test_no_checkpoint_of_any_preset_at_any_zero_stage_is_refused
     (every file of every preset at every stage, and their universal conversions, loads)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -249,7 +251,8 @@ def ds_to_universal(source: Path, out: Path) -> None:
 
     Relies on: its command line's main(args) and the names of its arguments (one worker each, so it
     starts no process pool, which would not inherit the guard on platforms that spawn).
-    Caught by: tests/scenarios/test_reliability.py::test_a_zero_checkpoint_resumes_at_another_world_size_through_a_universal_conversion
+    Caught by: tests/scenarios/test_reliability.py::
+    test_a_zero_checkpoint_resumes_at_another_world_size_through_a_universal_conversion
     (a conversion that resumes) and tests/trainer/test_checkpoint_unpickling.py (a payload it must refuse).
     """
     from deepspeed.checkpoint import ds_to_universal as conversion
