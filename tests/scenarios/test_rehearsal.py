@@ -139,7 +139,8 @@ def node_metrics(world: World, inst: int) -> list[dict]:
 
 def test_detached_run_with_the_laptop_killed_is_finished_from_a_fresh_process(rehearsal):
     """Scenario 2: `--detach`, the driver killed with -9 once training has started; `status`, `logs`,
-    `fetch` and `down`, each a new process, finish the job."""
+    `fetch` and `down`, each a new process, finish the job. On the way, a host plants a file far larger
+    than the model allows: the fetch refuses it."""
     w = rehearsal
     driver = w.start(*run_args(w, "--detach"))
     wait_for_phase(w, "training")
@@ -160,9 +161,22 @@ def test_detached_run_with_the_laptop_killed_is_finished_from_a_fresh_process(re
                timeout=300, what="training to end on the hosts")
     logs = w.driver("logs", "--run", w.run_name, timeout=120)
     assert logs.returncode == 0 and re.search(r"^node1: ", logs.stdout, re.M), logs.stdout[-3000:] + logs.stderr
+    tag = f"step{STEPS:08d}"
+    # a host that sends a file far larger than this model's checkpoint can hold (a sparse 2 GB rank
+    # file beside node1's real ones): the fetch stops at its header, naming the host and the file,
+    # before a byte of it lands here
+    node1 = w.api.host(w.state()["instances"][1]["id"])
+    planted = f"/workspace/shakespeare/outputs/{w.run_name}/checkpoints/{tag}/zero_pp_rank_3_mp_rank_00_optim_states.pt"
+    assert node1.run(f"truncate -s 2G {planted}").returncode == 0
+    refused = w.driver("fetch", "--run", w.run_name, timeout=300)
+    stopped = [line for line in refused.stderr.splitlines() if "fetching" in line and "failed" in line]
+    assert refused.returncode == 1 and len(stopped) == 1, refused.stdout + refused.stderr
+    assert "node1:" in stopped[0] and f"{tag}/zero_pp_rank_3" in stopped[0] and "bound" in stopped[0], stopped
+    assert not list(w.run_dir.rglob("zero_pp_rank_3*")) or all(
+        f.stat().st_size == 0 for f in w.run_dir.rglob("zero_pp_rank_3*"))
+    node1.run(f"rm {planted}")
     fetch = w.driver("fetch", "--run", w.run_name, timeout=300)
     assert fetch.returncode == 0, fetch.stdout + fetch.stderr
-    tag = f"step{STEPS:08d}"
     assert (w.run_dir / "checkpoints" / "latest").read_text().strip() == tag
     assert sorted(losses(w.run_dir)) == list(range(1, STEPS + 1))
     down = w.driver("down", "--run", w.run_name, timeout=300)
