@@ -11,12 +11,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 FAKES = Path(__file__).resolve().parent
 ROOT = FAKES.parents[1]
 sys.path.insert(0, str(FAKES))
+from helpers import wait_for  # noqa: E402
 from vast_api import StandIn  # noqa: E402
 
 SECRET = "vast-key-SECRET-0123456789abcdef"
@@ -147,12 +147,7 @@ class World:
         return json.loads(lines[-1])["step"] if lines else 0
 
     def wait_for(self, predicate, timeout=60, what="condition"):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if predicate():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
+        return wait_for(predicate, timeout=timeout, what=what)
 
     def assert_clean(self, proc_output: str = ""):
         """Nothing left billing, every request carried the key, the key is nowhere else."""

@@ -186,13 +186,19 @@ def test_detached_run_with_the_laptop_killed_is_finished_from_a_fresh_process(re
 
 def test_ctrl_c_during_the_hosts_set_up_tears_down_at_once(rehearsal):
     """Ctrl-C while both hosts run `make setup-node` (pip from the wheelhouse, for tens of seconds): the
-    driver ends the ssh sessions and destroys everything without waiting for the set-up."""
+    driver ends the ssh sessions and destroys everything without waiting for the set-up. The host's money
+    guard is already running by then: a set-up that hangs is guarded."""
     w = rehearsal
     driver = w.start(*run_args(w))
     w.wait_for(lambda: driver_log(w).count("guard armed") == 2, timeout=120, what="both guards, then the set-up")
     first = w.state()["instances"][0]["id"]
-    w.wait_for(lambda: any("make" in p or "pip" in p for p in w.api.host(first).processes()), timeout=60,
-               what="the set-up running on node0")
+
+    def during_set_up() -> list[str] | None:
+        running = w.api.host(first).processes()
+        return running if any("make" in p or "pip" in p for p in running) else None
+
+    seen = w.wait_for(during_set_up, timeout=60, what="the set-up running on node0")
+    assert any("node.py guard" in p for p in seen), seen   # the guard runs before the set-up does
     stopped = time.time()
     os.killpg(driver.pid, signal.SIGINT)
     out, err = driver.communicate(timeout=120)

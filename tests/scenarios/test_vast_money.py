@@ -48,18 +48,6 @@ def test_with_the_laptop_gone_the_nodes_destroy_themselves_after_training(world)
     world.assert_clean(proc.stdout + down.stderr)
 
 
-def test_the_guard_is_armed_before_the_nodes_set_up(world):
-    """A set-up that hangs (up to 3 hours on a real node) is already guarded: the guard starts before it."""
-    proc = world.driver(*world.args(steps=4))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for node in (5001, 5002):
-        port = str(40000 + node % 10000)
-        commands = [c["cmd"] for c in world.ssh_calls() if c["port"] == port]
-        guard = next(i for i, c in enumerate(commands) if "node.py guard" in c)
-        assert guard < next(i for i, c in enumerate(commands) if "ln -sf" in c)   # the set-up (NODE_SETUP)
-    world.assert_clean(proc.stderr)
-
-
 def test_at_the_cap_with_the_laptop_gone_the_nodes_save_then_destroy_themselves(world):
     """--max-usd reached while detached: the guards have the ranks save, wait the grace period, then
     destroy (not stop: a stopped instance bills its disk)."""
