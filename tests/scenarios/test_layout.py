@@ -79,3 +79,19 @@ def test_each_test_file_sits_in_the_folder_of_the_package_it_tests_or_with_the_s
     assert folders == {*PACKAGES, "scenarios"}, folders
     names = [p.name for p in tests]
     assert len(set(names)) == len(names), sorted(n for n in names if names.count(n) > 1)
+
+
+def test_every_test_the_docs_name_exists_where_they_say():
+    """docs/*.md and the README point at tests as `tests/FOLDER/test_x.py::test_name` (a name may wrap
+    onto the next line after `::`): each such file holds a test function of that name."""
+    import re
+
+    missing = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for path, name in re.findall(r"(tests/[\w/]+\.py)::\s*(test_\w+)", text):
+            source = ROOT / path
+            defined = source.is_file() and re.search(rf"^def {name}\(", source.read_text(), re.M)
+            if not defined:
+                missing.append(f"{doc.name}: {path}::{name}")
+    assert not missing, "\n".join(missing)
