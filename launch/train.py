@@ -15,17 +15,20 @@ def _world_size() -> int:
 
 
 def run(config: Config) -> None:
-    from data.prepare import missing_shards_error
+    from data.ready import node_data_error
 
-    missing = missing_shards_error(config.data, config.preset)  # before any process group or model
-    if missing:
-        sys.exit(f"error: {missing}")
+    # each node's local rank 0 prepares and checks its shards before any process group or model
+    world = _world_size()
+    data_error = node_data_error(config.data, config.preset, config.model.block_size, config.train.micro_batch,
+                                 world)
+    if data_error and world == 1:
+        sys.exit(f"error: {data_error}")
     from data.shards import ShardError
     from trainer.errors import CheckpointError, RunError
     from trainer.loop import train  # imports DeepSpeed: only once the config is known to be good
 
     try:
-        train(config)
+        train(config, data_error)  # several ranks: every rank stops with a node's data error
     except (RunError, ShardError, CheckpointError) as e:
         sys.exit(f"error: {e}")
 

@@ -18,8 +18,9 @@ from deepspeed.accelerator import get_accelerator
 from .deepspeed_compat import check_deepspeed, end_process_group, timeout_every_group, unlink_shm_buffer
 from .errors import RunError
 
-# Waits in which one rank per node does long solo work (preparing a corpus, converting a checkpoint)
-# go through a gloo group this patient; every other collective has train.collective_timeout_s.
+# The wait while one rank per disk converts a checkpoint (checkpoint.to_universal: long for a large
+# model) goes through a gloo group this patient; every other collective has train.collective_timeout_s.
+# Data is made ready before the process group exists (launch/train.py), so it needs no such wait.
 PATIENT_TIMEOUT = timedelta(hours=24)
 _patient_group = None
 
@@ -98,7 +99,8 @@ def announce_op_build(op: str = "deepspeed_shm_comm") -> None:
 @dataclass(frozen=True)
 class Node:
     """Where this rank sits: nodes share no disk, so one rank per node (its leader, local rank 0)
-    does the node's file work (data, `latest`, meta.json, pruning) for the ranks beside it."""
+    does the node's file work (`latest`, meta.json, pruning) for the ranks beside it; its data is made
+    ready before the process group exists (data/ready.py)."""
     index: int      # 0 .. nodes-1, in rank order
     count: int
     leader: bool    # local rank 0: writes and checks this node's files
@@ -146,7 +148,7 @@ def shared_between_nodes(path, node: Node) -> bool:
 def broadcast_error(message: str | None, patient: bool = False) -> None:
     """Raise the same error on every rank when any rank hit one (so no peer waits forever).
 
-    patient: some rank may arrive hours late (it prepared a corpus or converted a checkpoint).
+    patient: some rank may arrive hours late (it converted a checkpoint).
     """
     messages = [None] * dist.get_world_size()
     dist.all_gather_object(messages, message, group=_patient_group if patient else None)

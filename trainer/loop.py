@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from data.loader import RankLoader
-from data.prepare import check_matches, is_prepared, missing_shards_error, prepare, split_size_error
-from data.shards import ShardReader, load_manifest, tokenizer_of
+from data.prepare import check_matches
+from data.shards import tokenizer_of
 from data.tokenizer import Tokenizer
 from model import GPT
 
@@ -47,31 +47,12 @@ def window_hash(window: torch.Tensor) -> str:
     return hashlib.sha1(window.to(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
-def ensure_data(cfg: Config, node: Node) -> dict:
-    """Each node's leader (node 0's alone when the nodes share data.dir) prepares missing shards on its
-    own disk and verifies every shard's checksum while the other ranks wait; then every rank checks
-    that its node's manifest is the same as every other node's. A problem becomes the same error on
-    every rank, before the first step."""
-    error = None
-    if node.writes(shared_between_nodes(cfg.data.dir, node)):
-        try:
-            if not is_prepared(cfg.data):
-                missing = missing_shards_error(cfg.data, cfg.preset)
-                if missing:
-                    raise RunError(missing)
-                print(f"no shards in {cfg.data.dir}: preparing them from data.source={cfg.data.source}", flush=True)
-                prepare(cfg.data)
-            check_matches(cfg.data)
-            too_small = split_size_error(cfg.data.dir, cfg.model.block_size, cfg.train.micro_batch,
-                                         dist.get_world_size(), cfg.preset, cfg.data.val_fraction)
-            if too_small:
-                raise RunError(too_small)
-            if cfg.data.verify:
-                for split in load_manifest(cfg.data.dir)["splits"]:
-                    ShardReader(cfg.data.dir, split).verify()
-        except Exception as e:  # reported on every rank below
-            error = f"node {node.index}: {type(e).__name__}: {e}"
-    broadcast_error(error, patient=True)
+def check_data(cfg: Config, node: Node, data_error: str | None = None) -> dict:
+    """Collective. `data_error`: what stopped this rank's node from making its shards ready
+    (launch/train.py, before the process group: data/ready.py). The same error on every rank when any
+    node has one; then every rank checks that its node's manifest is the same as every other node's,
+    before the first step."""
+    broadcast_error(data_error and f"node {node.index}: {data_error}")
     manifest = check_matches(cfg.data)
     digests = [None] * dist.get_world_size()
     dist.all_gather_object(digests, (node.index, _manifest_digest(cfg.data.dir)))
@@ -87,11 +68,12 @@ def _manifest_digest(data_dir) -> str:
     return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()
 
 
-def train(cfg: Config) -> dict:
-    rank, world = init_distributed(cfg.train.collective_timeout_s)
+def train(cfg: Config, data_error: str | None = None) -> dict:
+    """The run; `data_error`: this node's data could not be made ready (check_data)."""
+    rank, world = _join(cfg)
     trainer = None
     try:
-        trainer = Trainer(cfg, rank, world)
+        trainer = Trainer(cfg, rank, world, data_error)
         result = trainer.fit()
     except BaseException as e:
         if world > 1 and not isinstance(e, RunError):
@@ -105,6 +87,17 @@ def train(cfg: Config) -> dict:
         raise
     shutdown()
     return result
+
+
+def _join(cfg: Config) -> tuple[int, int]:
+    """init_distributed; a rendezvous that times out says what a missing rank may be doing."""
+    try:
+        return init_distributed(cfg.train.collective_timeout_s)
+    except dist.DistStoreError as e:
+        raise RunError(f"the ranks did not all join within train.collective_timeout_s="
+                       f"{cfg.train.collective_timeout_s:g}: a rank did not start, or its node is still making "
+                       "data.dir ready (see that node's log; prepare a large text beforehand with "
+                       f"launch/prepare.py, or raise train.collective_timeout_s); {type(e).__name__}: {e}") from None
 
 
 def _describe_failure(e: BaseException, cfg: Config, step: int | None) -> str:
@@ -206,10 +199,10 @@ class Trainer:
     """Builds every part of a run once (data, resume decision, engine, loaders, checkpointer, trackers),
     then `fit` runs the loop."""
 
-    def __init__(self, cfg: Config, rank: int, world: int):
+    def __init__(self, cfg: Config, rank: int, world: int, data_error: str | None = None):
         self.cfg, self.rank, self.world, self.step = cfg, rank, world, 0
         node = node_of_this_rank()
-        manifest = ensure_data(cfg, node)
+        manifest = check_data(cfg, node, data_error)
         self.tokenizer = tokenizer_of(manifest)
         cfg.model.vocab_size = self.tokenizer.vocab_size
         shared = shared_between_nodes(rundir.checkpoints(cfg.run_dir), node)

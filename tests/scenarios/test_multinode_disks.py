@@ -16,6 +16,10 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, STEPS, debug_overrides, free_port, last_step, losses, subprocess_env, wait_for
 
+from data.config import DataConfig
+from data.prepare import prepare
+from data.synthetic import text8_bytes, write_archive
+
 pytestmark = pytest.mark.processes   # every test here starts processes
 
 RUN, DATA = Path("outputs/x"), Path("shards/s")  # relative: each node resolves them on its own disk
@@ -231,3 +235,23 @@ def test_each_node_prepares_its_own_disk_and_nodes_with_other_shards_are_refused
               + json.loads((n / "shards/t/manifest.json").read_text())["splits"]["val"]["tokens"] for n in nodes]
     assert tokens[1] == tokens[0] + len("an extra line on node 1\n")  # each prepared from its own corpus
     assert not (nodes[0] / RUN / "metrics.jsonl").exists()
+
+
+def test_a_node_without_shards_stops_every_rank_of_both_nodes_naming_it(tmp_path):
+    """text8 (prepared beforehand, never by train) is ready on node 0's disk and absent from node 1's.
+    Node 1 finds that before any process group and says so through the group's first collective:
+    every rank stops at once with node 1's line, instead of node 0 waiting for node 1 to join."""
+    archive = write_archive(tmp_path / "text8.zip", "text8", text8_bytes(60_000))
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    prepare(DataConfig(source="text8", path=str(archive), dir=str(nodes[0] / "shards/t8"), tokenizer="bytes",
+                       split=[0.9, 0.05, 0.05], expect_bytes=60_000))
+    nodes[1].mkdir()
+    (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    outs = _run(nodes, ["conf=debug", "data=text8", f"data.path={archive}", "data.expect_bytes=60000",
+                        "data.dir=shards/t8", f"run_dir={RUN}", "train.progress=false",
+                        "train.collective_timeout_s=120"], expect_ok=False)
+    for rc, out in outs:
+        assert rc != 0
+        assert "error: node 1: no prepared shards in data.dir=shards/t8; data.source=text8" in out, out[-3000:]
+        assert "python launch/prepare.py conf=debug data.source=text8" in out
+    assert not (nodes[0] / RUN).exists() and not (nodes[1] / "shards").exists()

@@ -271,6 +271,47 @@ def test_an_empty_corpus_is_an_error_naming_the_data_dir(tmp_path):
     assert "empty corpus" in proc.stderr and str(tmp_path / "shards") in proc.stderr
 
 
+def _text_run(tmp_path, text: str) -> list[str]:
+    (tmp_path / "book.txt").write_text(text)
+    return ["conf=debug", "data=text", f"data.path={tmp_path / 'book.txt'}", f"data.dir={tmp_path / 'shards'}",
+            f"run_dir={tmp_path / 'run'}", "train.max_steps=3", "train.eval_every=0", "train.ckpt_every=0",
+            "train.sample_tokens=0", "train.progress=false"]
+
+
+@pytest.mark.processes
+def test_two_ranks_on_an_empty_data_dir_prepare_it_once_then_train(tmp_path):
+    """Local rank 0 prepares in the entry point, before the process group; rank 1 reads the shards once
+    the group's first collective says its node is ready."""
+    text = "".join(f"line {i}: to be, or not to be, that is the question.\n" for i in range(4000))
+    proc = run_train(_text_run(tmp_path, text), ranks=2)
+    assert proc.stdout.count(f"no shards in {tmp_path / 'shards'}: preparing them from data.source=text") == 1
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
+
+
+@pytest.mark.processes
+def test_a_preparation_failing_under_two_ranks_stops_both_with_its_error(tmp_path):
+    proc = run_train(_text_run(tmp_path, "\n\n  \n"), ranks=2, check=False, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: node 0: ShardError: empty corpus: the source gave no text to write into "
+                      f"{tmp_path / 'shards'}"] * 2, proc.stderr[-3000:]
+
+
+
+@pytest.mark.processes
+def test_a_rank_that_never_joins_fails_the_rendezvous_at_the_timeout_saying_why(tmp_path, shakespeare_dir):
+    """Rank 0 of 2, and rank 1 never comes (its node still preparing its data, or gone): the rendezvous
+    gives up after train.collective_timeout_s with one line, not a traceback."""
+    env = {**subprocess_env(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "launch/train.py",
+                           *debug_overrides(shakespeare_dir, tmp_path / "run", "train.collective_timeout_s=5")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the ranks did not all join within train.collective_timeout_s=5: a rank did not "
+                           "start, or its node is still making data.dir ready"), proc.stderr[-3000:]
+
 # 4. config faults -----------------------------------------------------------------------------------
 
 @pytest.mark.processes
