@@ -146,8 +146,9 @@ class GroupRing:
 
     def slot(self, worker: int, seq: int) -> torch.Tensor:
         """Worker side: the buffer for group seq, once the group that last used it is done."""
+        parent = os.getppid()  # the rank, or a forkserver: whoever it is, its exit changes this
         while not self.free[worker].acquire(timeout=self.wait_s):
-            if os.getpid() != self.owner and os.getppid() != self.owner:
+            if os.getpid() != self.owner and os.getppid() != parent:
                 raise RuntimeError("data loader worker: the training process is gone")
         return self.buffers[worker, seq % self.slots]
 

@@ -8,8 +8,10 @@ turns through an exclusive flock on a lock file beside data.dir: the first prepa
 the manifest. flock works across nodes where the filesystem forwards it (NFSv4, bind mounts)."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,9 +69,44 @@ def lock_path(data_dir: str | Path) -> Path:
 
 @contextmanager
 def locked(data_dir: str | Path) -> Iterator[None]:
-    """Hold data.dir's lock. The file stays: deleting it would let a waiter lock a name no one else uses."""
+    """Hold data.dir's lock while preparing it. The file stays: deleting it would let a waiter lock a
+    name no one else uses. Where no lock can be had (a parent folder this user cannot write, a file
+    system without flock) preparing goes on unlocked, saying so: two preparers of one folder are then
+    the user's to avoid, as before this lock existed."""
     path = lock_path(data_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released on close, and by the kernel when the process dies
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _open_lock(path)
+    except OSError as e:
+        print(f"note: no lock for {data_dir} ({e.strerror or e}): preparing it unlocked", flush=True)
         yield
+        return
+    try:
+        _wait_for_lock(fd, path)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the kernel does too if this process dies
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file, opened without following a link or blocking on a FIFO someone planted there; it
+    must be a regular file of this user's (a shared parent such as /tmp is anyone's to write)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        os.close(fd)
+        raise OSError(errno.EPERM, f"{path} is not a regular file of this user's")
+    return fd
+
+
+def _wait_for_lock(fd: int, path: Path) -> None:
+    """flock, saying once that this process waits and for what (another preparer holds it)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        print(f"waiting for {path}: another process is preparing this data.dir", flush=True)
+    except OSError as e:  # flock unsupported here (ENOSYS, ENOLCK: e.g. Lustre without flock)
+        print(f"note: cannot lock {path} ({e.strerror}): preparing unlocked", flush=True)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)

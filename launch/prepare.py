@@ -12,11 +12,13 @@ from trainer.config import Config
 
 def main(config: Config) -> None:
     from data.prepare import prepare, split_size_error
+    from data.ready import locked
     from data.shards import ShardError
 
     data = config.data
     try:
-        manifest = prepare(data)
+        with locked(data.dir):  # a training run's preparer of the same folder waits, and finds it ready
+            manifest = prepare(data)
     except (ShardError, ValueError, OSError, RuntimeError, ImportError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

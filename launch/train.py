@@ -23,6 +23,8 @@ def run(config: Config) -> None:
                                  world)
     if data_error and world == 1:
         sys.exit(f"error: {data_error}")
+    if data_error:  # said here at once: the other ranks stop with it only once every rank has joined
+        print(f"this node's data.dir is not ready: {data_error}", file=sys.stderr, flush=True)
     from data.shards import ShardError
     from trainer.errors import CheckpointError, RunError
     from trainer.loop import train  # imports DeepSpeed: only once the config is known to be good

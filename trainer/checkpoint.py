@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data.tokenizer import TOKENIZERS
 from model import GPT, GPTConfig
 
 from . import checksums, rundir
@@ -184,9 +185,38 @@ def read_meta(ckpt: Checkpoint) -> dict:
     if missing:
         raise CheckpointError(f"{ckpt.path / META}: no {', '.join(missing)} (not a checkpoint of this trainer's "
                               "format); resume=never starts over, in a new run_dir")
-    if not isinstance(meta["model_config"], dict) or meta["model_config"].keys() != asdict(GPTConfig()).keys():
-        raise CheckpointError(f"{ckpt.path / META}: its model_config does not hold this trainer's model settings")
+    wrong = _wrong_meta_field(meta)
+    if wrong:
+        raise CheckpointError(f"{ckpt.path / META}: {wrong} (not a checkpoint this trainer wrote); nothing was loaded")
     return meta
+
+
+def _wrong_meta_field(meta: dict) -> str | None:
+    """What is wrong with meta.json's own fields (they come from another machine), or None: each of the
+    type this trainer writes, and a model_config whose parameters its files could hold."""
+    def counted(value, low: int, high: int | None = None) -> bool:
+        return type(value) is int and value >= low and (high is None or value <= high)
+
+    checks = {"vocab": isinstance(meta["vocab"], str) and meta["vocab"] != "",
+              "tokenizer": meta["tokenizer"] in TOKENIZERS, "lowercase": type(meta["lowercase"]) is bool,
+              "zero_stage": counted(meta["zero_stage"], 0, 3), "world_size": counted(meta["world_size"], 1),
+              "step": counted(meta["step"], 0), "train_optimizer": meta["train_optimizer"] in ("adamw", "muon"),
+              "precision": isinstance(meta["precision"], str)}
+    bad = next((key for key, ok in checks.items() if not ok), None)
+    if bad:
+        return f"{bad} is {str(meta[bad])[:60]!r}"
+    model = meta["model_config"]
+    if not isinstance(model, dict) or model.keys() != asdict(GPTConfig()).keys():
+        return "its model_config does not hold this trainer's model settings"
+    try:
+        GPTConfig(**model).validate()
+        elements = checksums._parameters(model, len(meta["vocab"]))[0]
+    except (TypeError, ValueError) as e:
+        return f"model_config: {str(e)[:200]}"
+    stored = sum(copy["bytes"] for copies in meta["files"].values() for copy in copies)
+    if elements * 2 > stored:  # at least 2 bytes a weight (bf16), whatever the stage and world size
+        return f"model_config describes {elements:,} parameters, more than its {stored:,} bytes of files hold"
+    return None
 
 
 def _another_run(ckpt: Checkpoint, differs: str, weights_fit: bool = True) -> CheckpointError:
@@ -332,8 +362,9 @@ def load(engine, ckpt: Checkpoint) -> dict:
             path, client = engine.load_checkpoint(str(ckpt.directory), tag=ckpt.tag)
     except KeyError as e:   # a state this version's DeepSpeed engine does not hold: not resumable here
         raise CheckpointError(f"{ckpt.path}: its engine state has no {e} that this run's engine needs "
-                              "(another precision, optimizer or version wrote it); resume=never starts over, "
-                              "in a new run_dir") from None
+                              "(another precision, optimizer or DeepSpeed version wrote it, or a bug: report it "
+                              "if this trainer wrote it as it is now); resume=never starts over, in a new "
+                              "run_dir") from None
     if path is None:
         raise CheckpointError(f"{ckpt.path}: DeepSpeed found no checkpoint to load")
     if client.get("world_size") == dist.get_world_size():

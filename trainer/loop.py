@@ -93,7 +93,7 @@ def _join(cfg: Config) -> tuple[int, int]:
     """init_distributed; a rendezvous that times out says what a missing rank may be doing."""
     try:
         return init_distributed(cfg.train.collective_timeout_s)
-    except dist.DistStoreError as e:
+    except (dist.DistStoreError, dist.DistNetworkError) as e:   # rank 0 waiting for clients; a client for rank 0
         raise RunError(f"the ranks did not all join within train.collective_timeout_s="
                        f"{cfg.train.collective_timeout_s:g}: a rank did not start, or its node is still making "
                        "data.dir ready (see that node's log; prepare a large text beforehand with "

@@ -3,6 +3,7 @@ first, and nothing done on a node's other ranks. Real processes and a real flock
 runs (two local ranks, two nodes) are in scenarios/test_reliability.py and scenarios/test_multinode_disks.py."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -41,7 +42,26 @@ def test_two_preparers_of_one_folder_take_turns_and_only_the_first_prepares(tmp_
     assert [proc.returncode for proc in procs] == [0, 0], outs
     assert all(out.strip().endswith("result: None") for out in outs), outs
     assert sum(out.count(f"no shards in {data_dir}: preparing them") for out in outs) == 1, outs
+    assert all(f"waiting for {lock_path(data_dir)}: another process is preparing" in out for out in outs), outs
     assert (data_dir / "manifest.json").is_file() and lock_path(data_dir) == tmp_path / "shared" / ".shards.lock"
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink"])
+def test_a_lock_file_someone_planted_is_not_followed_nor_waited_on(tmp_path, planted, monkeypatch):
+    """The lock's folder may be anyone's (data.dir=/tmp/x): a FIFO planted at the lock's name would block
+    open(), a symlink would have the lock file created elsewhere. Neither is used: the shards are
+    prepared unlocked, saying so, and the link's target is never made."""
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    data_dir = tmp_path / "shards"
+    target = tmp_path / "elsewhere"
+    if planted == "fifo":
+        os.mkfifo(lock_path(data_dir))
+    else:
+        lock_path(data_dir).symlink_to(target)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    cfg = DataConfig(source="text", path=str(tmp_path / "corpus.txt"), dir=str(data_dir))
+    assert node_data_error(cfg, "", 32, 8, 1) is None
+    assert (data_dir / "manifest.json").is_file() and not target.exists()
 
 
 def test_a_nodes_other_ranks_leave_the_data_to_local_rank_0(tmp_path, monkeypatch):

@@ -157,6 +157,11 @@ def test_a_payload_whose_sums_were_rewritten_still_never_runs_in_sampling(saved,
     (lambda meta: meta["files"]["mp_rank_00_model_states.pt"][0].update(bytes=True), "list of sha256 sums"),
     (lambda meta: meta.pop("train_optimizer"), "no train_optimizer (not a checkpoint of this trainer's format)"),
     (lambda meta: meta["model_config"].pop("n_head"), "its model_config does not hold this trainer's model settings"),
+    (lambda meta: meta.update(vocab=5), "vocab is '5'"),
+    (lambda meta: meta.update(step="x"), "step is 'x'"),
+    (lambda meta: meta.update(world_size=True), "world_size is 'True'"),
+    (lambda meta: meta["model_config"].update(n_layer="4"), "model_config: "),
+    (lambda meta: meta["model_config"].update(d_model=1 << 20), "parameters, more than its"),
 ])
 def test_a_meta_json_without_sums_or_fields_of_this_format_is_refused(saved, tmp_path, world_of_one, change, message):
     tag_dir = _copy(saved, tmp_path)
