@@ -238,23 +238,21 @@ def check_compatible(ckpt: Checkpoint, vocab: str, model_cfg: GPTConfig, zero_st
             shown = "data_dir" if key == "data_digest" else key
             raise _another_run(ckpt, f"{what} differs: checkpoint {shown}={meta.get(shown)}, this run "
                                      f"{shown}={identity[shown]}")
-    if meta.get("zero_stage") != zero_stage:
-        raise CheckpointError(f"{ckpt.path}: saved with ZeRO-{meta.get('zero_stage')}, this run uses "
-                              f"deepspeed=zero{zero_stage}; resume with deepspeed=zero{meta.get('zero_stage')}")
+    if meta["zero_stage"] != zero_stage:
+        raise CheckpointError(f"{ckpt.path}: saved with ZeRO-{meta['zero_stage']}, this run uses "
+                              f"deepspeed=zero{zero_stage}; resume with deepspeed=zero{meta['zero_stage']}")
     saved_with = meta["train_optimizer"]
     if saved_with != optimizer:
         raise CheckpointError(f"{ckpt.path}: saved with train.optimizer={saved_with}, this run uses "
                               f"train.optimizer={optimizer}; resume with train.optimizer={saved_with}")
     if meta["vocab"] != vocab:
-        raise _another_run(ckpt, f"vocabulary differs: checkpoint {len(meta['vocab'] or '')} chars, this run's "
+        raise _another_run(ckpt, f"vocabulary differs: checkpoint {len(meta['vocab'])} chars, this run's "
                                  f"data {len(vocab)}", weights_fit=False)
     ours, theirs = asdict(model_cfg), meta["model_config"]
     differ = [f"model.{k}: checkpoint {v!r}, config {ours.get(k)!r}" for k, v in theirs.items()
               if ours.get(k) != v and k not in ("dropout", "attn")]
     if differ:
         raise _another_run(ckpt, f"the model differs: {'; '.join(differ)}", weights_fit=False)
-    if not isinstance(meta.get("world_size"), int) or meta["world_size"] < 1:
-        raise CheckpointError(f"{ckpt.path / META}: world_size is {meta.get('world_size')!r}")
     return meta
 
 
